@@ -1,0 +1,1 @@
+"""Evaluation layer: metrics, protocols, result records and reports, shared by every method."""
