@@ -100,14 +100,18 @@ def _coerce(value: Any, tp: Any, where: str, source: str | None) -> Any:
         try:
             return int(str(value))
         except ValueError:
-            raise RecalignInputError(f"expected an integer, got {value!r}", source=source, field=where) from None
+            raise RecalignInputError(
+                f"expected an integer, got {value!r}", source=source, field=where
+            ) from None
     if tp is float:
         if isinstance(value, bool):
             raise RecalignInputError(f"expected a number, got {value!r}", source=source, field=where)
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise RecalignInputError(f"expected a number, got {value!r}", source=source, field=where) from None
+            raise RecalignInputError(
+                f"expected a number, got {value!r}", source=source, field=where
+            ) from None
     if tp is str:
         if isinstance(value, dict | list):
             raise RecalignInputError(f"expected a string, got {value!r}", source=source, field=where)

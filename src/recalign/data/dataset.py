@@ -121,7 +121,8 @@ class RecDataset:
             notes.append(f"{unused} catalogue items never interacted with; left out of the index")
         items = items[items["item"].isin(used_set)].reset_index(drop=True)
         items["title"] = [
-            t if isinstance(t, str) and t.strip() else f"Item {i}" for t, i in zip(items["title"], items["item"])
+            t if isinstance(t, str) and t.strip() else f"Item {i}"
+            for t, i in zip(items["title"], items["item"])
         ]
         items = items.rename(columns={"item": "item_id"})
         item_index = pd.Index(items["item_id"])
@@ -146,7 +147,14 @@ class RecDataset:
                 }
             )
             rev = rev[(rev.user_idx >= 0) & (rev.item_idx >= 0)].reset_index(drop=True)
-        return cls(name=name, interactions=frame, items=items, user_ids=np.asarray(user_ids), reviews=rev, notes=notes)
+        return cls(
+            name=name,
+            interactions=frame,
+            items=items,
+            user_ids=np.asarray(user_ids),
+            reviews=rev,
+            notes=notes,
+        )
 
     # ------------------------------------------------------------------ basic facts
     @property
@@ -183,7 +191,10 @@ class RecDataset:
             "max_per_user": int(per_user.max()),
             "has_ratings": self.has_ratings,
             "item_fields": [c for c in self.items.columns if c != "item_id"],
-            "time_span": [int(self.interactions["timestamp"].min()), int(self.interactions["timestamp"].max())],
+            "time_span": [
+                int(self.interactions["timestamp"].min()),
+                int(self.interactions["timestamp"].max()),
+            ],
         }
 
     def sequences(self) -> list[np.ndarray]:

@@ -73,7 +73,9 @@ class Split:
 
     def candidate_matrix(self, stage: str) -> np.ndarray:
         df = self.stage(stage)
-        return np.stack(df["candidates"].to_numpy()) if len(df) else np.zeros((0, self.n_candidates), np.int64)
+        return (
+            np.stack(df["candidates"].to_numpy()) if len(df) else np.zeros((0, self.n_candidates), np.int64)
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
@@ -104,7 +106,9 @@ class Split:
         directory = Path(directory)
         meta_path = directory / "split.json"
         if not meta_path.is_file() or not (directory / "examples.parquet").is_file():
-            raise RecalignInputError("not a prepared split (expected split.json and examples.parquet)", source=directory)
+            raise RecalignInputError(
+                "not a prepared split (expected split.json and examples.parquet)", source=directory
+            )
         meta = json.loads(meta_path.read_text())
         df = pd.read_parquet(directory / "examples.parquet")
         df["history"] = [np.asarray(h, dtype=np.int64) for h in df["history"]]
@@ -135,7 +139,9 @@ def _examples_loo(seqs: list[np.ndarray], timestamps: list[np.ndarray]) -> tuple
                 stage = "valid"
             else:
                 stage = "train"
-            rows.append({"stage": stage, "user": u, "position": p, "target": int(s[p]), "timestamp": int(ts[p])})
+            rows.append(
+                {"stage": stage, "user": u, "position": p, "target": int(s[p]), "timestamp": int(ts[p])}
+            )
     notes = [f"{short} users with fewer than 3 interactions have no valid/test example"] if short else []
     return rows, notes
 
@@ -209,7 +215,10 @@ def build_split(
     tss = [ts_sorted[bounds[u] : bounds[u + 1]] for u in range(dataset.n_users)]
     rows, notes = (_examples_loo if name == "loo" else _examples_llara)(seqs, tss)
     ex = pd.DataFrame(rows, columns=["stage", "user", "position", "target", "timestamp"])
-    ex = ex.sort_values(["stage", "user", "position"], key=lambda c: c.map({s: i for i, s in enumerate(STAGES)}) if c.name == "stage" else c)
+    ex = ex.sort_values(
+        ["stage", "user", "position"],
+        key=lambda c: c.map({s: i for i, s in enumerate(STAGES)}) if c.name == "stage" else c,
+    )
     ex = ex.reset_index(drop=True)
     ex["history"] = [seqs[u][:p] for u, p in zip(ex["user"], ex["position"])]
     seen_sorted = [np.unique(s) for s in seqs]

