@@ -13,6 +13,7 @@ Design:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -29,8 +30,12 @@ T = TypeVar("T")
 def cfg_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
     """A dataclass field with a help string. Mutable defaults (lists, dicts) are copied per instance."""
     metadata = {"help": help}
-    if isinstance(default, list | dict | set):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
+    if isinstance(default, list | dict | set) or (
+        dataclasses.is_dataclass(default) and not isinstance(default, type)
+    ):
+        return dataclasses.field(
+            default_factory=lambda d=default: copy.deepcopy(d), metadata=metadata, **kwargs
+        )
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
@@ -273,6 +278,10 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "required"
-        tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        if typing.get_origin(tp) is typing.Literal:
+            tname = "one of " + "|".join(str(a) for a in typing.get_args(tp))
+        else:
+            tname = str(tp) if typing.get_args(tp) else getattr(tp, "__name__", str(tp))
+            tname = tname.replace("typing.", "")
         lines.append(f"{prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
     return lines
