@@ -58,10 +58,14 @@ def smollm2_cache_dir() -> Path:
     return cache_root() / "smollm2-135m-instruct"
 
 
+def _complete(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+
+
 def convert_smollm2(target: Path | None = None) -> Path:
     """Dequantise the embedded GGUF once into a safetensors model directory (idempotent)."""
     target = target or smollm2_cache_dir()
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if _complete(target):
         return target
     gguf = smollm2_gguf_path()
     gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -81,9 +85,14 @@ def convert_smollm2(target: Path | None = None) -> Path:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process (e.g. a parallel test worker) finished the same conversion first.
+            if not _complete(target):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
