@@ -213,3 +213,16 @@ def test_build_preference_data_aligns_prompts_titles_and_items():
     assert sub.prompts == [prompts[1]] and np.array_equal(sub.rejected[0], data.rejected[1])
     with pytest.raises(RecalignInputError, match="got 1 prompts for 2 examples"):
         build_preference_data(ds, train, k=2, prompts=prompts[:1])
+
+
+def test_default_prompts_list_the_chosen_and_rejected_answers():
+    # with no explicit prompts, the SFT prompts of recalign.lm.prompts are used and the answers are the
+    # same display titles the prompt lists as candidates — so every answer text occurs in its prompt
+    ds = tiny_dataset()
+    split = build_split(ds, "loo", seed=0, n_candidates=3)
+    train = split.stage("train")
+    data = build_preference_data(ds, train, k=2, strategy="random", seed=0)
+    for i in range(len(data)):
+        for answer in data.answers(i):
+            assert answer in data.prompts[i]
+    assert data.prompts[0] != data.prompts[1]

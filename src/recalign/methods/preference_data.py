@@ -241,7 +241,10 @@ def build_preference_data(
         prompts: prompt text per example; by default built with
             ``recalign.lm.prompts.examples_to_prompts(dataset, examples, seed)`` — the same prompts SFT
             trains on, so preference training continues from the SFT distribution.
-        titles: answer text per item index; defaults to the catalogue titles.
+        titles: answer text per item index; defaults to ``recalign.lm.prompts.display_titles`` — the
+            exact strings the prompt lists as candidates and that SFT and candidate scoring use as
+            answers (a preference answer spelled differently from the prompt's candidate would teach the
+            model a title it is never asked for).
     """
     rejected = sample_negatives(
         examples,
@@ -257,7 +260,11 @@ def build_preference_data(
     prompts = [str(p) for p in prompts]
     if len(prompts) != len(examples):
         raise RecalignInputError(f"got {len(prompts)} prompts for {len(examples)} examples")
-    titles = list(titles) if titles is not None else dataset.titles()
+    if titles is None:
+        from recalign.lm.prompts import display_titles
+
+        titles = display_titles(dataset)
+    titles = list(titles)
     chosen = examples["target"].to_numpy().astype(np.int64)
     return PreferenceData(
         users=examples["user"].to_numpy().astype(np.int64),
@@ -279,10 +286,10 @@ def _default_prompts(dataset: RecDataset, examples: pd.DataFrame, seed: int) -> 
 
 
 def _prompt_text(p: object) -> str:
-    """Accept plain strings or prompt objects exposing ``.text``."""
+    """Accept plain strings or rendered examples exposing ``.prompt`` (``PromptExample``)."""
     if isinstance(p, str):
         return p
-    text = getattr(p, "text", None)
+    text = getattr(p, "prompt", None)
     if isinstance(text, str):
         return text
     raise TypeError(f"cannot get prompt text from {type(p).__name__}")
