@@ -44,6 +44,7 @@ boundary between prompt and answer tokens is exact and identical for every candi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -373,10 +374,8 @@ def end_of_turn_id(tokenizer) -> int:
                     break
     if eot is None:
         raise RecalignInputError("tokenizer has neither an end-of-turn token nor an EOS token")
-    try:
+    with contextlib.suppress(AttributeError):  # exotic tokenizer objects: just don't cache
         setattr(tokenizer, _EOT_CACHE_ATTR, int(eot))
-    except AttributeError:  # pragma: no cover - exotic tokenizer objects
-        pass
     return int(eot)
 
 
