@@ -1,0 +1,286 @@
+"""``recalign data``: dataset statistics, split preparation and format conversion.
+
+- ``recalign data stats --dataset ml-100k [--path P] [--opt key=value ...] [--json]``
+- ``recalign data prepare --dataset ml-100k --split loo|llara --output DIR [--seed 0] [--candidates 20]
+  [--kcore N] [--min-rating R] [--no-dedup] [--config prepare.yaml] [key.sub=value ...]``
+- ``recalign data convert --dataset ... --to recbole --output DIR [--name NAME]``
+
+``prepare`` materialises the split once (``examples.parquet`` + ``split.json`` via
+:meth:`~recalign.data.splits.Split.save`) so every method, classical or LM, sees identical examples and
+candidates. Next to it go ``config.yaml`` (the resolved config, to reproduce the run), ``items.parquet``
+and ``users.parquet`` (internal index → original id and item text, so the split can be read without
+re-running the loader). Everything here is a thin layer over the Python API: :func:`load_from_config`
+and :func:`prepare` are importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import inspect
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from recalign.config import cfg_field, describe_config, load_config, parse_overrides, save_config
+from recalign.data.dataset import RecDataset
+from recalign.data.loaders.registry import DATASETS, _import_all, load_dataset
+from recalign.data.preprocess import FilterReport, PreprocessConfig, preprocess
+from recalign.data.splits import STAGES, Split, build_split
+from recalign.errors import RecalignInputError
+
+
+@dataclass
+class DataPrepareConfig:
+    """What ``recalign data prepare`` builds."""
+
+    dataset: str = cfg_field("ml-100k", "dataset format name (ml-100k, ml-1m, amazon-2023, csv, ...)")
+    path: str | None = cfg_field(None, "file or directory of the dataset; None uses the embedded ML-100K")
+    options: dict[str, Any] = cfg_field({}, "loader options, e.g. {user_col: uid, sep: ';'}")
+    split: Literal["loo", "llara"] = cfg_field(
+        "loo", "loo (last item test, second-last valid) or llara (8:1:1)"
+    )
+    seed: int = cfg_field(0, "seed of the candidate sets")
+    candidates: int = cfg_field(20, "candidates per example: the target plus candidates-1 unseen items")
+    preprocess: PreprocessConfig = cfg_field(
+        help="filtering before the split", default_factory=PreprocessConfig
+    )
+    output: str | None = cfg_field(None, "directory for examples.parquet, split.json and config.yaml")
+
+    def validate(self) -> None:
+        if self.candidates < 2:
+            raise RecalignInputError(f"must be >= 2, got {self.candidates}", field="candidates")
+        self.preprocess.validate()
+
+
+# ---------------------------------------------------------------------- API used by the commands
+def _normalise_options(options: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, str) and "\\" in v and k.endswith("sep"):
+            v = codecs.decode(v, "unicode_escape")  # let "--opt sep=\t" mean a tab
+        out[k] = v
+    return out
+
+
+def load_with_options(
+    dataset: str, path: str | Path | None, options: dict[str, Any] | None = None
+) -> RecDataset:
+    """``load_dataset`` with loader options checked against the loader's signature first.
+
+    A misspelt option must be a one-line error, not a ``TypeError`` traceback from deep inside a loader.
+    """
+    _import_all()
+    options = _normalise_options(options or {})
+    name = "ml-100k-raw" if dataset == "ml-100k" and path is not None else dataset
+    fn = DATASETS.get(name)
+    if fn is not None and options:
+        params = inspect.signature(fn).parameters
+        known = sorted(p for p in params if p != "path")
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            for k in options:
+                if k not in params or k == "path":
+                    raise RecalignInputError(
+                        f"unknown option '{k}' for dataset '{dataset}' (known: {', '.join(known) or 'none'})",
+                        field="options",
+                    )
+    return load_dataset(dataset, path=path, **options)
+
+
+def load_from_config(cfg: DataPrepareConfig) -> RecDataset:
+    return load_with_options(cfg.dataset, cfg.path, cfg.options)
+
+
+def prepare(cfg: DataPrepareConfig) -> tuple[Split, RecDataset, list[FilterReport]]:
+    """Load, filter, split and (if ``cfg.output`` is set) save; returns the split, dataset and reports."""
+    ds = load_from_config(cfg)
+    ds, reports = preprocess(ds, cfg.preprocess)
+    split = build_split(ds, cfg.split, seed=cfg.seed, n_candidates=cfg.candidates)
+    split.notes = list(ds.notes) + list(split.notes)
+    if cfg.output:
+        out = Path(cfg.output)
+        split.save(out)
+        save_config(cfg, out / "config.yaml")
+        items = ds.items.copy()
+        items.insert(0, "item_idx", range(len(items)))
+        items.astype({c: str for c in items.columns if c != "item_idx"}).to_parquet(
+            out / "items.parquet", index=False
+        )
+        pd.DataFrame({"user_idx": range(ds.n_users), "user_id": ds.user_ids.astype(str)}).to_parquet(
+            out / "users.parquet", index=False
+        )
+    return split, ds, reports
+
+
+# ---------------------------------------------------------------------- argparse
+def _opt_value(raw: str) -> Any:
+    """Loader option values stay strings (so ``sep=|`` is a pipe, not YAML syntax) except for
+    obvious scalars (``true``, ``none``, numbers) and ``[a, b]`` lists."""
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if raw.strip().startswith("["):
+        return parse_overrides([f"v={raw}"])["v"]
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _parse_opts(items: list[str] | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise RecalignInputError(f"--opt '{item}' must look like key=value", source="command line")
+        opts[key.strip()] = _opt_value(raw)
+    return opts
+
+
+def _add_source_args(p: argparse.ArgumentParser, default: str | None = "ml-100k") -> None:
+    p.add_argument(
+        "--dataset",
+        default=default,
+        help="dataset format: ml-100k (embedded default, or raw files with --path), ml-100k-raw, ml-1m, "
+        "amazon-2014, amazon-2023, lastfm, recbole, csv, parquet",
+    )
+    p.add_argument("--path", default=None, help="file or directory holding the dataset")
+    p.add_argument(
+        "--opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="loader option, repeatable (e.g. --opt user_col=uid --opt 'sep=\\t')",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="dataset statistics, split preparation, format conversion")
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(func=lambda _args: (data.print_help(), 2)[1])
+
+    st = sub.add_parser("stats", help="print dataset statistics")
+    _add_source_args(st)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=cmd_stats)
+
+    pr = sub.add_parser("prepare", help="filter, split and materialise candidates")
+    _add_source_args(pr, default=None)
+    pr.add_argument("--config", default=None, help="YAML file with DataPrepareConfig fields")
+    pr.add_argument("--split", default=None, choices=["loo", "llara"], help="split protocol (default loo)")
+    pr.add_argument("--seed", type=int, default=None, help="candidate seed (default 0)")
+    pr.add_argument("--candidates", type=int, default=None, help="candidates per example (default 20)")
+    pr.add_argument(
+        "--kcore", type=int, default=None, help="k-core threshold for users and items (default 0: off)"
+    )
+    pr.add_argument("--min-rating", type=float, default=None, help="keep events rated at least this")
+    pr.add_argument("--no-dedup", action="store_true", help="keep repeated (user, item) events")
+    pr.add_argument("--output", default=None, help="output directory")
+    pr.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    pr.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. preprocess.kcore=5"
+    )
+    pr.set_defaults(func=cmd_prepare)
+
+    cv = sub.add_parser("convert", help="write a dataset in another format")
+    _add_source_args(cv)
+    cv.add_argument("--to", required=True, choices=["recbole"], help="target format")
+    cv.add_argument("--output", required=True, help="output directory")
+    cv.add_argument("--name", default=None, help="base name of the written files (default: dataset name)")
+    cv.set_defaults(func=cmd_convert)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_stats(args: argparse.Namespace) -> int:
+    ds = load_with_options(args.dataset, args.path, _parse_opts(args.opt))
+    stats = ds.stats()
+    stats["notes"] = list(ds.notes)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    for k, v in stats.items():
+        if k == "notes":
+            continue
+        if k == "density":
+            v = f"{v:.6f}"
+        elif isinstance(v, list):
+            v = ", ".join(map(str, v))
+        print(f"{k}: {v}")
+    for n in ds.notes:
+        print(f"note: {n}")
+    return 0
+
+
+def _prepare_config(args: argparse.Namespace) -> DataPrepareConfig:
+    flags: dict[str, Any] = {}
+    if args.dataset is not None:
+        flags["dataset"] = args.dataset
+    if args.path is not None:
+        flags["path"] = args.path
+    if args.opt:
+        flags["options"] = _parse_opts(args.opt)
+    for key in ("split", "seed", "candidates", "output"):
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    pre: dict[str, Any] = {}
+    if args.kcore is not None:
+        pre["kcore"] = args.kcore
+    if args.min_rating is not None:
+        pre["min_rating"] = args.min_rating
+    if args.no_dedup:
+        pre["dedup"] = False
+    if pre:
+        flags["preprocess"] = pre
+    dotted = parse_overrides(args.overrides)
+    merged = _merge(flags, dotted)
+    return load_config(DataPrepareConfig, args.config, merged)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print("\n".join(describe_config(DataPrepareConfig)))
+        return 0
+    cfg = _prepare_config(args)
+    if not cfg.output:
+        raise RecalignInputError("an output directory is required (--output DIR or output: in the config)")
+    split, ds, reports = prepare(cfg)
+    print(f"dataset {ds.name}: {ds.n_users} users, {ds.n_items} items, {ds.n_interactions} interactions")
+    for rep in reports:
+        print(rep.summary())
+    counts = {s: int((split.examples["stage"] == s).sum()) for s in STAGES}
+    print(
+        f"split {split.name} (seed {split.seed}, {split.n_candidates} candidates): "
+        + ", ".join(f"{s} {counts[s]}" for s in STAGES)
+    )
+    for n in split.notes:
+        if not any(n == r.summary() for r in reports):
+            print(f"note: {n}")
+    print(
+        f"wrote {Path(cfg.output) / 'examples.parquet'} and split.json, config.yaml, items.parquet, users.parquet"
+    )
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    ds = load_with_options(args.dataset, args.path, _parse_opts(args.opt))
+    from recalign.data.loaders.recbole import write_recbole
+
+    inter_path, item_path = write_recbole(ds, args.output, args.name)
+    print(f"wrote {inter_path} ({ds.n_interactions} interactions) and {item_path} ({ds.n_items} items)")
+    for n in ds.notes:
+        print(f"note: {n}", file=sys.stderr)
+    return 0

@@ -1,0 +1,687 @@
+"""Generic CSV / Parquet loaders, and the careful file reading every text-format loader shares.
+
+Why this module is more than ``pd.read_csv``: recalign promises that bad input produces *one line*
+naming the file, the line and the problem, and that nothing is dropped silently. ``pandas`` alone is
+fast but vague (a comma file read as tab-separated is just "one column"; short rows quietly become empty
+fields; a bad byte is reported at a chunk offset). So every reader here
+
+1. reads the raw bytes (transparently un-gzipping ``*.gz``; a truncated archive is an error),
+2. checks the encoding over the whole file and turns a decode failure into a line number,
+3. parses with pandas' C engine for speed, and then checks cheaply that every row had the expected
+   number of fields (for unquoted formats the total separator count must be exactly
+   ``(fields - 1) * rows``),
+4. only when something is wrong, scans the file line by line to *locate* the first bad line.
+
+So the common case costs one pandas parse plus a few vectorised checks, even for millions of lines, and
+the error case names the line. The helpers (:class:`DelimitedTable`, :func:`read_source_bytes`,
+:func:`iter_json_records`, :func:`check_known_items`) are used by the MovieLens, Amazon, LastFM and
+RecBole loaders too.
+
+Registered loaders:
+
+- ``csv``: a delimited file with a header (or ``columns=`` names) and a column mapping
+  (``user_col``, ``item_col``, ``time_col``, ``rating_col``), optionally an item catalogue
+  (``items=`` path, CSV or Parquet, with ``items_item_col`` and ``title_col``).
+- ``parquet``: the same mapping for a Parquet file (errors name the row, Parquet has no lines).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import io
+import json
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recalign.data.dataset import RecDataset
+from recalign.data.loaders.registry import register
+from recalign.errors import RecalignInputError
+
+SEP_NAMES = {"\t": "tab", ",": "comma", "|": "pipe", ";": "semicolon", "::": "'::'", " ": "space"}
+_PRIVATE_SEP = "\x1f"  # ASCII unit separator: stands in for multi-character separators such as '::'
+
+
+def sep_name(sep: str) -> str:
+    return SEP_NAMES.get(sep, repr(sep))
+
+
+# ---------------------------------------------------------------------- raw bytes
+@dataclass(frozen=True)
+class FileRef:
+    """A file on disk, or a member of a zip archive (the official MovieLens downloads are zips)."""
+
+    path: Path
+    member: str | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.member).name if self.member else self.path.name
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else str(self.path)
+
+
+def read_source_bytes(ref: FileRef | str | Path) -> bytes:
+    """All bytes of a file (un-gzipped when the name ends in ``.gz``).
+
+    Raises a one-line :class:`RecalignInputError` for a missing file, a truncated or corrupt gzip
+    archive, and an empty (or whitespace-only) file.
+    """
+    if not isinstance(ref, FileRef):
+        ref = FileRef(Path(ref))
+    src = str(ref)
+    try:
+        if ref.member is not None:
+            with zipfile.ZipFile(ref.path) as zf:
+                data = zf.read(ref.member)
+        else:
+            data = ref.path.read_bytes()
+    except FileNotFoundError:
+        raise RecalignInputError("file not found", source=src) from None
+    except IsADirectoryError:
+        raise RecalignInputError("expected a file, found a directory", source=src) from None
+    except KeyError:
+        raise RecalignInputError("member not found in the zip archive", source=src) from None
+    except zipfile.BadZipFile:
+        raise RecalignInputError("not a valid zip archive (truncated or corrupt)", source=ref.path) from None
+    if ref.name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except EOFError:
+            raise RecalignInputError("truncated gzip file (the archive ends early)", source=src) from None
+        except (gzip.BadGzipFile, zlib.error, OSError) as e:
+            raise RecalignInputError(f"corrupt gzip file ({e})", source=src) from None
+    if not data.strip():
+        raise RecalignInputError("empty file", source=src)
+    return data
+
+
+def check_encoding(data: bytes, encoding: str, source: str) -> None:
+    """Fail with the line and byte of the first undecodable character.
+
+    Latin-1 accepts every byte, so this only bites for UTF-8 formats (a Latin-1 file handed to a
+    UTF-8 loader is the usual culprit).
+    """
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecalignInputError(
+            f"not valid {encoding} text: byte 0x{data[e.start]:02x} at column {col} "
+            f"(is the file in another encoding, e.g. Latin-1?)",
+            source=source,
+            line=line,
+        ) from None
+    except LookupError:
+        raise RecalignInputError(f"unknown encoding '{encoding}'", source=source, field="encoding") from None
+
+
+# ---------------------------------------------------------------------- delimited text
+class DelimitedTable:
+    """A delimited text file parsed into string columns, able to say which *line* a row came from.
+
+    Args:
+        ref: the file.
+        sep: field separator (``"\\t"``, ``","``, ``"|"``, ``"::"``...).
+        columns: names for a headerless file (their number is the expected field count).
+        header: the first non-blank line holds the column names.
+        required: columns that must exist and may not be empty in any row.
+        numeric: columns pandas may parse as numbers directly (they are validated by :meth:`numeric`);
+            every other column is read as text so that ids like ``"0012"`` survive.
+        encoding: text encoding of the file.
+        quoted: honour ``"``-quoting (CSV style). Formats that never quote (MovieLens, RecBole, LastFM)
+            pass ``False`` so a stray quote in a title is just a character.
+    """
+
+    def __init__(
+        self,
+        ref: FileRef | str | Path,
+        *,
+        sep: str,
+        columns: Sequence[str] | None = None,
+        header: bool = False,
+        required: Sequence[str] = (),
+        numeric: Sequence[str] = (),
+        encoding: str = "utf-8",
+        quoted: bool = False,
+        data: bytes | None = None,
+    ) -> None:
+        self.ref = ref if isinstance(ref, FileRef) else FileRef(Path(ref))
+        self.source = str(self.ref)
+        self.sep = sep
+        self.encoding = encoding
+        raw = read_source_bytes(self.ref) if data is None else data
+        check_encoding(raw, encoding, self.source)
+        if len(sep) > 1:
+            if _PRIVATE_SEP.encode() in raw:
+                raise RecalignInputError("file contains control character 0x1f", source=self.source)
+            raw = raw.replace(sep.encode(encoding), _PRIVATE_SEP.encode())
+            self._psep = _PRIVATE_SEP
+        else:
+            self._psep = sep
+        self._raw = raw
+        # CSV quoting only matters if a quote character occurs at all; without one, the cheap exact
+        # separator-count check applies.
+        self.quoted = quoted and b'"' in raw
+        self._text: str | None = None
+        self._header_line = 0
+
+        if header:
+            first = self._first_record()
+            if first is None:
+                raise RecalignInputError("empty file", source=self.source)
+            self._header_line, names = first
+            names = [n.strip().lstrip("\ufeff") for n in names]
+            self.names = names
+        else:
+            if columns is None:
+                raise ValueError("DelimitedTable needs columns= or header=True")
+            self.names = list(columns)
+        self.n_fields = len(self.names)
+        missing = [c for c in required if c not in self.names]
+        if missing:
+            hint = self._separator_hint(self.names) if header else ""
+            raise RecalignInputError(
+                f"missing column '{missing[0]}' ({'header has' if header else 'columns are'}: "
+                f"{', '.join(self.names)}){hint}",
+                source=self.source,
+                line=self._header_line or None,
+            )
+        if len(set(self.names)) != len(self.names):
+            dup = next(n for n in self.names if self.names.count(n) > 1)
+            raise RecalignInputError(
+                f"column '{dup}' appears twice in the header", source=self.source, line=1
+            )
+        self.frame = self._parse(numeric)
+        if header:
+            self._check_repeated_header()
+        for col in required:
+            self._check_not_empty(col)
+
+    # ---------------------------------------------------------------- parsing
+    def _parse(self, numeric: Sequence[str]) -> pd.DataFrame:
+        dtype = {i: str for i, n in enumerate(self.names) if n not in numeric}
+        try:
+            df = pd.read_csv(
+                io.BytesIO(self._raw),
+                sep=self._psep,
+                header=None,
+                skiprows=self._header_line,  # the header line and any blank lines before it
+                dtype=dtype,
+                na_values=[""],
+                keep_default_na=False,
+                quoting=csv.QUOTE_MINIMAL if self.quoted else csv.QUOTE_NONE,
+                encoding=self.encoding,
+                engine="c",
+                skip_blank_lines=True,
+                low_memory=False,
+            )
+        except pd.errors.EmptyDataError:
+            raise RecalignInputError(
+                "no data rows" if self._header_line else "empty file", source=self.source
+            ) from None
+        except pd.errors.ParserError as e:
+            self._raise_ragged()
+            raise RecalignInputError(
+                f"cannot parse: {' '.join(str(e).split())}", source=self.source
+            ) from None
+        if df.shape[1] != self.n_fields:
+            self._raise_ragged()
+        if self.quoted:
+            if df.isna().to_numpy().any():
+                self._raise_ragged(only_if_found=True)
+        else:
+            n_seps = self._raw.count(self._psep.encode())
+            if self._header_line:
+                n_seps -= self.n_fields - 1
+            if n_seps != (self.n_fields - 1) * len(df):
+                self._raise_ragged()
+        df.columns = self.names
+        return df
+
+    def _separator_hint(self, fields: list[str]) -> str:
+        if len(fields) != 1:
+            return ""
+        for cand in ("\t", ",", ";", "|", "::", " "):
+            if cand != self.sep and cand in fields[0]:
+                return f"; is the separator {sep_name(cand)} rather than {sep_name(self.sep)}?"
+        return ""
+
+    def _raise_ragged(self, only_if_found: bool = False) -> None:
+        """Locate the first line whose field count differs from the expected one, and fail there."""
+        for line, fields in self.records():
+            if len(fields) != self.n_fields:
+                hint = self._separator_hint(fields) if len(fields) == 1 else ""
+                raise RecalignInputError(
+                    f"expected {self.n_fields} {sep_name(self.sep)}-separated fields, found {len(fields)}{hint}",
+                    source=self.source,
+                    line=line,
+                )
+        if not only_if_found:
+            raise RecalignInputError(
+                f"inconsistent number of fields (expected {self.n_fields} {sep_name(self.sep)}-separated)",
+                source=self.source,
+            )
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self._raw.decode(self.encoding)
+        return self._text
+
+    def _first_record(self) -> tuple[int, list[str]] | None:
+        for line, fields in self.records(include_header=True):
+            return line, fields
+        return None
+
+    def records(self, include_header: bool = False) -> Iterator[tuple[int, list[str]]]:
+        """(1-based line number, fields) of every non-blank record, header excluded unless asked."""
+        if self.quoted:
+            reader = csv.reader(io.StringIO(self.text, newline=""), delimiter=self._psep)
+            for fields in reader:
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue
+                if not include_header and reader.line_num <= self._header_line:
+                    continue
+                yield reader.line_num, fields
+        else:
+            for i, line in enumerate(self.text.split("\n"), start=1):
+                line = line.rstrip("\r")
+                if not line.strip(" "):
+                    continue
+                if not include_header and i <= self._header_line:
+                    continue
+                yield i, line.split(self._psep)
+
+    def line_of_row(self, row: int) -> int | None:
+        """Line number of data row ``row`` (0-based, as in :attr:`frame`)."""
+        for k, (line, _) in enumerate(self.records()):
+            if k == row:
+                return line
+        return None
+
+    # ---------------------------------------------------------------- validation
+    def _check_repeated_header(self) -> None:
+        """A header line in the middle of the data (two files concatenated) is an error, not a row."""
+        mask = np.ones(len(self.frame), dtype=bool)
+        for n in self.names[: min(3, self.n_fields)]:
+            mask &= self.frame[n].astype(str).str.strip().to_numpy() == n
+        if mask.any():
+            row = int(np.flatnonzero(mask)[0])
+            raise RecalignInputError(
+                "the header line is repeated inside the data (concatenated files?)",
+                source=self.source,
+                line=self.line_of_row(row),
+            )
+
+    def _check_not_empty(self, col: str) -> None:
+        bad = self.frame[col].isna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise RecalignInputError(
+                f"empty value in column '{col}'", source=self.source, line=self.line_of_row(row)
+            )
+
+    def require(self, cols: Sequence[str]) -> None:
+        for col in cols:
+            if col not in self.names:
+                raise RecalignInputError(
+                    f"missing column '{col}' (columns: {', '.join(self.names)})", source=self.source
+                )
+            self._check_not_empty(col)
+
+    def numeric(self, col: str, what: str | None = None) -> pd.Series:
+        """Column ``col`` as numbers; the first non-numeric value is reported with its line."""
+        s = self.frame[col]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            vals = s
+        else:
+            vals = pd.to_numeric(s, errors="coerce")
+        bad = vals.isna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            v = s.iloc[row]
+            shown = "an empty value" if (v is None or (isinstance(v, float) and np.isnan(v))) else repr(v)
+            raise RecalignInputError(
+                f"non-numeric {what or col} {shown}",
+                source=self.source,
+                line=self.line_of_row(row),
+                field=col,
+            )
+        return vals
+
+    def text_column(self, col: str) -> pd.Series:
+        """Column as strings, with empty fields as ``""``."""
+        return self.frame[col].astype(object).where(self.frame[col].notna(), "").astype(str)
+
+
+def to_seconds(ts: pd.Series, unit: str, source: str) -> np.ndarray:
+    """Integer seconds from numbers in ``unit`` (``"s"`` or ``"ms"``)."""
+    if unit == "s":
+        return np.floor(ts.to_numpy(dtype="float64")).astype("int64")
+    if unit == "ms":
+        return np.floor_divide(ts.to_numpy(dtype="float64"), 1000).astype("int64")
+    raise RecalignInputError(f"unknown time unit '{unit}' (choose s or ms)", source=source, field="time_unit")
+
+
+def check_known_items(
+    table: DelimitedTable | None,
+    item_ids: pd.Series,
+    known: set[str] | pd.Index,
+    catalogue: str,
+    source: str,
+) -> None:
+    """Every interacted item must be in the catalogue: name the first unknown id and its line."""
+    known_idx = known if isinstance(known, pd.Index) else pd.Index(list(known))
+    mask = ~item_ids.isin(known_idx).to_numpy()
+    if mask.any():
+        row = int(np.flatnonzero(mask)[0])
+        n_unknown = item_ids[mask].nunique()
+        line = table.line_of_row(row) if table is not None else None
+        where = "" if line is not None else f" (row {row + 1})"
+        raise RecalignInputError(
+            f"item id {item_ids.iloc[row]!r} is not in {catalogue}{where} ({n_unknown} unknown item id(s) in all)",
+            source=source,
+            line=line,
+        )
+
+
+# ---------------------------------------------------------------------- JSON lines
+def iter_json_records(ref: FileRef | str | Path, *, literal: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file (``.gz`` allowed).
+
+    With ``literal=True`` each line may also be a Python literal (the Amazon 2014 metadata is written
+    with ``repr``): lines are tried as JSON first and then with :func:`ast.literal_eval`, which only
+    accepts literals and never executes code (no ``eval``, no pickle).
+    """
+    ref = ref if isinstance(ref, FileRef) else FileRef(Path(ref))
+    src = str(ref)
+    if not ref.path.is_file():
+        raise RecalignInputError("file not found", source=src)
+    opener = gzip.open if ref.name.endswith(".gz") else open
+    lineno = 0
+    seen_any = False
+    try:
+        with opener(ref.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):  # noqa: B007 (lineno is used after the loop)
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RecalignInputError(
+                        f"not valid UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}",
+                        source=src,
+                        line=lineno,
+                    ) from None
+                obj = _parse_record(line, literal, src, lineno)
+                seen_any = True
+                yield lineno, obj
+    except EOFError:
+        raise RecalignInputError(
+            f"truncated gzip file (the archive ends early, after line {lineno})", source=src
+        ) from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise RecalignInputError(f"corrupt gzip file ({e})", source=src) from None
+    if not seen_any:
+        raise RecalignInputError("empty file", source=src)
+
+
+def _parse_record(line: str, literal: bool, src: str, lineno: int) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        if not literal:
+            raise RecalignInputError(
+                f"invalid JSON: {e.msg} at column {e.colno}", source=src, line=lineno
+            ) from None
+        try:
+            obj = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e2:
+            msg = getattr(e2, "msg", None) or type(e2).__name__
+            raise RecalignInputError(
+                f"not a JSON object or Python literal ({msg})", source=src, line=lineno
+            ) from None
+    if not isinstance(obj, dict):
+        raise RecalignInputError(
+            f"expected an object per line, found {type(obj).__name__}", source=src, line=lineno
+        )
+    return obj
+
+
+def as_text(value: Any, joiner: str = " ") -> str:
+    """Metadata fields come as strings, lists of strings or lists of lists (the 2014 category paths):
+    flatten them to one string of distinct, whitespace-normalised parts in first-seen order."""
+    parts: list[str] = []
+
+    def walk(v: Any) -> None:
+        if v is None:
+            return
+        if isinstance(v, list | tuple):
+            for x in v:
+                walk(x)
+            return
+        t = " ".join(str(v).split())
+        if t and t not in parts:
+            parts.append(t)
+
+    walk(value)
+    return joiner.join(parts)
+
+
+# ---------------------------------------------------------------------- generic loaders
+def _catalogue(
+    path: str | Path,
+    item_col: str,
+    title_col: str | None,
+    sep: str,
+    encoding: str,
+    text_cols: list[str] | None,
+) -> tuple[pd.DataFrame, str]:
+    p = Path(path)
+    if p.suffix == ".parquet":
+        df = _read_parquet(p)
+        src = str(p)
+        for c in [item_col, *([title_col] if title_col else [])]:
+            if c not in df.columns:
+                raise RecalignInputError(
+                    f"missing column '{c}' (columns: {', '.join(map(str, df.columns))})", source=p
+                )
+        df = df.astype({c: str for c in df.columns if c != item_col}).fillna("")
+    else:
+        t = DelimitedTable(p, sep=sep, header=True, required=[item_col], encoding=encoding, quoted=True)
+        src = t.source
+        if title_col and title_col not in t.names:
+            raise RecalignInputError(
+                f"missing column '{title_col}' (header has: {', '.join(t.names)})", source=src, line=1
+            )
+        df = pd.DataFrame({c: t.text_column(c) for c in t.names})
+    keep = text_cols if text_cols is not None else [c for c in df.columns if c not in (item_col, title_col)]
+    out = pd.DataFrame({"item": df[item_col].astype(str), "title": df[title_col] if title_col else ""})
+    for c in keep:
+        if c not in df.columns:
+            raise RecalignInputError(f"missing column '{c}'", source=src, field="text_cols")
+        out[c] = df[c].astype(str)
+    dup = out["item"].duplicated().to_numpy()
+    if dup.any():
+        raise RecalignInputError(f"item id {out['item'][dup].iloc[0]!r} appears twice", source=src)
+    return out, src
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise RecalignInputError("file not found", source=path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a damaged file
+        raise RecalignInputError(f"cannot read Parquet ({type(e).__name__}: {e})", source=path) from None
+    if len(df) == 0:
+        raise RecalignInputError("empty file (no rows)", source=path)
+    return df
+
+
+def _to_seconds_any(values: pd.Series, unit: str, source: str, col: str, locate: Any) -> np.ndarray:
+    """Seconds from numbers (``s``/``ms``) or date strings (``datetime``), naming the first bad value."""
+    if unit == "datetime":
+        parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+        if parsed.isna().any():  # not all ISO 8601: let pandas guess per value (slower)
+            parsed = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+        bad = parsed.isna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise RecalignInputError(f"unparseable date {values.iloc[row]!r}", **locate(row), field=col)
+        delta = parsed - pd.Timestamp("1970-01-01", tz="UTC")
+        return (delta // pd.Timedelta(seconds=1)).to_numpy(dtype="int64")
+    return to_seconds(values, unit, source)
+
+
+@register("csv")
+def load_csv(
+    path: str | Path,
+    *,
+    user_col: str = "user",
+    item_col: str = "item",
+    time_col: str = "timestamp",
+    rating_col: str | None = None,
+    sep: str = ",",
+    header: bool = True,
+    columns: str | list[str] | None = None,
+    time_unit: str = "s",
+    encoding: str = "utf-8",
+    items: str | Path | None = None,
+    items_item_col: str | None = None,
+    title_col: str | None = "title",
+    text_cols: list[str] | None = None,
+    items_sep: str | None = None,
+    unknown_items: str = "error",
+    name: str | None = None,
+) -> RecDataset:
+    """A delimited interaction file with a column mapping.
+
+    Args:
+        path: the interactions file (``.gz`` allowed).
+        user_col, item_col, time_col: column names for user, item and time (required).
+        rating_col: column with explicit ratings; ``None`` means the data is implicit feedback.
+        sep: field separator (``","``, ``"\\t"``, ``";"``, ``"::"``...).
+        header: whether the first line names the columns; if not, pass ``columns`` (names in order,
+            a list or a comma-separated string).
+        time_unit: ``s`` (Unix seconds), ``ms`` (Unix milliseconds) or ``datetime`` (date strings).
+        items: optional catalogue file (CSV with a header, or Parquet) keyed by ``items_item_col``
+            (default: ``item_col``) with titles in ``title_col``; ``text_cols`` selects extra text
+            fields (default: every other column).
+        unknown_items: interacted items missing from the catalogue: ``error`` or ``title-from-id``.
+    """
+    if not header and columns is None:
+        raise RecalignInputError("a file without header needs columns=name1,name2,...", field="columns")
+    names = columns.split(",") if isinstance(columns, str) else columns
+    rating = [rating_col] if rating_col else []
+    t = DelimitedTable(
+        path,
+        sep=sep,
+        header=header,
+        columns=[n.strip() for n in names] if names else None,
+        required=[user_col, item_col, time_col, *rating],
+        numeric=[time_col, *rating] if time_unit != "datetime" else rating,
+        encoding=encoding,
+        quoted=True,
+    )
+    if time_unit == "datetime":
+        ts = _to_seconds_any(
+            t.frame[time_col],
+            "datetime",
+            t.source,
+            time_col,
+            lambda r: {"source": t.source, "line": t.line_of_row(r)},
+        )
+    else:
+        ts = to_seconds(t.numeric(time_col, "timestamp"), time_unit, t.source)
+    inter = pd.DataFrame(
+        {"user": t.frame[user_col].astype(str), "item": t.frame[item_col].astype(str), "timestamp": ts}
+    )
+    if rating_col:
+        inter["rating"] = t.numeric(rating_col, "rating").astype("float64")
+    cat = None
+    if items is not None:
+        cat, cat_src = _catalogue(
+            items, items_item_col or item_col, title_col, items_sep or sep, encoding, text_cols
+        )
+        if unknown_items == "error":
+            check_known_items(t, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, t.source)
+    return RecDataset.from_frames(
+        name or Path(path).name.split(".")[0], inter, cat, source=t.source, unknown_items=unknown_items
+    )
+
+
+@register("parquet")
+def load_parquet(
+    path: str | Path,
+    *,
+    user_col: str = "user",
+    item_col: str = "item",
+    time_col: str = "timestamp",
+    rating_col: str | None = None,
+    time_unit: str = "s",
+    items: str | Path | None = None,
+    items_item_col: str | None = None,
+    title_col: str | None = "title",
+    text_cols: list[str] | None = None,
+    items_sep: str = ",",
+    unknown_items: str = "error",
+    name: str | None = None,
+) -> RecDataset:
+    """A Parquet interaction file with the same column mapping as :func:`load_csv`.
+
+    Parquet has no lines, so errors name the (1-based) row instead.
+    """
+    p = Path(path)
+    df = _read_parquet(p)
+    for c in [user_col, item_col, time_col, *([rating_col] if rating_col else [])]:
+        if c not in df.columns:
+            raise RecalignInputError(
+                f"missing column '{c}' (columns: {', '.join(map(str, df.columns))})", source=p
+            )
+        bad = df[c].isna().to_numpy()
+        if bad.any():
+            raise RecalignInputError(
+                f"empty value in column '{c}' at row {int(np.flatnonzero(bad)[0]) + 1}", source=p
+            )
+
+    def numeric(col: str, what: str) -> pd.Series:
+        vals = pd.to_numeric(df[col], errors="coerce")
+        bad = vals.isna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise RecalignInputError(
+                f"non-numeric {what} {df[col].iloc[row]!r} at row {row + 1}", source=p, field=col
+            )
+        return vals
+
+    if time_unit == "datetime" or pd.api.types.is_datetime64_any_dtype(df[time_col]):
+        ts = _to_seconds_any(
+            df[time_col], "datetime", str(p), time_col, lambda r: {"source": f"{p} row {r + 1}"}
+        )
+    else:
+        ts = to_seconds(numeric(time_col, "timestamp"), time_unit, str(p))
+    inter = pd.DataFrame(
+        {"user": df[user_col].astype(str), "item": df[item_col].astype(str), "timestamp": ts}
+    )
+    if rating_col:
+        inter["rating"] = numeric(rating_col, "rating").astype("float64")
+    cat = None
+    if items is not None:
+        cat, cat_src = _catalogue(items, items_item_col or item_col, title_col, items_sep, "utf-8", text_cols)
+        if unknown_items == "error":
+            check_known_items(None, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, str(p))
+    return RecDataset.from_frames(
+        name or p.name.split(".")[0], inter, cat, source=str(p), unknown_items=unknown_items
+    )
