@@ -49,6 +49,8 @@ def locate_files(path: str | Path, names: tuple[str, ...], what: str) -> dict[st
                 )
             found[n] = FileRef(p, hits[0])
         return found
+    if p.is_file() and p.suffix == ".zip":
+        raise RecalignInputError("not a valid zip archive (truncated or corrupt download?)", source=p)
     if p.is_file():
         # A single file of the set was given: look next to it.
         p = p.parent

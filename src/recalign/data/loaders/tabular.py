@@ -313,9 +313,12 @@ class DelimitedTable:
     # ---------------------------------------------------------------- validation
     def _check_repeated_header(self) -> None:
         """A header line in the middle of the data (two files concatenated) is an error, not a row."""
+        cols = self.names[: min(3, self.n_fields)]
+        if any(pd.api.types.is_numeric_dtype(self.frame[c]) for c in cols):
+            return  # a column that parsed as numbers cannot contain its own name: no repeated header
         mask = np.ones(len(self.frame), dtype=bool)
-        for n in self.names[: min(3, self.n_fields)]:
-            mask &= self.frame[n].astype(str).str.strip().to_numpy() == n
+        for n in cols:
+            mask &= (self.frame[n] == n).to_numpy(dtype=bool, na_value=False)
         if mask.any():
             row = int(np.flatnonzero(mask)[0])
             raise RecalignInputError(
@@ -424,7 +427,7 @@ def iter_json_records(ref: FileRef | str | Path, *, literal: bool = False) -> It
                         source=src,
                         line=lineno,
                     ) from None
-                obj = _parse_record(line, literal, src, lineno)
+                obj = _parse_record(line.rstrip("\r\n"), literal, src, lineno)
                 seen_any = True
                 yield lineno, obj
     except EOFError:
@@ -443,7 +446,7 @@ def _parse_record(line: str, literal: bool, src: str, lineno: int) -> dict:
     except json.JSONDecodeError as e:
         if not literal:
             raise RecalignInputError(
-                f"invalid JSON: {e.msg} at column {e.colno}", source=src, line=lineno
+                f"invalid JSON ({e.msg}, column {e.colno})", source=src, line=lineno
             ) from None
         try:
             obj = ast.literal_eval(line.strip())
