@@ -279,3 +279,23 @@ def test_parquet_missing_column(tmp_path):
     pd.DataFrame({"user": [1], "item": [2]}).to_parquet(p)
     with pytest.raises(RecalignInputError, match=r"log\.parquet: missing column 'timestamp'"):
         load_dataset("parquet", path=p)
+
+
+def test_lastfm_artist_lines_may_omit_trailing_urls(tmp_path):
+    # The first data line is short, which makes pandas infer too few columns: the loader must recover.
+    artists = (
+        "id\tname\turl\tpictureURL\n51\tDuran Duran\n52\tMorcheeba\thttp://m\n"
+        "53\tAir\tu\tp\n54\tHooverphonic\tu\t\n55\tBjörk\tu\tp\n"
+    )
+    ds = load_dataset("lastfm", path=write_lastfm(tmp_path, artists=artists))
+    assert ds.n_items == 5
+    assert item_row(ds, "51")["title"] == "Duran Duran" and item_row(ds, "51")["url"] == ""
+    assert item_row(ds, "52")["url"] == "http://m"
+
+
+def test_lastfm_artist_line_with_extra_field_is_an_error(tmp_path):
+    artists = "id\tname\turl\tpictureURL\n51\tA\tu\tp\n52\tB\tu\tp\textra\n"
+    with pytest.raises(
+        RecalignInputError, match=r"artists\.dat:3: expected 2 to 4 tab-separated fields, found 5"
+    ):
+        load_dataset("lastfm", path=write_lastfm(tmp_path, artists=artists))

@@ -18,7 +18,8 @@ only time signal in the release is when a user *tagged* an artist, so:
   way the number of affected pairs is written to ``notes`` — nothing is dropped silently.
 - tag assignments for pairs absent from ``user_artists.dat`` are ignored and counted in ``notes``.
 
-``weight`` is a play count, not a rating, so ratings stay empty unless ``weight_as_rating=True``.
+``artists.dat`` is read as UTF-8 (``encoding=`` changes it); its trailing ``url``/``pictureURL`` fields
+may be missing from a line. ``weight`` is a play count, not a rating, so ratings stay empty unless ``weight_as_rating=True``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def load_lastfm(
     *,
     untagged: str = "before-first-tag",
     weight_as_rating: bool = False,
+    encoding: str = "utf-8",
     name: str = "lastfm",
 ) -> RecDataset:
     """LastFM hetrec-2k from a directory (or zip) holding the three files above."""
@@ -65,7 +67,15 @@ def load_lastfm(
         required=["userID", "artistID", "timestamp"],
         numeric=["tagID", "timestamp"],
     )
-    artists = DelimitedTable(files["artists.dat"], sep="\t", header=True, required=["id", "name"])
+    # pictureURL (and url) may be left out at the end of a line: they are decoration, not data.
+    artists = DelimitedTable(
+        files["artists.dat"],
+        sep="\t",
+        header=True,
+        required=["id", "name"],
+        optional_trailing=2,
+        encoding=encoding,
+    )
 
     dup = artists.frame["id"].duplicated().to_numpy()
     if dup.any():

@@ -141,6 +141,9 @@ class DelimitedTable:
         encoding: text encoding of the file.
         quoted: honour ``"``-quoting (CSV style). Formats that never quote (MovieLens, RecBole, LastFM)
             pass ``False`` so a stray quote in a title is just a character.
+        optional_trailing: how many trailing columns a line may leave out entirely (read as empty);
+            every other deviation in the field count is an error naming the line.
+        data: the file's bytes, if the caller has already read them.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class DelimitedTable:
         numeric: Sequence[str] = (),
         encoding: str = "utf-8",
         quoted: bool = False,
+        optional_trailing: int = 0,
         data: bytes | None = None,
     ) -> None:
         self.ref = ref if isinstance(ref, FileRef) else FileRef(Path(ref))
@@ -188,6 +192,7 @@ class DelimitedTable:
                 raise ValueError("DelimitedTable needs columns= or header=True")
             self.names = list(columns)
         self.n_fields = len(self.names)
+        self.min_fields = self.n_fields - optional_trailing
         missing = [c for c in required if c not in self.names]
         if missing:
             hint = self._separator_hint(self.names) if header else ""
@@ -211,8 +216,9 @@ class DelimitedTable:
     # ---------------------------------------------------------------- parsing
     def _parse(self, numeric: Sequence[str]) -> pd.DataFrame:
         dtype = {i: str for i, n in enumerate(self.names) if n not in numeric}
-        try:
-            df = pd.read_csv(
+
+        def read(**extra: Any) -> pd.DataFrame:
+            return pd.read_csv(
                 io.BytesIO(self._raw),
                 sep=self._psep,
                 header=None,
@@ -225,27 +231,44 @@ class DelimitedTable:
                 engine="c",
                 skip_blank_lines=True,
                 low_memory=False,
+                **extra,
             )
+
+        # Without explicit names pandas refuses rows longer than the first one (a ParserError) instead
+        # of silently truncating them, so extra fields are always caught.
+        try:
+            df: pd.DataFrame | None = read()
         except pd.errors.EmptyDataError:
             raise RecalignInputError(
                 "no data rows" if self._header_line else "empty file", source=self.source
             ) from None
         except pd.errors.ParserError as e:
-            self._raise_ragged()
-            raise RecalignInputError(
-                f"cannot parse: {' '.join(str(e).split())}", source=self.source
-            ) from None
-        if df.shape[1] != self.n_fields:
-            self._raise_ragged()
-        if self.quoted:
+            self._locate_bad_line()
+            if self.min_fields == self.n_fields:
+                raise RecalignInputError(
+                    f"cannot parse: {' '.join(str(e).split())}", source=self.source
+                ) from None
+            df = None  # only allowed short rows (optional trailing fields) confused pandas
+        if df is None or df.shape[1] != self.n_fields:
+            self._locate_bad_line()
+            if self.min_fields == self.n_fields:
+                raise RecalignInputError(
+                    f"inconsistent number of fields (expected {self.n_fields} {sep_name(self.sep)}-separated)",
+                    source=self.source,
+                )
+            # Every line has between min_fields and n_fields fields (just checked): read them padded.
+            df = read(names=list(range(self.n_fields)), index_col=False)
+        elif self.quoted:
             if df.isna().to_numpy().any():
-                self._raise_ragged(only_if_found=True)
+                self._locate_bad_line()
         else:
             n_seps = self._raw.count(self._psep.encode())
             if self._header_line:
                 n_seps -= self.n_fields - 1
             if n_seps != (self.n_fields - 1) * len(df):
-                self._raise_ragged()
+                self._locate_bad_line()
+                if self.min_fields == self.n_fields:
+                    raise RecalignInputError("inconsistent number of fields", source=self.source)
         df.columns = self.names
         return df
 
@@ -257,21 +280,21 @@ class DelimitedTable:
                 return f"; is the separator {sep_name(cand)} rather than {sep_name(self.sep)}?"
         return ""
 
-    def _raise_ragged(self, only_if_found: bool = False) -> None:
-        """Locate the first line whose field count differs from the expected one, and fail there."""
+    def _locate_bad_line(self) -> None:
+        """Scan for the first line with a wrong number of fields and fail there (no-op if none)."""
         for line, fields in self.records():
-            if len(fields) != self.n_fields:
+            if not self.min_fields <= len(fields) <= self.n_fields:
                 hint = self._separator_hint(fields) if len(fields) == 1 else ""
+                want = (
+                    str(self.n_fields)
+                    if self.min_fields == self.n_fields
+                    else f"{self.min_fields} to {self.n_fields}"
+                )
                 raise RecalignInputError(
-                    f"expected {self.n_fields} {sep_name(self.sep)}-separated fields, found {len(fields)}{hint}",
+                    f"expected {want} {sep_name(self.sep)}-separated fields, found {len(fields)}{hint}",
                     source=self.source,
                     line=line,
                 )
-        if not only_if_found:
-            raise RecalignInputError(
-                f"inconsistent number of fields (expected {self.n_fields} {sep_name(self.sep)}-separated)",
-                source=self.source,
-            )
 
     @property
     def text(self) -> str:
