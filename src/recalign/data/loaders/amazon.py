@@ -40,6 +40,7 @@ from recalign.data.loaders.tabular import (
     FileRef,
     as_text,
     check_known_items,
+    check_unknown_items_option,
     iter_json_records,
     to_seconds,
 )
@@ -133,10 +134,7 @@ def _finish(
     reviews: pd.DataFrame | None = None,
     extra_notes: list[str] | None = None,
 ) -> RecDataset:
-    if unknown_items not in ("error", "title-from-id"):
-        raise RecalignInputError(
-            f"unknown_items must be 'error' or 'title-from-id', got {unknown_items!r}", field="unknown_items"
-        )
+    check_unknown_items_option(unknown_items)
     catalogue = None
     notes = list(extra_notes or [])
     if meta_path is not None:

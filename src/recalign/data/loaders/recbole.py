@@ -27,7 +27,12 @@ import pandas as pd
 
 from recalign.data.dataset import RecDataset
 from recalign.data.loaders.registry import register
-from recalign.data.loaders.tabular import DelimitedTable, check_known_items, read_source_bytes
+from recalign.data.loaders.tabular import (
+    DelimitedTable,
+    check_known_items,
+    check_unknown_items_option,
+    read_source_bytes,
+)
 from recalign.errors import RecalignInputError
 from recalign.io import atomic_write_text
 
@@ -139,6 +144,7 @@ def load_recbole(
     unknown_items: str = "error",
 ) -> RecDataset:
     """Read ``<name>.inter`` and, if present, ``<name>.item`` from a directory (or a ``.inter`` path)."""
+    check_unknown_items_option(unknown_items)
     inter_path, item_path = _resolve(path, name)
     af = _AtomicFile(inter_path, (user_field, item_field))
     t = af.table

@@ -205,7 +205,7 @@ class DelimitedTable:
         if len(set(self.names)) != len(self.names):
             dup = next(n for n in self.names if self.names.count(n) > 1)
             raise RecalignInputError(
-                f"column '{dup}' appears twice in the header", source=self.source, line=1
+                f"column '{dup}' appears twice in the header", source=self.source, line=self._header_line
             )
         self.frame = self._parse(numeric)
         if header:
@@ -303,15 +303,33 @@ class DelimitedTable:
         return self._text
 
     def _first_record(self) -> tuple[int, list[str]] | None:
-        for line, fields in self.records(include_header=True):
-            return line, fields
+        """The first non-blank line (the header), read from the raw bytes without decoding the file."""
+        raw, pos, lineno = self._raw, 0, 0
+        while pos < len(raw):
+            end = raw.find(b"\n", pos)
+            end = len(raw) if end == -1 else end
+            lineno += 1
+            line = raw[pos:end].decode(self.encoding).rstrip("\r")
+            if line.strip(" "):
+                if self.quoted:
+                    return lineno, next(csv.reader([line], delimiter=self._psep))
+                return lineno, line.split(self._psep)
+            pos = end + 1
         return None
 
     def records(self, include_header: bool = False) -> Iterator[tuple[int, list[str]]]:
         """(1-based line number, fields) of every non-blank record, header excluded unless asked."""
         if self.quoted:
-            reader = csv.reader(io.StringIO(self.text, newline=""), delimiter=self._psep)
-            for fields in reader:
+            reader = csv.reader(io.StringIO(self.text, newline=""), delimiter=self._psep, strict=True)
+            while True:
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise RecalignInputError(
+                        f"malformed quoted field ({e})", source=self.source, line=reader.line_num
+                    ) from None
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue
                 if not include_header and reader.line_num <= self._header_line:
@@ -398,6 +416,13 @@ def to_seconds(ts: pd.Series, unit: str, source: str) -> np.ndarray:
     if unit == "ms":
         return np.floor_divide(ts.to_numpy(dtype="float64"), 1000).astype("int64")
     raise RecalignInputError(f"unknown time unit '{unit}' (choose s or ms)", source=source, field="time_unit")
+
+
+def check_unknown_items_option(value: str) -> None:
+    if value not in ("error", "title-from-id"):
+        raise RecalignInputError(
+            f"unknown_items must be 'error' or 'title-from-id', got {value!r}", field="unknown_items"
+        )
 
 
 def check_known_items(
@@ -607,6 +632,7 @@ def load_csv(
             fields (default: every other column).
         unknown_items: interacted items missing from the catalogue: ``error`` or ``title-from-id``.
     """
+    check_unknown_items_option(unknown_items)
     if not header and columns is None:
         raise RecalignInputError("a file without header needs columns=name1,name2,...", field="columns")
     names = columns.split(",") if isinstance(columns, str) else columns
@@ -669,6 +695,7 @@ def load_parquet(
 
     Parquet has no lines, so errors name the (1-based) row instead.
     """
+    check_unknown_items_option(unknown_items)
     p = Path(path)
     df = _read_parquet(p)
     for c in [user_col, item_col, time_col, *([rating_col] if rating_col else [])]:
