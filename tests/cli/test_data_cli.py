@@ -332,6 +332,18 @@ def case_duplicate_catalogue_id(tmp):
     return ["--dataset", "ml-1m", "--path", str(d)], "movies.dat:3: item id '1' appears twice"
 
 
+def case_malformed_quote(tmp):
+    p = tmp / "log.csv"
+    p.write_text('user,item,timestamp\na,"x,1\nb,y,2\n')
+    return ["--dataset", "csv", "--path", str(p)], "log.csv:3: malformed quoted field"
+
+
+def case_header_only(tmp):
+    p = tmp / "log.csv"
+    p.write_text("user,item,timestamp\n")
+    return ["--dataset", "csv", "--path", str(p)], "log.csv: no data rows"
+
+
 def case_unknown_loader_option(tmp):
     p = tmp / "log.csv"
     p.write_text("user,item,timestamp\na,x,1\n")
@@ -382,6 +394,8 @@ BAD_INPUT = [
     case_empty_user_id,
     case_bad_genre_flag,
     case_duplicate_catalogue_id,
+    case_malformed_quote,
+    case_header_only,
     case_unknown_loader_option,
     case_missing_path,
     case_corrupt_zip,
