@@ -38,7 +38,7 @@ TITLES = [
 ]
 
 
-def tiny_dataset(name: str = "ml-tiny") -> RecDataset:
+def make_tiny_dataset(name: str = "ml-tiny") -> RecDataset:
     rows = []
     for u in range(6):
         for k in range(12):
@@ -47,6 +47,17 @@ def tiny_dataset(name: str = "ml-tiny") -> RecDataset:
     inter = pd.DataFrame(rows).drop_duplicates(["user", "item"])
     items = pd.DataFrame({"item": [f"i{i}" for i in range(len(TITLES))], "title": TITLES})
     return RecDataset.from_frames(name, inter, items)
+
+
+@pytest.fixture
+def tiny_dataset():
+    """Factory: ``tiny_dataset(name="ml-tiny")`` -> a 6-user dataset over :data:`TITLES`."""
+    return make_tiny_dataset
+
+
+@pytest.fixture
+def titles() -> list[str]:
+    return list(TITLES)
 
 
 @pytest.fixture(scope="session")

@@ -144,8 +144,40 @@ NEXT_ITEM_TEMPLATES = [
     ),
 ]
 
+#: Next item *without* a candidate list: used to score the whole catalogue (full ranking), where listing
+#: candidates would leak the target. Same history formatting; ``{candidates}`` is not used.
+OPEN_NEXT_ITEM_TEMPLATES = [
+    PromptTemplate(
+        name="open_enjoyed",
+        text=(
+            "This user has enjoyed these {nouns}, in this order:\n{history}\n\n"
+            "Which {noun} will the user choose next? Reply with its title only.\n" + ANSWER_MARKER
+        ),
+        history_style="numbered",
+    ),
+    PromptTemplate(
+        name="open_recommend",
+        text=(
+            "A user's most recent {nouns}, oldest first: {history}.\n"
+            "Recommend one {noun} this user is likely to choose next. Give its exact title.\n" + ANSWER_MARKER
+        ),
+        history_style="quoted",
+    ),
+    PromptTemplate(
+        name="open_predict",
+        text=(
+            "Interaction history of a user ({nouns}, from oldest to newest):\n{history}\n\n"
+            "Predict the next {noun} this user will interact with.\n" + ANSWER_MARKER
+        ),
+        history_style="lines",
+    ),
+]
+
 #: Task name -> list of phrasings. Add tasks with :func:`register_template`.
-TASK_TEMPLATES: dict[str, list[PromptTemplate]] = {"next_item": list(NEXT_ITEM_TEMPLATES)}
+TASK_TEMPLATES: dict[str, list[PromptTemplate]] = {
+    "next_item": list(NEXT_ITEM_TEMPLATES),
+    "next_item_open": list(OPEN_NEXT_ITEM_TEMPLATES),
+}
 
 # Salt that separates the template draw from the candidate draw, which uses the same (seed, user, position).
 _TEMPLATE_SALT = 7_340_033
@@ -296,6 +328,25 @@ def build_candidate_prompt(
     return render_next_item(
         t, display_titles(dataset, hist), display_titles(dataset, candidate_idx), noun, nouns
     )
+
+
+def build_open_prompt(
+    dataset: RecDataset,
+    history_idx: Sequence[int] | np.ndarray,
+    *,
+    template: PromptTemplate | int | str | None = None,
+    seed: int = 0,
+    user: int = 0,
+    position: int = 0,
+    max_history: int = 10,
+) -> str:
+    """The next-item prompt without candidates (task ``next_item_open``), for whole-catalogue scoring."""
+    t = resolve_template(template, seed=seed, user=user, position=position, task="next_item_open")
+    hist = np.asarray(history_idx, dtype=np.int64)
+    if max_history is not None and max_history > 0:
+        hist = hist[-max_history:]
+    noun, nouns = item_noun(dataset)
+    return render_next_item(t, display_titles(dataset, hist), [], noun, nouns)
 
 
 def examples_to_prompts(

@@ -1,0 +1,151 @@
+"""Greedy generation of answers for prompt examples, and the generation evaluation protocol.
+
+:func:`generate_answers` tokenises prompts with the one rule of :mod:`recalign.lm.prompts`
+(``encode_prompt``: the same ids SFT and preference training used), left-pads them into batches (so that
+every prompt ends where generation starts; position ids follow the attention mask), decodes greedily for
+at most ``max_new_tokens`` and stops at the end-of-turn token or EOS. The returned text is the decoded
+new tokens without special tokens, stripped.
+
+:func:`evaluate_generation` runs it over a split's examples and scores the answers with
+:mod:`recalign.evaluation.generation` (exactly-one-candidate matching; HR@1 over all examples and over
+valid ones, and ValidRatio).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from recalign.data.dataset import RecDataset
+from recalign.evaluation.generation import generation_metrics, match_answer
+from recalign.lm.prompts import PromptExample, encode_prompt, examples_to_prompts, stop_token_ids
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_seq2seq(model) -> bool:
+    return bool(getattr(_base(model).config, "is_encoder_decoder", False))
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0  # pragma: no cover
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str | PromptExample],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to ``prompts`` (texts or :class:`PromptExample`), one string per prompt."""
+    texts = [p.prompt if isinstance(p, PromptExample) else str(p) for p in prompts]
+    seq2seq = _is_seq2seq(model)
+    if seq2seq:
+        from recalign.lm.seq2seq import encode_source
+
+        encoded = [encode_source(tokenizer, t) for t in texts]
+        stops = [int(tokenizer.eos_token_id)]
+    else:
+        encoded = [encode_prompt(tokenizer, t) for t in texts]
+        stops = stop_token_ids(tokenizer)
+    pad = _pad_id(tokenizer)
+    device = next(_base(model).parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    batches = range(0, len(encoded), max(1, batch_size))
+    try:
+        for start in tqdm(batches, desc="generating", disable=not (progress and len(batches) > 1)):
+            chunk = encoded[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+            for r, ids in enumerate(chunk):
+                # left padding for decoder-only models (generation continues at the right edge);
+                # encoder inputs are padded on the right as usual
+                sl = slice(width - len(ids), width) if not seq2seq else slice(0, len(ids))
+                input_ids[r, sl] = torch.tensor(ids, device=device)
+                attention[r, sl] = 1
+            with torch.inference_mode():
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops,
+                    pad_token_id=pad,
+                )
+            new = generated if seq2seq else generated[:, width:]
+            for row in new.tolist():
+                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+                out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+@dataclass
+class GenerationResult:
+    """Answers, their matches and the metrics of one generation evaluation."""
+
+    metrics: dict[str, float]
+    answers: list[str]
+    matches: list[int | None]
+    target_cols: list[int]
+    seconds: float
+    examples: list[PromptExample] = field(repr=False, default_factory=list)
+
+
+def evaluate_generation(
+    model,
+    tokenizer,
+    dataset: RecDataset,
+    examples: pd.DataFrame,
+    *,
+    seed: int = 0,
+    max_history: int = 10,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> GenerationResult:
+    """Generate an answer per example, match it to the candidates, and compute generation metrics.
+
+    The target column is the first candidate with the target's title (consistent with
+    :func:`~recalign.evaluation.generation.match_answer` for duplicate titles).
+    """
+    t0 = time.perf_counter()
+    prompt_examples = examples_to_prompts(dataset, examples, seed=seed, max_history=max_history)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        prompt_examples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
+    matches = [match_answer(a, ex.candidates) for a, ex in zip(answers, prompt_examples)]
+    target_cols = [ex.candidates.index(ex.target) for ex in prompt_examples]
+    metrics = generation_metrics(matches, target_cols)
+    return GenerationResult(
+        metrics=metrics,
+        answers=answers,
+        matches=matches,
+        target_cols=target_cols,
+        seconds=time.perf_counter() - t0,
+        examples=prompt_examples,
+    )
