@@ -49,8 +49,18 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     progress: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
 ) -> list[str]:
-    """Greedy answers to ``prompts`` (texts or :class:`PromptExample`), one string per prompt."""
+    """Answers to ``prompts`` (texts or :class:`PromptExample`), one string per prompt.
+
+    Greedy by default. ``do_sample=True`` samples with ``temperature`` and nucleus ``top_p`` instead
+    (DPO4Rec draws several different summaries per user this way); ``seed`` then seeds torch's CPU
+    generator for the call (inside ``fork_rng``, so the caller's random state is left untouched), which
+    makes a sampled batch reproducible.
+    """
     texts = [p.prompt if isinstance(p, PromptExample) else str(p) for p in prompts]
     seq2seq = _is_seq2seq(model)
     if seq2seq:
@@ -79,15 +89,22 @@ def generate_answers(
                 sl = slice(width - len(ids), width) if not seq2seq else slice(0, len(ids))
                 input_ids[r, sl] = torch.tensor(ids, device=device)
                 attention[r, sl] = 1
-            with torch.inference_mode():
+            sampling = (
+                {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+                if do_sample
+                else {"do_sample": False}
+            )
+            with torch.inference_mode(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(int(seed) + start)
                 generated = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention,
-                    do_sample=False,
                     num_beams=1,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=stops,
                     pad_token_id=pad,
+                    **sampling,
                 )
             new = generated if seq2seq else generated[:, width:]
             for row in new.tolist():
