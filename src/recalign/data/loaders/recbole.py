@@ -32,6 +32,7 @@ from recalign.data.loaders.tabular import (
     check_known_items,
     check_unknown_items_option,
     read_source_bytes,
+    to_seconds,
 )
 from recalign.errors import RecalignInputError
 from recalign.io import atomic_write_text
@@ -156,7 +157,7 @@ def load_recbole(
                 source=t.source,
                 line=1,
             )
-        ts = np.floor(t.numeric(af.col(time_field), "timestamp").to_numpy(dtype="float64")).astype("int64")
+        ts = to_seconds(t.numeric(af.col(time_field), "timestamp"), "s", t.source)
     else:
         ts = np.arange(len(t.frame), dtype="int64")
         notes.append(f"no '{time_field}' field: file order is used as time order")

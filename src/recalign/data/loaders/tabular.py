@@ -312,7 +312,12 @@ class DelimitedTable:
             line = raw[pos:end].decode(self.encoding).rstrip("\r")
             if line.strip(" "):
                 if self.quoted:
-                    return lineno, next(csv.reader([line], delimiter=self._psep))
+                    try:
+                        return lineno, next(csv.reader([line], delimiter=self._psep))
+                    except csv.Error as e:  # e.g. a stray carriage return inside the header
+                        raise RecalignInputError(
+                            f"malformed header line ({e})", source=self.source, line=lineno
+                        ) from None
                 return lineno, line.split(self._psep)
             pos = end + 1
         return None
@@ -391,13 +396,16 @@ class DelimitedTable:
             vals = s
         else:
             vals = pd.to_numeric(s, errors="coerce")
-        bad = vals.isna().to_numpy()
+        # inf / 1e400 parse as numbers but are no rating, weight or time: rejected like text.
+        bad = ~np.isfinite(vals.to_numpy(dtype="float64", na_value=np.nan))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             v = s.iloc[row]
+            v = v.item() if isinstance(v, np.generic) else v  # 'inf', not 'np.float64(inf)'
             shown = "an empty value" if (v is None or (isinstance(v, float) and np.isnan(v))) else repr(v)
+            kind = "non-numeric" if pd.isna(vals.iloc[row]) else "non-finite"
             raise RecalignInputError(
-                f"non-numeric {what or col} {shown}",
+                f"{kind} {what or col} {shown}",
                 source=self.source,
                 line=self.line_of_row(row),
                 field=col,
@@ -410,7 +418,20 @@ class DelimitedTable:
 
 
 def to_seconds(ts: pd.Series, unit: str, source: str) -> np.ndarray:
-    """Integer seconds from numbers in ``unit`` (``"s"`` or ``"ms"``)."""
+    """Integer seconds from numbers in ``unit`` (``"s"`` or ``"ms"``).
+
+    Values outside the int64 range (or not finite) are an error: numpy would cast them silently to
+    -2**63, which sorts first in every user's history.
+    """
+    x = ts.to_numpy(dtype="float64")
+    out = ~(np.abs(x) < 2.0**63)
+    if out.any():
+        row = int(np.flatnonzero(out)[0])
+        raise RecalignInputError(
+            f"timestamp {x[row]:g} in data row {row + 1} is out of range",
+            source=source,
+            field="timestamp",
+        )
     if unit == "s":
         return np.floor(ts.to_numpy(dtype="float64")).astype("int64")
     if unit == "ms":
@@ -711,7 +732,7 @@ def load_parquet(
 
     def numeric(col: str, what: str) -> pd.Series:
         vals = pd.to_numeric(df[col], errors="coerce")
-        bad = vals.isna().to_numpy()
+        bad = ~np.isfinite(vals.to_numpy(dtype="float64", na_value=np.nan))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise RecalignInputError(
