@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from _lm_tiny import widen_embeddings
 from transformers import TrainerCallback
 
 from recalign.errors import RecalignInputError
@@ -58,6 +59,7 @@ def naive_nll(model, batch):
 
 def fresh_model(tok):
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    widen_embeddings(model)
     return attach_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
 
 

@@ -1,0 +1,259 @@
+"""Supervised fine-tuning (SFT): teach the LM to answer the candidate prompt with the target's title.
+
+Objective: the negative log-likelihood of the target title (plus the end-of-turn token) given the
+candidate prompt, on answer tokens only, averaged over the answer tokens of the batch. It is computed
+through :func:`recalign.lm.scoring.answer_logprobs` with one answer per prompt, so
+
+- prompt and answer are tokenised by the one rule every stage uses (``encode_prompt`` /
+  ``encode_answer``): the preference stage later starts from exactly the inputs SFT trained on;
+- only answer positions go through the LM head. With SmolLM2's 49k-word vocabulary the head is the
+  dominant CPU cost if applied to all ~450 prompt positions, and prompt positions carry no loss anyway.
+
+Few-shot by default (as DMPO's and LLaRA's low-resource settings): ``n_train`` training examples are
+sampled with the seed from the split's training stage; ``eval.n_test`` test examples, sampled the same
+way, are evaluated after training.
+
+Outputs in the run directory::
+
+    config.yaml          resolved config (reproduces the run)
+    adapter/             adapter_model.safetensors, adapter_config.json, recalign_adapter.json
+    checkpoints/         checkpoint-N (adapter + optimizer/scheduler/RNG state), trainer_state.json
+    metrics.json         {"metrics": {"candidates/HR@1": ...}, "run": {method, model, steps, ...}}
+    records.json         {"records": [...]} in the quality-results shape
+
+Resuming is explicit: ``--resume`` (``training.resume=true``) continues from the last checkpoint;
+without it, a run directory that already holds checkpoints is refused (one-line error, exit 2).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from recalign.cli.cmd_data import DataPrepareConfig
+from recalign.config import cfg_field, config_to_dict, read_yaml, save_config
+from recalign.errors import RecalignInputError
+from recalign.evaluation.records import ResultRecord, current_command, write_records
+from recalign.io import atomic_write_json
+from recalign.lm.lora import LoRAConfig
+from recalign.methods import PreparedData, load_data, sample_examples
+from recalign.methods.zeroshot import EvalConfig, evaluate_lm, metric_keys_flat
+from recalign.training.config import TrainingConfig
+
+
+def _default_data() -> DataPrepareConfig:
+    return DataPrepareConfig(split="llara")
+
+
+def _default_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=10)
+
+
+@dataclass
+class SFTConfig:
+    """``recalign sft``: few-shot LoRA SFT of a causal LM on next-item prompts, then evaluation."""
+
+    model: str = cfg_field(
+        "smollm2", "base model: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir"
+    )
+    method: str = cfg_field("sft", "method name written into result records")
+    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=_default_data)
+    n_train: int = cfg_field(256, "training examples sampled from the train stage (<= 0: all of them)")
+    max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
+    seed: int = cfg_field(
+        0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
+    )
+    scoring_impl: str = cfg_field("packed", "shared-prefix implementation for the loss: packed or kv")
+    lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
+    training: TrainingConfig = cfg_field(
+        help="optimisation and checkpoints", default_factory=_default_training
+    )
+    eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if self.scoring_impl not in ("packed", "kv"):
+            raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
+        if self.max_history < 1:
+            raise RecalignInputError("must be >= 1", field="max_history")
+        if not self.lora.enabled:
+            raise RecalignInputError(
+                "SFT trains an adapter; use `recalign evaluate` for zero-shot", field="lora.enabled"
+            )
+        self.data.validate()
+        self.lora.validate()
+        self.training.validate()
+        self.eval.validate()
+
+
+class SFTObjective:
+    """Mean answer-token NLL of each prompt's answer(s) -- usually one: the target title.
+
+    ``batch`` is :class:`~recalign.training.data.PromptAnswerCollator`'s output with ``prompt``
+    (token ids per example) and ``answers`` (a list of answers per example).
+    """
+
+    def __init__(self, impl: str = "packed") -> None:
+        self.impl = impl
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        from recalign.lm.scoring import answer_logprobs
+
+        scores = answer_logprobs(model, batch["prompt"], batch["answers"], impl=self.impl)
+        logp = torch.where(scores.mask, scores.sum, torch.zeros_like(scores.sum))
+        n_tokens = scores.n_tokens.sum().clamp(min=1)
+        loss = -logp.sum() / n_tokens
+        return loss, {"nll": loss.detach(), "answer_tokens": n_tokens.float() / len(batch["prompt"])}
+
+
+def sft_examples(tokenizer, dataset, frame: pd.DataFrame, seed: int, max_history: int) -> list[dict]:
+    """Tokenised ``{"prompt": ids, "answers": [target ids]}`` per row of a split stage."""
+    from recalign.lm.prompts import encode_answer, encode_prompt, examples_to_prompts
+
+    prompts = examples_to_prompts(dataset, frame, seed=seed, max_history=max_history)
+    return [
+        {"prompt": encode_prompt(tokenizer, p.prompt), "answers": [encode_answer(tokenizer, p.target)]}
+        for p in prompts
+    ]
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    adapter_dir: Path
+    records: list[ResultRecord]
+    metrics: dict
+    train_steps: int
+    train_loss: float
+    train_seconds: float
+    resumed_from: str | None = None
+    log_history: list[dict] = field(default_factory=list, repr=False)
+
+
+def _check_config_matches(cfg: SFTConfig, path: Path) -> None:
+    """On resume, warn when the saved config's training-relevant parts differ from the current one."""
+    if not path.is_file():
+        return
+    old = read_yaml(path)
+    new = config_to_dict(cfg)
+    for key in ("model", "data", "n_train", "seed", "lora", "max_history"):
+        if old.get(key) != new.get(key):
+            raise RecalignInputError(
+                f"'{key}' differs from the run being resumed ({old.get(key)!r} vs {new.get(key)!r}); "
+                "resume with the same settings or use another --output",
+                source=path,
+            )
+
+
+def run_sft(
+    cfg: SFTConfig,
+    output_dir: str | Path,
+    *,
+    data: PreparedData | None = None,
+    test_examples: pd.DataFrame | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> SFTResult:
+    """Train a LoRA adapter by SFT and evaluate it; see the module docstring for the outputs.
+
+    Args:
+        data: an already prepared dataset/split (the quickstart shares one across stages); loaded from
+            ``cfg.data`` when omitted.
+        test_examples: the evaluation rows (default: ``eval.n_test`` rows of the test stage, seeded).
+        command: the command line recorded in results (default: this process's argv).
+    """
+    from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
+    from recalign.training import find_resume_checkpoint, train
+
+    cfg.validate()
+    out = Path(output_dir)
+    command = command if command is not None else current_command()
+    ckpt_dir = out / "checkpoints"
+    # Fail fast (before loading anything) if the directory holds another run's checkpoints.
+    find_resume_checkpoint(ckpt_dir, cfg.training.resume)
+    if cfg.training.resume:
+        _check_config_matches(cfg, out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    data = data or load_data(cfg.data)
+    split_name = data.split.name
+    train_frame = sample_examples(data.split.stage("train"), cfg.n_train, cfg.seed, stage="train")
+
+    model, tok, src = load_lm(cfg.model, merge=False, trainable=True)
+    if src.adapter is None:
+        model = attach_lora(model, cfg.lora)
+    trainable, total = count_trainable(model)
+    if progress:
+        print(
+            f"sft: {len(train_frame)} training examples, model {src.label} "
+            f"({trainable:,} trainable of {total:,} parameters)",
+            flush=True,
+        )
+    examples = sft_examples(tok, data.dataset, train_frame, cfg.seed, cfg.max_history)
+    outcome = train(
+        model, examples, SFTObjective(cfg.scoring_impl), cfg.training, ckpt_dir, processing_class=None
+    )
+    adapter_dir = save_adapter(
+        model,
+        out / "adapter",
+        base_model=src.base,
+        extra={"method": cfg.method, "seed": cfg.seed, "max_history": cfg.max_history},
+    )
+
+    records: list[ResultRecord] = []
+    if cfg.eval.n_test != 0:
+        if test_examples is None:
+            test_examples = sample_examples(
+                data.split.stage(cfg.eval.stage), cfg.eval.n_test, cfg.seed, stage=cfg.eval.stage
+            )
+        model = model.merge_and_unload()  # adapter already saved; merged weights score faster
+        records = evaluate_lm(
+            model,
+            tok,
+            data.dataset,
+            test_examples,
+            method=cfg.method,
+            split_name=split_name,
+            cfg=cfg.eval,
+            seed=cfg.seed,
+            max_history=cfg.max_history,
+            command=command,
+            progress=progress,
+            extra={"model": str(out), "n_train": len(train_frame), "train_steps": outcome.global_step},
+        )
+        write_records(out / "records.json", records)
+    metrics = {
+        "metrics": metric_keys_flat(records),
+        "run": {
+            "method": cfg.method,
+            "model": cfg.model,
+            "dataset": data.dataset.name,
+            "split": split_name,
+            "n_train": len(train_frame),
+            "n_test": len(test_examples) if test_examples is not None else 0,
+            "train_steps": outcome.global_step,
+            "train_loss": outcome.train_loss,
+            "train_seconds": round(outcome.seconds, 2),
+            "trainable_parameters": trainable,
+            "resumed_from": str(outcome.resumed_from) if outcome.resumed_from else None,
+            "seed": cfg.seed,
+            "command": command,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return SFTResult(
+        output_dir=out,
+        adapter_dir=adapter_dir,
+        records=records,
+        metrics=metrics,
+        train_steps=outcome.global_step,
+        train_loss=outcome.train_loss,
+        train_seconds=outcome.seconds,
+        resumed_from=str(outcome.resumed_from) if outcome.resumed_from else None,
+        log_history=outcome.log_history,
+    )
