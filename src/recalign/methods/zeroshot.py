@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from recalign.config import cfg_field
 from recalign.data.dataset import RecDataset
 from recalign.errors import RecalignInputError
-from recalign.evaluation.records import ResultRecord
+from recalign.evaluation.records import ResultRecord, write_records
+from recalign.io import atomic_write_json
+from recalign.methods import PreparedData, load_data, sample_examples
 
 LM_PROTOCOLS = ("candidates", "generation", "full")
 
@@ -180,3 +183,73 @@ def run_zeroshot(
         progress=progress,
         extra={"model": src.label},
     )
+
+
+def evaluate_saved_model(
+    model: str,
+    data_cfg,
+    *,
+    cfg: EvalConfig | None = None,
+    seed: int = 0,
+    method: str | None = None,
+    output_dir: str | Path | None = None,
+    data: PreparedData | None = None,
+    command: str = "",
+    progress: bool = True,
+) -> list[ResultRecord]:
+    """Evaluate any ``--model`` (base name/path, adapter dir or run dir) on a split; the API of
+    ``recalign evaluate``.
+
+    The method name, prompt seed and history length default to what the adapter was trained with
+    (``recalign_adapter.json``), else ``zeroshot`` / ``seed`` / 10. With ``output_dir``, writes
+    ``records.json`` and ``metrics.json`` there.
+    """
+    import json
+
+    from recalign.lm.lora import ADAPTER_META, load_lm
+
+    cfg = cfg or EvalConfig()
+    cfg.validate()
+    model_obj, tok, src = load_lm(model)
+    meta = {}
+    if src.adapter is not None and (src.adapter / ADAPTER_META).is_file():
+        meta = json.loads((src.adapter / ADAPTER_META).read_text(encoding="utf-8"))
+    method = method or meta.get("method") or ("zeroshot" if src.adapter is None else "lm")
+    prompt_seed = int(meta.get("seed", seed))
+    max_history = int(meta.get("max_history", 10))
+    data = data or load_data(data_cfg)
+    examples = sample_examples(data.split.stage(cfg.stage), cfg.n_test, seed, stage=cfg.stage)
+    records = evaluate_lm(
+        model_obj,
+        tok,
+        data.dataset,
+        examples,
+        method=method,
+        split_name=data.split.name,
+        cfg=cfg,
+        seed=prompt_seed,
+        max_history=max_history,
+        command=command,
+        progress=progress,
+        extra={"model": src.label, "stage": cfg.stage},
+    )
+    if output_dir is not None:
+        out = Path(output_dir)
+        write_records(out / "records.json", records)
+        atomic_write_json(
+            out / "metrics.json",
+            {
+                "metrics": metric_keys_flat(records),
+                "run": {
+                    "method": method,
+                    "model": str(model),
+                    "dataset": data.dataset.name,
+                    "split": data.split.name,
+                    "stage": cfg.stage,
+                    "n_test": len(examples),
+                    "seed": seed,
+                    "command": command,
+                },
+            },
+        )
+    return records
