@@ -45,10 +45,12 @@ __all__ = [
     "ReferenceLogprobs",
     "adapter_disabled",
     "cache_key",
+    "cached_reference_logprobs",
     "load_reference_cache",
     "model_fingerprint",
     "precompute_reference_logprobs",
     "reference_answer_logprobs",
+    "tokenize_preference_data",
 ]
 
 #: Bumped whenever what is stored (or how the key is formed) changes, so stale caches simply miss.
@@ -258,6 +260,32 @@ def precompute_reference_logprobs(
         :class:`ReferenceLogprobs`; ``from_cache`` tells whether the file was reused.
     """
     prompts, answers = tokenize_preference_data(tokenizer, pref_data)
+    return cached_reference_logprobs(
+        model,
+        prompts,
+        answers,
+        cache_dir,
+        batch_size=batch_size,
+        impl=impl,
+        progress=progress,
+        fingerprint=fingerprint,
+    )
+
+
+def cached_reference_logprobs(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[Sequence[int]]],
+    cache_dir: str | Path | None,
+    *,
+    batch_size: int = 8,
+    impl: str = "packed",
+    progress: bool = False,
+    fingerprint: str | None = None,
+) -> ReferenceLogprobs:
+    """:func:`precompute_reference_logprobs` on token ids (prompts ``[n]``, answers ``[n][A]``)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
     fp = fingerprint or model_fingerprint(model)
     key = cache_key(fp, prompts, answers)
     if cache_dir is not None:
@@ -265,7 +293,7 @@ def precompute_reference_logprobs(
         if hit is not None:
             return hit
     logprobs, n_tokens, mask = _score(
-        model, prompts, answers, batch_size=batch_size, impl=impl, progress=progress
+        model, list(prompts), list(answers), batch_size=batch_size, impl=impl, progress=progress
     )
     ref = ReferenceLogprobs(logprobs=logprobs, n_tokens=n_tokens, mask=mask, key=key)
     if cache_dir is not None:
