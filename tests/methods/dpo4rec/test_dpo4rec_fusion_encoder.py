@@ -59,7 +59,11 @@ def _toy_data(n_users=40, seed=0):
 def test_one_training_step_changes_fusion_parameters_and_lowers_the_loss():
     hist, emb, tgt, _ = _toy_data()
     rec = AugmentedRecommender(
-        _backbone(), max_len=8, text_dim=TEXT_DIM, config=FusionConfig(text_dropout=0.0), threads=1
+        _backbone(),
+        max_len=8,
+        text_dim=TEXT_DIM,
+        config=FusionConfig(text_dropout=0.0, item_text=False),
+        threads=1,
     )
     before = {k: v.clone() for k, v in rec.model.state_dict().items()}
     text, targets = torch.as_tensor(emb), torch.as_tensor(tgt)
@@ -81,7 +85,9 @@ def test_one_training_step_changes_fusion_parameters_and_lowers_the_loss():
 
 def test_fit_learns_a_text_signal_and_scores_candidates(tmp_path):
     hist, emb, tgt, groups = _toy_data()
-    cfg = FusionConfig(epochs=60, lr=1e-2, holdout_fraction=0.25, text_dropout=0.0, batch_size=16)
+    cfg = FusionConfig(
+        epochs=60, lr=1e-2, holdout_fraction=0.25, text_dropout=0.0, batch_size=16, item_text=False
+    )
     rec = AugmentedRecommender(_backbone(), max_len=8, text_dim=TEXT_DIM, config=cfg, threads=1).fit(
         hist, emb, tgt, groups
     )
@@ -102,13 +108,40 @@ def test_fit_learns_a_text_signal_and_scores_candidates(tmp_path):
 
 def test_unfrozen_backbone_is_trained_too():
     hist, emb, tgt, groups = _toy_data(n_users=8)
-    cfg = FusionConfig(epochs=2, freeze_backbone=False, holdout_fraction=0.0)
+    cfg = FusionConfig(epochs=2, freeze_backbone=False, holdout_fraction=0.0, item_text=False)
     backbone = _backbone()
     rec = AugmentedRecommender(backbone, max_len=8, text_dim=TEXT_DIM, config=cfg, threads=1).fit(
         hist, emb, tgt, groups
     )
     assert not torch.equal(rec.model.backbone.item_emb.weight, backbone.item_emb.weight)
     assert rec.fit_info["best_holdout_loss"] is None  # no hold-out: all epochs are kept
+
+
+def test_item_text_match_starts_at_zero_and_learns_a_positive_weight():
+    """Items 10..13 have the text of cluster 0..3: the summary-to-item-text match alone predicts the target."""
+    hist, emb, tgt, groups = _toy_data()
+    rng = np.random.default_rng(1)
+    item_text = rng.normal(size=(N_ITEMS, TEXT_DIM)).astype(np.float32)
+    centers = np.stack([emb[tgt == 10 + c].mean(0) for c in range(4)])
+    item_text[10:14] = centers
+    item_text /= np.linalg.norm(item_text, axis=1, keepdims=True)
+    cfg = FusionConfig(epochs=30, lr=1e-3, holdout_fraction=0.0, text_dropout=0.0, text_match_lr=0.1)
+    with pytest.raises(ValueError, match="item text"):
+        AugmentedRecommender(_backbone(), max_len=8, text_dim=TEXT_DIM, config=cfg)
+    rec = AugmentedRecommender(
+        _backbone(), max_len=8, text_dim=TEXT_DIM, config=cfg, item_text=item_text, threads=1
+    )
+    cands = np.stack([[10, 11, 12, 13, 0]] * len(tgt))
+    plain = AugmentedRecommender(
+        _backbone(), max_len=8, text_dim=TEXT_DIM, config=FusionConfig(item_text=False), threads=1
+    )
+    # at initialisation the text match contributes nothing
+    np.testing.assert_allclose(
+        rec.score_candidates(hist, emb, cands), plain.score_candidates(hist, emb, cands), rtol=1e-5, atol=1e-6
+    )
+    rec.fit(hist, emb, tgt, groups)
+    assert rec.fit_info["text_match"] > 1.0
+    assert (rec.score_candidates(hist, emb, cands).argmax(1) == tgt - 10).mean() > 0.9
 
 
 def test_hashing_encoder_is_deterministic_normalised_and_cached():

@@ -76,6 +76,12 @@ class FusionConfig:
         "gated",
         "gated: u = h + sigmoid(W_g[h; e]) * W_t e; concat: u = W[h; e] initialised to return h",
     )
+    item_text: bool = cfg_field(
+        True,
+        "also score items by the similarity of the summary to the item's own text (title, year, genres), "
+        "weighted by a learned scalar that starts at 0",
+    )
+    text_match_lr: float = cfg_field(0.05, "Adam learning rate of that scalar weight")
     freeze_backbone: bool = cfg_field(
         True, "keep the pretrained SASRec fixed and train only the fusion layer (few summaries exist)"
     )

@@ -9,7 +9,13 @@ embedding ``e`` (``[E]``, E = 384 for MiniLM) is fused into the user vector, and
   trust the text more for some users (short or ambiguous histories) than for others.
 - ``concat``: ``u = W [h; e] + b``, a linear layer on the concatenation.
 
-Both are initialised so that ``u = h`` exactly (``W_t = 0``; ``W = [I | 0]``): before training, the
+Optionally (``item_text``, on by default) the summary is also matched against each item's own text
+(title, year, genres; embedded by the same sentence encoder): ``score_i = u · v_i + α (e · t_i)`` with a
+learned scalar ``α``. This is the "knowledge" side of the augmentation: a summary that says *horror
+and thrillers* raises horror candidates directly, a relation the model does not have to learn from a
+few hundred examples, and it makes the recommender's judgement of a summary depend on what it says.
+
+All parts are initialised so that the augmented model's scores equal SASRec's exactly (``α = 0`` too) (``W_t = 0``; ``W = [I | 0]``): before training, the
 augmented model *is* the SASRec baseline, and training can only move it away from that when the text
 helps on the training data. With few summaries (hundreds, each costing seconds of LM sampling) this
 matters: a randomly initialised fusion would start worse than the baseline it is compared with.
@@ -79,26 +85,55 @@ class SummaryFusion(nn.Module):
 
 
 class KnowledgeAugmentedSASRec(nn.Module):
-    """A sequence encoder (SASRec's) plus a :class:`SummaryFusion`; scores with the encoder's item table."""
+    """A sequence encoder (SASRec's) plus a :class:`SummaryFusion`; scores with the encoder's item table.
+
+    ``item_text`` (``[n_items, E]``, optional) adds the summary-to-item-text match ``α (e · t_i)``.
+    """
 
     def __init__(
-        self, backbone: SequenceEncoder, text_dim: int, mode: str = "gated", text_dropout: float = 0.0
+        self,
+        backbone: SequenceEncoder,
+        text_dim: int,
+        mode: str = "gated",
+        text_dropout: float = 0.0,
+        item_text: torch.Tensor | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         hidden = int(backbone.item_weight().shape[1])
         self.fusion = SummaryFusion(hidden, text_dim, mode, text_dropout)
+        if item_text is not None:
+            n_items = int(backbone.item_weight().shape[0])
+            if tuple(item_text.shape) != (n_items, text_dim):
+                raise ValueError(f"item_text must be [{n_items}, {text_dim}], got {tuple(item_text.shape)}")
+            self.register_buffer("item_text", item_text.detach().float().clone())
+            self.text_match = nn.Parameter(torch.zeros(()))
+        else:
+            self.item_text = None
+            self.text_match = None
 
     def user_vectors(self, seqs: torch.Tensor, lengths: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` fused representation from padded sequences (internal ids) and text embeddings."""
         return self.fusion(self.backbone.encode(seqs, lengths), text)
 
-    def item_logits(self, users: torch.Tensor) -> torch.Tensor:
-        """``[B, n_items]`` scores of fused user vectors against every item."""
-        return users @ self.backbone.item_weight().T
+    def item_logits(self, users: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, n_items]`` scores of fused user vectors (plus the text match, given ``text``)."""
+        logits = users @ self.backbone.item_weight().T
+        if self.item_text is not None and text is not None:
+            logits = logits + self.text_match * (text @ self.item_text.T)
+        return logits
+
+    def candidate_scores(
+        self, users: torch.Tensor, text: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, C]`` scores of each row's candidates (``candidates``: dataset item indices)."""
+        scores = torch.einsum("nd,ncd->nc", users, self.backbone.item_weight()[candidates])
+        if self.item_text is not None:
+            scores = scores + self.text_match * torch.einsum("ne,nce->nc", text, self.item_text[candidates])
+        return scores
 
     def forward(self, seqs: torch.Tensor, lengths: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.item_logits(self.user_vectors(seqs, lengths, text))
+        return self.item_logits(self.user_vectors(seqs, lengths, text), text)
 
 
 class AugmentedRecommender:
@@ -110,6 +145,8 @@ class AugmentedRecommender:
         max_len: how many recent items the backbone reads (SASRec's ``max_len``).
         text_dim: the sentence-encoder dimension.
         config: fusion mode, optimisation and hold-out settings.
+        item_text: ``[n_items, E]`` embeddings of the items' own text, for the text-match term (used
+            only when ``config.item_text`` is on).
     """
 
     def __init__(
@@ -119,16 +156,22 @@ class AugmentedRecommender:
         text_dim: int,
         config: FusionConfig | None = None,
         *,
+        item_text: np.ndarray | torch.Tensor | None = None,
         threads: int = 0,
         progress: bool = False,
     ) -> None:
         self.config = config or FusionConfig()
+        if self.config.item_text and item_text is None:
+            raise ValueError("config.item_text is on but no item text embeddings were given")
+        item_text_t = (
+            torch.as_tensor(np.asarray(item_text, dtype=np.float32)) if self.config.item_text else None
+        )
         self.max_len = max_len
         self.threads = threads
         self.progress = progress
         with seeded(self.config.seed):
             self.model = KnowledgeAugmentedSASRec(
-                copy.deepcopy(backbone), text_dim, self.config.mode, self.config.text_dropout
+                copy.deepcopy(backbone), text_dim, self.config.mode, self.config.text_dropout, item_text_t
             )
         if self.config.freeze_backbone:
             for p in self.model.backbone.parameters():
@@ -160,7 +203,7 @@ class AugmentedRecommender:
         else:
             seqs, lengths = pad_histories(list(histories), self.max_len)
             users = self.model.user_vectors(seqs, lengths, text)
-        return F.cross_entropy(self.model.item_logits(users), targets)
+        return F.cross_entropy(self.model.item_logits(users, text), targets)
 
     def fit(
         self,
@@ -197,8 +240,14 @@ class AugmentedRecommender:
         best_loss, best_epoch, best_state = np.inf, 0, None
         with torch_threads(self.threads), seeded(cfg.seed):
             fixed = self._backbone_vectors(hist_all) if cfg.freeze_backbone else None
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            match = self.model.text_match
+            params = [p for p in self.model.parameters() if p.requires_grad and p is not match]
+            groups_ = [{"params": params}]
+            if match is not None:
+                # a single scalar multiplying similarities in [-1, 1]: it needs a larger step than the
+                # weight matrices to reach a useful size within a few hundred steps
+                groups_.append({"params": [match], "lr": cfg.text_match_lr, "weight_decay": 0.0})
+            opt = torch.optim.Adam(groups_, lr=cfg.lr, weight_decay=cfg.weight_decay)
             bar = tqdm(range(1, cfg.epochs + 1), desc="fusion", unit="epoch", disable=not self.progress)
             for epoch in bar:
                 self.model.train()
@@ -219,13 +268,15 @@ class AugmentedRecommender:
                     opt.step()
                     total += float(loss.detach()) * len(idx)
                 row = {"epoch": epoch, "loss": total / max(len(order), 1)}
+                if match is not None:
+                    row["text_match"] = float(match.detach())
                 if len(hold_idx):
                     row["holdout_loss"] = self._eval_loss(hist_all, text_all, tgt_all, hold_idx, fixed)
                     if row["holdout_loss"] < best_loss:
                         best_loss, best_epoch = row["holdout_loss"], epoch
                         best_state = copy.deepcopy(self.model.state_dict())
                 history.append(row)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k != "epoch"})
+                bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k != "epoch"}, refresh=False)
             bar.close()
         if best_state is not None:
             self.model.load_state_dict(best_state)
@@ -236,6 +287,9 @@ class AugmentedRecommender:
             "holdout_examples": int(len(hold_idx)),
             "best_epoch": int(best_epoch) if best_state is not None else int(cfg.epochs),
             "best_holdout_loss": float(best_loss) if best_state is not None else None,
+            "text_match": float(self.model.text_match.detach())
+            if self.model.text_match is not None
+            else None,
             "history": history,
         }
         return self
@@ -268,10 +322,10 @@ class AugmentedRecommender:
     ) -> np.ndarray:
         """``[n, C]`` scores of each row's candidates given its history and summary embedding."""
         users = self.user_vectors(histories, embeddings)
-        items = self.model.backbone.item_weight().detach()
+        text = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64))
         with torch.no_grad():
-            return torch.einsum("nd,ncd->nc", users, items[cand]).numpy()
+            return self.model.candidate_scores(users, text, cand).numpy()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:

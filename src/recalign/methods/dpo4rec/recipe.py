@@ -65,6 +65,7 @@ from recalign.methods.dpo4rec.summaries import (
     SummaryRecord,
     build_requests,
     generate_summaries,
+    history_lines,
     read_jsonl,
     write_jsonl,
 )
@@ -219,12 +220,20 @@ def _fusion_inputs(records: list[SummaryRecord], examples: pd.DataFrame, encoder
     return histories, embeddings, targets, candidates
 
 
-def _make_fusion(cfg: DPO4RecConfig, sasrec: SASRec, text_dim: int, progress: bool) -> AugmentedRecommender:
+def item_text_embeddings(dataset: RecDataset, encoder) -> np.ndarray:
+    """``[n_items, E]`` embeddings of every item's own text, written like the summary prompt's lines."""
+    return encoder.encode(history_lines(dataset, np.arange(dataset.n_items), dataset.n_items, True))
+
+
+def _make_fusion(
+    cfg: DPO4RecConfig, sasrec: SASRec, text_dim: int, item_text: np.ndarray | None, progress: bool
+) -> AugmentedRecommender:
     return AugmentedRecommender(
         sasrec.module,
         cfg.sasrec.max_len,
         text_dim,
         cfg.fusion,
+        item_text=item_text if cfg.fusion.item_text else None,
         threads=cfg.threads,
         progress=progress,
     )
@@ -237,6 +246,7 @@ def fusion_stage(
     valid: pd.DataFrame,
     users: dict[int, int],
     encoder,
+    item_text: np.ndarray | None,
     out: Path,
     progress: bool,
 ) -> tuple[dict[int, AugmentedRecommender], AugmentedRecommender, dict]:
@@ -251,7 +261,7 @@ def fusion_stage(
     info: dict[str, dict] = {}
     for n in names:
         path, info_path = fdir / f"{n}.safetensors", fdir / f"{n}.json"
-        m = _make_fusion(cfg, sasrec, encoder.dim, progress)
+        m = _make_fusion(cfg, sasrec, encoder.dim, item_text, progress)
         if path.is_file() and info_path.is_file():
             models[n] = m.load(path)
             info[n] = json.loads(info_path.read_text(encoding="utf-8"))
@@ -498,8 +508,9 @@ def run_dpo4rec(
             max_length=cfg.encoder.max_length,
             hashing_dim=cfg.encoder.hashing_dim,
         )
+        item_text = item_text_embeddings(dataset, encoder) if cfg.fusion.item_text else None
         folds, full, fusion_info = fusion_stage(
-            cfg, sasrec, summaries[0], valid, users, encoder, out, progress
+            cfg, sasrec, summaries[0], valid, users, encoder, item_text, out, progress
         )
         mark("fusion", t0)
 
