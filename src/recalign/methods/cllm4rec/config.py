@@ -34,6 +34,11 @@ class ModelConfig:
         None, "std of the ID-embedding init; null = std of the word embeddings"
     )
     add_bos: bool = cfg_field(True, "start every document with the backbone's BOS token")
+    num_layers: int | None = cfg_field(
+        None,
+        "keep only the first N decoder layers of the frozen backbone (null = all). A compute knob for "
+        "CPU budgets, not part of the paper: step cost is linear in the layers kept",
+    )
 
 
 @dataclass
@@ -110,6 +115,7 @@ class CLLM4RecConfig:
             ("finetune.checkpoint_every", self.finetune.checkpoint_every, 0),
             ("eval.batch_size", self.eval.batch_size, 1),
             ("eval.max_users", self.eval.max_users, 0),
+            ("model.num_layers", self.model.num_layers if self.model.num_layers is not None else 1, 1),
         ]
         for name, value, low in checks:
             if value < low:

@@ -35,10 +35,38 @@ def build_model(
         from recalign.lm.loading import load_model
 
         backbone, base_tokenizer = load_model(cfg.model.backbone)
+    if cfg.model.num_layers is not None:
+        truncate_layers(backbone, cfg.model.num_layers)
     vocab = max(len(base_tokenizer), backbone.get_input_embeddings().weight.shape[0])
     tok = IDTokenizer(base_tokenizer, n_users, n_items, vocab_size=vocab, add_bos=cfg.model.add_bos)
     model = CLLM4RecModel(backbone, n_users, n_items, vocab, init_std=cfg.model.init_std, seed=cfg.seed)
     return model, tok
+
+
+def truncate_layers(backbone, n: int) -> None:
+    """Keep the first ``n`` decoder layers (in place). The final norm and the LM head stay, so hidden
+    states keep their usual scale; only the depth of the frozen computation changes."""
+    from torch import nn
+
+    stack = backbone.base_model
+    name = next(
+        (a for a in ("layers", "h", "blocks") if isinstance(getattr(stack, a, None), nn.ModuleList)), None
+    )
+    if name is None:
+        raise RecalignInputError(
+            f"cannot find the decoder layers of {type(backbone).__name__}", field="model.num_layers"
+        )
+    layers = getattr(stack, name)
+    if n > len(layers):
+        raise RecalignInputError(
+            f"the backbone has only {len(layers)} layers, asked for {n}", field="model.num_layers"
+        )
+    setattr(stack, name, layers[:n])
+    for cfg_name in ("num_hidden_layers", "n_layer"):
+        if hasattr(backbone.config, cfg_name):
+            setattr(backbone.config, cfg_name, n)
+    if isinstance(getattr(backbone.config, "layer_types", None), list):
+        backbone.config.layer_types = backbone.config.layer_types[:n]
 
 
 def recent_unique(history: np.ndarray, k: int) -> list[int]:

@@ -1,0 +1,258 @@
+"""The three CLI stages as plain functions over a run directory (the CLI is a thin shell around them).
+
+Run directory layout::
+
+    config.yaml             resolved config (checked on every later stage: a different run may not
+                            silently continue in the same directory)
+    checkpoints/<stage>/    state.json + state-<step>.safetensors while a stage is running
+    pretrain.safetensors    ID tables after pretraining        (+ pretrain_log.json)
+    model.safetensors       ID tables after fine-tuning        (+ finetune_log.json)
+    progress.jsonl          one line per optimiser step, appended as training goes (tail -f friendly)
+    metrics.json            {protocol: metrics} of the last evaluation
+    records.json            {"records": [...]} in the shared quality shape
+
+Every stage resumes: a finished stage is skipped, an interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from recalign.config import config_to_dict, save_config
+from recalign.data.dataset import RecDataset
+from recalign.data.splits import Split, build_split
+from recalign.errors import RecalignInputError
+from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
+from recalign.evaluation.records import ResultRecord, current_command, write_records
+from recalign.io import atomic_write_json
+from recalign.methods.cllm4rec.config import CLLM4RecConfig
+from recalign.methods.cllm4rec.model import CLLM4RecModel
+from recalign.methods.cllm4rec.protocol import HOLDOUT_SPLIT, evaluate_multi_target, holdout_split
+from recalign.methods.cllm4rec.recommender import CLLM4RecRecommender, build_model
+from recalign.methods.cllm4rec.training import StageResult, TrainingData, run_stage
+from recalign.methods.cllm4rec.vocab import IDTokenizer
+
+# Sections of the config that define the trained tables; a stage refuses a directory whose saved
+# config differs in one of them (evaluation options and the method label may change freely).
+_STAGE_SECTIONS = {
+    "pretrain": ("seed", "data", "model", "pretrain"),
+    "finetune": ("seed", "data", "model", "pretrain", "finetune"),
+    "evaluate": ("seed", "data", "model", "pretrain", "finetune"),
+}
+
+
+def load_data(cfg: CLLM4RecConfig) -> tuple[RecDataset, Split]:
+    from recalign.data.loaders import load_dataset
+
+    dataset = (
+        load_dataset(cfg.data.dataset, cfg.data.path) if cfg.data.path else load_dataset(cfg.data.dataset)
+    )
+    if cfg.data.split == HOLDOUT_SPLIT:
+        split = holdout_split(dataset, cfg.data.holdout_ratio, seed=cfg.data.split_seed)
+    else:
+        split = build_split(dataset, cfg.data.split, seed=cfg.data.split_seed)
+    return dataset, split
+
+
+def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
+    """Create ``output``, refuse it if it holds a run with different training settings, save the config."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        now = config_to_dict(cfg)
+        for key in _STAGE_SECTIONS[stage]:
+            if key in saved and saved[key] != now[key]:
+                raise RecalignInputError(
+                    f"'{key}' differs from the run already in this directory; use a new --output "
+                    "(or the same settings to resume)",
+                    source=saved_path,
+                )
+    save_config(cfg, saved_path)
+    return out
+
+
+def _progress_logger(out: Path):
+    path = out / "progress.jsonl"
+
+    def log(rec: dict) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    return log
+
+
+def _model(cfg: CLLM4RecConfig, dataset: RecDataset, backbone=None, base_tokenizer=None):
+    return build_model(cfg, dataset.n_users, dataset.n_items, backbone, base_tokenizer)
+
+
+def _train(
+    cfg: CLLM4RecConfig,
+    output: str | Path,
+    stage: str,
+    backbone=None,
+    base_tokenizer=None,
+    stop_after: int | None = None,
+) -> StageResult | None:
+    out = prepare_dir(cfg, output, stage)
+    final = out / ("pretrain.safetensors" if stage == "pretrain" else "model.safetensors")
+    if final.is_file():
+        print(f"{stage}: already complete in {out} ({final.name}); nothing to do")
+        return None
+    dataset, split = load_data(cfg)
+    model, tok = _model(cfg, dataset, backbone, base_tokenizer)
+    if stage == "finetune":
+        init = out / "pretrain.safetensors"
+        if not init.is_file():
+            raise RecalignInputError(
+                "no pretrain.safetensors here: run 'recalign cllm4rec pretrain' first", source=out
+            )
+        model.load_tables(init)
+    data = TrainingData.build(tok, dataset, split.train_sequences(dataset))
+    result = run_stage(
+        model,
+        data,
+        cfg,
+        stage,
+        out / "checkpoints" / stage,
+        stop_after=stop_after,
+        log_fn=_progress_logger(out),
+    )
+    if result.completed:
+        model.save_tables(final)
+        atomic_write_json(
+            out / f"{stage}_log.json",
+            {"stage": stage, "steps": result.steps, "seconds": result.seconds, "log": result.log},
+        )
+    return result
+
+
+def pretrain(cfg: CLLM4RecConfig, output: str | Path, **kw) -> StageResult | None:
+    """Mutually-regularised collaborative + content LM pretraining of the ID tables."""
+    return _train(cfg, output, "pretrain", **kw)
+
+
+def finetune(cfg: CLLM4RecConfig, output: str | Path, **kw) -> StageResult | None:
+    """Masked-history recommendation fine-tuning, starting from ``pretrain.safetensors``."""
+    return _train(cfg, output, "finetune", **kw)
+
+
+def load_recommender(
+    cfg: CLLM4RecConfig, output: str | Path, dataset: RecDataset, backbone=None, base_tokenizer=None
+) -> CLLM4RecRecommender:
+    tables = Path(output) / "model.safetensors"
+    if not tables.is_file():
+        raise RecalignInputError("no model.safetensors here: run pretrain and finetune first", source=output)
+    model, tok = _model(cfg, dataset, backbone, base_tokenizer)
+    model.load_tables(tables)
+    return CLLM4RecRecommender(cfg, model=model, tokenizer=tok)
+
+
+def evaluate_recommender(
+    rec,
+    split: Split,
+    stage: str = "test",
+    max_examples: int = 0,
+    method: str | None = None,
+    command: str | None = None,
+    seed: int = 0,
+    extra: dict | None = None,
+    fit_seconds: float = 0.0,
+) -> list[ResultRecord]:
+    """Records of any Recommender on ``split``: multi-target full ranking on the hold-out split,
+    single-target full ranking (HR/NDCG@K) plus 20-candidate ranking on the shared next-item splits.
+
+    ``seconds`` of a record is ``fit_seconds`` (training time, passed by the caller) plus the time of
+    that record's own evaluation; both parts are also in ``extra``.
+    """
+    examples = split.stage(stage)
+    if max_examples:
+        examples = examples.iloc[:max_examples]
+    method = method or rec.name
+    command = command if command is not None else current_command()
+    base = {"dataset": split.dataset, "split": split.name, "method": method, "seed": seed, "command": command}
+    records = []
+    extra = {"fit_seconds": round(fit_seconds, 1), **(extra or {})}
+
+    def record(protocol: str, metrics: dict, n: int, t0: float, more: dict) -> ResultRecord:
+        ev = time.time() - t0
+        return ResultRecord(
+            protocol=protocol,
+            metrics=metrics,
+            n_examples=n,
+            seconds=round(fit_seconds + ev, 1),
+            extra={**more, **extra, "eval_seconds": round(ev, 1)},
+            **base,
+        )
+
+    t = time.time()
+    if split.name == HOLDOUT_SPLIT:
+        examples = examples[[len(x) > 0 for x in examples["targets"]]]
+        m = evaluate_multi_target(rec, examples, ks=(10, 20, 40, 100))
+        more = {
+            "targets": f"held-out set: {split.notes[0]}; seen items excluded",
+            "recall": "hits@K / min(K, |targets|)",
+            "ndcg": "binary gain 1/log2(rank+1), IDCG over min(K, |targets|) positions",
+        }
+        records.append(record("full", m, len(examples), t, more))
+        return records
+    m = evaluate_full(rec, examples, ks=(1, 5, 10, 20))
+    records.append(
+        record("full", m, len(examples), t, {"targets": f"{split.name} {stage} item; history excluded"})
+    )
+    t = time.time()
+    m = evaluate_candidates(rec, examples, ks=(1, 5, 10))
+    more = {"candidates": f"target + {split.n_candidates - 1} seeded unseen items (shared)"}
+    records.append(record("candidates", m, len(examples), t, more))
+    return records
+
+
+def evaluate(
+    cfg: CLLM4RecConfig, output: str | Path, backbone=None, base_tokenizer=None
+) -> list[ResultRecord]:
+    """Score the fine-tuned tables on the split's test (or valid) stage; write metrics.json + records.json."""
+    out = prepare_dir(cfg, output, "evaluate")
+    dataset, split = load_data(cfg)
+    rec = load_recommender(cfg, out, dataset, backbone, base_tokenizer)
+    train_seconds = 0.0
+    for stage in ("pretrain", "finetune"):
+        p = out / f"{stage}_log.json"
+        if p.is_file():
+            train_seconds += float(json.loads(p.read_text()).get("seconds", 0.0))
+    records = evaluate_recommender(
+        rec,
+        split,
+        cfg.eval.stage,
+        cfg.eval.max_users,
+        method=cfg.method,
+        seed=cfg.seed,
+        extra={"backbone": cfg.model.backbone},
+        fit_seconds=train_seconds,
+    )
+    atomic_write_json(out / "metrics.json", {r.protocol: r.metrics for r in records})
+    write_records(out / "records.json", records)
+    return records
+
+
+def describe(model: CLLM4RecModel, tok: IDTokenizer) -> dict:
+    """Sizes for logs: trainable parameters are the four ID tables only."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.backbone.parameters())
+    return {"trainable": trainable, "frozen": frozen, "id_tokens": tok.total_size - tok.vocab_size}
+
+
+__all__ = [
+    "describe",
+    "evaluate",
+    "evaluate_recommender",
+    "finetune",
+    "load_data",
+    "load_recommender",
+    "pretrain",
+    "prepare_dir",
+]
