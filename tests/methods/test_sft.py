@@ -134,3 +134,10 @@ def test_sample_examples_is_seeded_and_stable(env):
     assert a[["user", "position"]].equals(b[["user", "position"]])
     assert not a[["user", "position"]].equals(c[["user", "position"]])
     assert len(sample_examples(train, 0, seed=0, stage="train")) == len(train)
+
+
+def test_partial_nested_override_keeps_recipe_defaults():
+    """``data.seed=1`` must not reset the recipe's ``data.split=llara`` to the class default ``loo``."""
+    cfg = load_config(SFTConfig, overrides=["data.seed=1", "training.max_steps=3"])
+    assert (cfg.data.split, cfg.data.seed) == ("llara", 1)
+    assert (cfg.training.max_steps, cfg.training.learning_rate) == (3, SFTConfig().training.learning_rate)

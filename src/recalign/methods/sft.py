@@ -108,6 +108,12 @@ class SFTObjective:
         loss = -logp.sum() / n_tokens
         return loss, {"nll": loss.detach(), "answer_tokens": n_tokens.float() / len(batch["prompt"])}
 
+    @staticmethod
+    def loss_items(batch: dict) -> int:
+        """Answer tokens the loss averages over: lets the trainer weight micro-batches and processes
+        by their token counts, so accumulation or data parallelism gives the same update as one batch."""
+        return sum(len(a) for answers in batch["answers"] for a in answers)
+
 
 def sft_examples(tokenizer, dataset, frame: pd.DataFrame, seed: int, max_history: int) -> list[dict]:
     """Tokenised ``{"prompt": ids, "answers": [target ids]}`` per row of a split stage."""

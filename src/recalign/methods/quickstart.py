@@ -1,0 +1,327 @@
+"""The quickstart (``make demo``): language models next to classical recommenders on one split, end to end.
+
+One run prepares ML-100K (llara split), draws the test examples once, and evaluates every *stage* on
+exactly those examples and candidate sets:
+
+``baselines``  popularity and SASRec (the baselines package), trained on the split's full training data;
+``zeroshot``   SmolLM2-135M-Instruct as is (candidate scoring + greedy generation);
+``sft``        SmolLM2 after few-shot LoRA SFT on ``n_train`` training examples (:mod:`recalign.methods.sft`).
+
+It then renders the comparison (Markdown table + PNG plot, :mod:`recalign.evaluation.report`) and writes
+every record, in the committed quality-results shape, to ``results.json`` (and to ``results`` if set).
+
+Stages are pluggable: :func:`register_stage` adds one (the preference recipe adds ``sdpo``, which
+starts from the SFT adapter found in ``ctx.artifacts["sft"]``), and ``stages`` in the config chooses
+which run, in order. Each finished stage's records and artifacts are saved under ``stages/NAME.json``;
+with ``--resume`` finished stages are read back instead of recomputed and an interrupted SFT continues
+from its last checkpoint. Without ``--resume`` an output directory holding a previous run is refused.
+
+Budget (2-core CPU): the default sizes (256 training examples, 24 optimiser steps of 8, 200 test
+examples) are chosen so the whole run fits in about 20 minutes; shared-prefix scoring keeps the
+evaluation of 20 candidates per example to about one prompt-length forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from recalign.cli.cmd_data import DataPrepareConfig
+from recalign.config import cfg_field, save_config
+from recalign.errors import RecalignInputError
+from recalign.evaluation.records import ResultRecord, write_records
+from recalign.io import atomic_write_json
+from recalign.lm.lora import LoRAConfig
+from recalign.methods import PreparedData, load_data, sample_examples
+from recalign.methods.zeroshot import EvalConfig
+from recalign.training.config import TrainingConfig
+
+
+def _data() -> DataPrepareConfig:
+    return DataPrepareConfig(split="llara")
+
+
+def _training() -> TrainingConfig:
+    return TrainingConfig(
+        learning_rate=1e-3, max_steps=24, batch_size=8, warmup_steps=2, save_steps=6, logging_steps=2
+    )
+
+
+def _lora() -> LoRAConfig:
+    return LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj"])
+
+
+@dataclass
+class QuickstartConfig:
+    """``recalign quickstart``: zero-shot and SFT SmolLM2 next to popularity and SASRec on one split."""
+
+    model: str = cfg_field("smollm2", "base language model (embedded SmolLM2-135M-Instruct by default)")
+    data: DataPrepareConfig = cfg_field(help="dataset and split", default_factory=_data)
+    stages: list[str] = cfg_field(
+        ["baselines", "zeroshot", "sft"], "stages to run, in order (registered: see register_stage)"
+    )
+    baselines: list[str] = cfg_field(["pop", "sasrec"], "classical baselines of the 'baselines' stage")
+    baseline_overrides: dict[str, dict[str, Any]] = cfg_field(
+        {"sasrec": {"epochs": 12, "patience": 3}},
+        "per-baseline config overrides (SASRec capped to fit the time budget)",
+    )
+    n_train: int = cfg_field(256, "SFT training examples (few-shot), sampled with seed")
+    max_history: int = cfg_field(10, "history items in prompts")
+    seed: int = cfg_field(0, "seed of example sampling and prompt phrasing")
+    lora: LoRAConfig = cfg_field(help="LoRA adapter of the SFT stage", default_factory=_lora)
+    training: TrainingConfig = cfg_field(help="SFT optimisation", default_factory=_training)
+    eval: EvalConfig = cfg_field(
+        help="test examples and protocols shared by every stage", default_factory=EvalConfig
+    )
+    results: str | None = cfg_field(
+        None, "also write the records to this file (e.g. results/sft_ml100k.json)"
+    )
+
+    def validate(self) -> None:
+        _register_builtin()
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise RecalignInputError(
+                f"unknown stage '{unknown[0]}' (registered: {', '.join(STAGES)})", field="stages"
+            )
+        if self.n_train < 1:
+            raise RecalignInputError("must be >= 1", field="n_train")
+        self.data.validate()
+        self.lora.validate()
+        self.training.validate()
+        self.eval.validate()
+
+
+@dataclass
+class QuickstartContext:
+    """What a stage gets: the config, the shared data and test rows, and what earlier stages left."""
+
+    cfg: QuickstartConfig
+    output_dir: Path
+    data: PreparedData
+    test_examples: pd.DataFrame
+    command: str
+    resume: bool = False
+    progress: bool = True
+    records: list[ResultRecord] = field(default_factory=list)
+    #: stage name -> paths or values later stages may use (e.g. "sft" -> the SFT run directory)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.output_dir / name
+
+
+#: A stage returns its records; it may put values in ``ctx.artifacts[name]``.
+Stage = Callable[[QuickstartContext], list[ResultRecord]]
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(name: str) -> Callable[[Stage], Stage]:
+    """Decorator: make ``name`` usable in ``QuickstartConfig.stages``."""
+
+    def deco(fn: Stage) -> Stage:
+        STAGES[name] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------- built-in stages
+def stage_baselines(ctx: QuickstartContext) -> list[ResultRecord]:
+    """Classical baselines fitted on the split's training data, scored on the shared test rows."""
+    from recalign.baselines import load_baseline_config, make_baseline
+    from recalign.config import config_to_dict
+    from recalign.evaluation.protocols import evaluate_candidates
+
+    records = []
+    for method in ctx.cfg.baselines:
+        t0 = time.perf_counter()
+        config = load_baseline_config(method, None, ctx.cfg.baseline_overrides.get(method) or None)
+        model = make_baseline(method, config, progress=ctx.progress)
+        if ctx.progress:
+            print(f"baselines: fitting {method}", flush=True)
+        model.fit(ctx.data.dataset, ctx.data.split)
+        metrics = evaluate_candidates(model, ctx.test_examples)
+        fit_info = {k: v for k, v in getattr(model, "fit_info", {}).items() if k != "history"}
+        records.append(
+            ResultRecord(
+                dataset=ctx.data.dataset.name,
+                split=ctx.data.split.name,
+                protocol="candidates",
+                method=method,
+                metrics=metrics,
+                n_examples=len(ctx.test_examples),
+                seed=ctx.cfg.seed,
+                seconds=round(time.perf_counter() - t0, 2),
+                command=ctx.command,
+                extra={"config": config_to_dict(config), "fit": fit_info},
+            )
+        )
+        if ctx.progress:
+            print(
+                f"{method} [candidates] HR@1={metrics['HR@1']:.4f} NDCG@10={metrics['NDCG@10']:.4f}",
+                flush=True,
+            )
+    return records
+
+
+def stage_zeroshot(ctx: QuickstartContext) -> list[ResultRecord]:
+    from recalign.methods.zeroshot import run_zeroshot
+
+    return run_zeroshot(
+        ctx.cfg.model,
+        ctx.data.dataset,
+        ctx.data.split.name,
+        ctx.test_examples,
+        cfg=ctx.cfg.eval,
+        seed=ctx.cfg.seed,
+        max_history=ctx.cfg.max_history,
+        command=ctx.command,
+        progress=ctx.progress,
+    )
+
+
+def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
+    import copy
+
+    from recalign.methods.sft import SFTConfig, run_sft
+
+    c = ctx.cfg
+    training = copy.deepcopy(c.training)
+    training.resume = ctx.resume
+    training.progress = ctx.progress
+    sft_cfg = SFTConfig(
+        model=c.model,
+        method="sft",
+        data=c.data,
+        n_train=c.n_train,
+        max_history=c.max_history,
+        seed=c.seed,
+        lora=c.lora,
+        training=training,
+        eval=c.eval,
+    )
+    res = run_sft(
+        sft_cfg,
+        ctx.stage_dir("sft"),
+        data=ctx.data,
+        test_examples=ctx.test_examples,
+        command=ctx.command,
+        progress=ctx.progress,
+    )
+    ctx.artifacts["sft"] = str(res.output_dir)
+    return res.records
+
+
+def _register_builtin() -> None:
+    STAGES.setdefault("baselines", stage_baselines)
+    STAGES.setdefault("zeroshot", stage_zeroshot)
+    STAGES.setdefault("sft", stage_sft)
+
+
+_register_builtin()
+
+
+# ---------------------------------------------------------------------- driver
+@dataclass
+class QuickstartResult:
+    records: list[ResultRecord]
+    output_dir: Path
+    table: str
+    plot: Path | None
+    seconds: float
+    stage_seconds: dict[str, float]
+
+
+def _stage_file(out: Path, name: str) -> Path:
+    return out / "stages" / f"{name}.json"
+
+
+#: columns of the quickstart report: ranking quality, plus the generation protocol's conventions
+REPORT_METRICS = ("HR@1", "NDCG@5", "NDCG@10", "HR@1 (valid)", "ValidRatio")
+
+
+def render_report(records: list[ResultRecord], out: Path) -> tuple[str, Path]:
+    """Markdown table + PNG plot through the report module (``report.md`` / ``report.png`` in ``out``)."""
+    from recalign.evaluation.report import write_report
+
+    _, png, table = write_report(records, out, metrics=REPORT_METRICS)
+    return table, png
+
+
+def run_quickstart(
+    cfg: QuickstartConfig,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    command: str = "",
+    progress: bool = True,
+) -> QuickstartResult:
+    """Run the configured stages on shared test rows, then write results and the report."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = Path(output_dir)
+    done = {s: _stage_file(out, s).is_file() for s in cfg.stages}
+    if any(done.values()) and not resume:
+        raise RecalignInputError(
+            "already holds a quickstart run; pass --resume to continue it, or choose another --output",
+            source=out,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    data = load_data(cfg.data)
+    if progress:
+        print(f"data: {data.dataset.name} {data.split.name} split ready in {data.seconds:.0f} s", flush=True)
+    test = sample_examples(data.split.stage(cfg.eval.stage), cfg.eval.n_test, cfg.seed, stage=cfg.eval.stage)
+    ctx = QuickstartContext(
+        cfg=cfg,
+        output_dir=out,
+        data=data,
+        test_examples=test,
+        command=command,
+        resume=resume,
+        progress=progress,
+    )
+    stage_seconds: dict[str, float] = {}
+    for name in cfg.stages:
+        path = _stage_file(out, name)
+        if resume and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            recs = [ResultRecord.from_dict(r, source=str(path)) for r in saved["records"]]
+            ctx.artifacts.update(saved.get("artifacts", {}))
+            if progress:
+                print(f"stage {name}: finished earlier, {len(recs)} records read back", flush=True)
+        else:
+            if progress:
+                print(f"stage {name}: running", flush=True)
+            t0 = time.perf_counter()
+            recs = STAGES[name](ctx)
+            stage_seconds[name] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(
+                path,
+                {
+                    "records": [r.to_dict() for r in recs],
+                    "artifacts": {k: v for k, v in ctx.artifacts.items() if k == name},
+                    "seconds": stage_seconds[name],
+                },
+            )
+        ctx.records.extend(recs)
+
+    records = ctx.records
+    write_records(out / "results.json", records)
+    if cfg.results:
+        write_records(cfg.results, records)
+    table, plot = render_report(records, out)
+    seconds = time.perf_counter() - t_start
+    atomic_write_json(
+        out / "timing.json", {"total_seconds": round(seconds, 1), "stages": stage_seconds, "command": command}
+    )
+    return QuickstartResult(
+        records=records, output_dir=out, table=table, plot=plot, seconds=seconds, stage_seconds=stage_seconds
+    )
