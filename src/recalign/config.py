@@ -134,7 +134,11 @@ def _from_dict(cls: type[T], data: dict, source: str | None, prefix: str = "") -
         raise RecalignInputError(
             f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})", source=source
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {
+        k: _coerce(_from_field_default(fields[k], hints[k], v), hints[k], prefix + k, source)
+        for k, v in data.items()
+    }
     try:
         obj = cls(**kwargs)
     except TypeError as e:
@@ -143,6 +147,21 @@ def _from_dict(cls: type[T], data: dict, source: str | None, prefix: str = "") -
     if callable(validate):
         validate()
     return obj
+
+
+def _from_field_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A partial mapping for a nested config starts from the field's own default instance.
+
+    A recipe may default a nested config to non-class defaults (``default_factory=lambda:
+    DataPrepareConfig(split="llara")``); overriding one key (``data.dataset=ml-1m``) must keep the
+    others at the recipe's defaults, not silently reset them to the nested class's defaults.
+    """
+    factory = f.default_factory  # type: ignore[misc]
+    if isinstance(value, dict) and dataclasses.is_dataclass(tp) and factory is not dataclasses.MISSING:
+        base = factory()
+        if dataclasses.is_dataclass(base):
+            return _deep_merge(config_to_dict(base), value)
+    return value
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -263,16 +282,25 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
-    """One line per field: ``key (type, default): help``; nested configs are expanded."""
+def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per field: ``key (type, default): help``; nested configs are expanded.
+
+    ``defaults`` (an instance of ``cls``) supplies the shown defaults of a nested config whose field
+    has a ``default_factory`` (so ``data.split`` shows the recipe's ``llara``, not the class's ``loo``).
+    """
     lines = []
     hints = _resolve_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe_config(tp, prefix + f.name + "."))
+            nested = getattr(defaults, f.name, None) if defaults is not None else None
+            if nested is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                nested = f.default_factory()  # type: ignore[misc]
+            lines.extend(describe_config(tp, prefix + f.name + ".", nested))
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
