@@ -191,6 +191,7 @@ def run_sft(
 
     model, tok, src = load_lm(cfg.model, merge=False, trainable=True)
     if src.adapter is None:
+        torch.manual_seed(cfg.training.seed)  # adapter init from the run's seed (equal in every process)
         model = attach_lora(model, cfg.lora)
     trainable, total = count_trainable(model)
     if progress:
@@ -203,6 +204,11 @@ def run_sft(
     outcome = train(
         model, examples, SFTObjective(cfg.scoring_impl), cfg.training, ckpt_dir, processing_class=None
     )
+    if not outcome.trainer.args.should_save:
+        # Another process of a distributed run (accelerate launch): the main process alone saves the
+        # adapter, evaluates and writes the results.
+        return SFTResult(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
+                         outcome.train_loss, outcome.seconds)  # fmt: skip
     adapter_dir = save_adapter(
         model,
         out / "adapter",

@@ -12,6 +12,7 @@ from recalign.training.trainer import (
     ObjectiveTrainer,
     TrainOutcome,
     find_resume_checkpoint,
+    is_complete_checkpoint,
     list_checkpoints,
     train,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "TrainOutcome",
     "TrainingConfig",
     "find_resume_checkpoint",
+    "is_complete_checkpoint",
     "list_checkpoints",
     "train",
 ]

@@ -98,6 +98,21 @@ class TrainingConfig:
             gradient_checkpointing=self.gradient_checkpointing,
             dataloader_num_workers=self.num_workers,
             eval_strategy="no",
+            # Explicit CPU when there is no accelerator: under `accelerate launch` / torchrun this is
+            # what makes the processes join one gloo process group instead of training alone.
+            use_cpu=not _accelerator_available(),
         )
         kwargs.update(overrides)
         return TrainingArguments(**kwargs)
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (mps is not None and mps.is_available())
+        or (xpu is not None and xpu.is_available())
+    )

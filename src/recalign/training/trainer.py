@@ -14,12 +14,26 @@ accumulation, and runs unchanged under ``accelerate launch`` (DDP/FSDP/DeepSpeed
 - **resume policy**: :func:`find_resume_checkpoint` picks the last ``checkpoint-N`` of the output
   directory when asked to resume, and refuses to start a fresh run over existing checkpoints (two runs
   interleaving checkpoints in one directory is a silent, hard-to-spot mistake).
+- **complete checkpoints only**: Trainer writes ``checkpoint-N`` file by file, so a run killed while
+  saving leaves a directory that may hold ``trainer_state.json`` (or half of it) without the rest.
+  After every process has written its part, the main process adds ``recalign_checkpoint.json`` with
+  write-then-rename; only checkpoints holding it are resumed from, and old checkpoints are rotated
+  away only after the new one is marked complete.
+- **distributed runs** (``accelerate launch``): the objective runs *inside* the wrapper's forward
+  (DDP/FSDP/DeepSpeed), on the unwrapped model. Objectives call the scoring layer, not
+  ``model.forward``; called on the bare module, DDP would never arm its gradient all-reduce and each
+  process would silently train its own copy. An objective whose loss is a mean over a varying number
+  of items (answer tokens) can say so with ``loss_items(batch)``; the loss is then normalised by the
+  item count of the whole optimiser step over all micro-batches and processes, so 2 processes x
+  batch 2 give the same update as 1 process x batch 4 (and as batch 2 x 2 accumulation steps).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,14 +42,36 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from recalign.errors import RecalignInputError
+from recalign.io import atomic_write_json
 from recalign.training.config import TrainingConfig
 from recalign.training.data import PromptAnswerCollator, TokenizedExamples
 
+COMPLETE_MARKER = "recalign_checkpoint.json"
+
 
 class Objective(Protocol):
-    """A training objective: the loss of ``model`` on ``batch`` plus scalar diagnostics to log."""
+    """A training objective: the loss of ``model`` on ``batch`` plus scalar diagnostics to log.
+
+    Optionally it has ``loss_items(batch) -> int``: how many items (e.g. answer tokens) its mean
+    loss averages over; see the module docstring.
+    """
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]: ...
+
+
+@contextmanager
+def _forward_replaced(module: torch.nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
+    """Temporarily make ``module(...)`` call ``fn`` (an instance attribute shadows the class method)."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
 
 
 class ObjectiveTrainer(Trainer):
@@ -57,7 +93,19 @@ class ObjectiveTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ):
-        loss, logs = self.objective(model, inputs)
+        inner = getattr(model, "module", None)  # DDP / FSDP / DeepSpeed wrap the model as .module
+        if isinstance(inner, torch.nn.Module) and inner is not model:
+            # Through the wrapper's forward, so that its backward hooks (gradient sync) are armed.
+            with _forward_replaced(inner, lambda *_a, **_k: self.objective(inner, inputs)):
+                loss, logs = model()
+        else:
+            loss, logs = self.objective(model, inputs)
+        count = getattr(self.objective, "loss_items", None)
+        if count is not None and num_items_in_batch is not None and model.training:
+            # This micro-batch's share of the step's item-weighted mean; Trainer then divides by the
+            # accumulation steps and DDP averages over processes, which the factors undo.
+            share = count(inputs) / float(num_items_in_batch)
+            loss = loss * (share * self.current_gradient_accumulation_steps * self.args.world_size)
         if model.training:
             for k, v in (logs or {}).items():
                 val = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
@@ -65,11 +113,50 @@ class ObjectiveTrainer(Trainer):
                 self._diag_counts[k] = self._diag_counts.get(k, 0) + 1
         return (loss, {"logs": logs}) if return_outputs else loss
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """Items the objective's loss averages over, summed over the step's micro-batches and processes."""
+        count = getattr(self.objective, "loss_items", None)
+        if count is None or not batch_samples:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        n = torch.tensor(float(sum(count(b) for b in batch_samples)), device=device)
+        if self.args.world_size > 1:
+            n = self.accelerator.reduce(n, reduction="sum")
+        return n
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, then the completeness marker, then rotation of older checkpoints."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation before the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = Path(self._get_output_dir(trial=trial))
+        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG state, ...)
+        if self.args.should_save:
+            files = sorted(p.name for p in ckpt.iterdir() if p.name != COMPLETE_MARKER)
+            atomic_write_json(
+                ckpt / COMPLETE_MARKER,
+                {"global_step": self.state.global_step, "world_size": self.args.world_size, "files": files},
+            )
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (those with a "loss") get the mean of each diagnostic since the last log.
         if "loss" in logs and self._diag_counts:
-            for k, s in self._diag_sums.items():
-                logs.setdefault(k, round(s / self._diag_counts[k], 6))
+            keys = sorted(self._diag_sums)
+            means = [self._diag_sums[k] / self._diag_counts[k] for k in keys]
+            if self.args.world_size > 1:
+                # Every process logs at the same steps (Trainer gathers the loss here too), and the
+                # objective logs the same keys each call: average the diagnostics over processes.
+                t = torch.tensor(means, dtype=torch.float64, device=self.args.device)
+                means = self.accelerator.reduce(t, reduction="mean").tolist()
+            for k, m in zip(keys, means):
+                logs.setdefault(k, round(m, 6))
             self._diag_sums.clear()
             self._diag_counts.clear()
         super().log(logs, start_time)
@@ -102,24 +189,29 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A checkpoint every process finished writing (marker written last, atomically)."""
+    return (Path(path) / COMPLETE_MARKER).is_file() and (Path(path) / "trainer_state.json").is_file()
+
+
 def find_resume_checkpoint(directory: str | Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run.
 
-    - ``resume=True``: the last complete checkpoint (one with ``trainer_state.json``), or None when
-      there is none yet (so ``--resume`` is safe on a first run: it simply starts).
-    - ``resume=False`` and checkpoints exist: a one-line input error telling the user to pass
-      ``--resume`` or pick another output directory.
+    - ``resume=True``: the last complete checkpoint (:func:`is_complete_checkpoint`; a directory left
+      half-written by a killed run is skipped), or None when there is none yet (so ``--resume`` is
+      safe on a first run: it simply starts).
+    - ``resume=False`` and any checkpoint directory exists: a one-line input error telling the user
+      to pass ``--resume`` or pick another output directory.
     """
-    ckpts = [p for p in list_checkpoints(directory) if (p / "trainer_state.json").is_file()]
-    if not ckpts:
-        return None
-    if not resume:
+    found = list_checkpoints(directory)
+    if found and not resume:
         raise RecalignInputError(
-            f"already holds checkpoints (last: {ckpts[-1].name}); pass --resume (training.resume=true) "
+            f"already holds checkpoints (last: {found[-1].name}); pass --resume (training.resume=true) "
             "to continue from it, or choose another output directory",
             source=directory,
         )
-    return ckpts[-1]
+    ckpts = [p for p in found if is_complete_checkpoint(p)]
+    return ckpts[-1] if ckpts else None
 
 
 @dataclass
@@ -157,6 +249,13 @@ def train(
     resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
     data = examples if isinstance(examples, TokenizedExamples) else TokenizedExamples(examples)
     args = cfg.to_arguments(checkpoint_dir, **argument_overrides)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != args.world_size:
+        # e.g. an accelerate config whose launcher started N processes that each train alone
+        raise RuntimeError(
+            f"launched as {launched} processes but training is set up for {args.world_size}: "
+            "every process would train its own copy of the model"
+        )
     trainer = ObjectiveTrainer(
         model=model,
         args=args,
