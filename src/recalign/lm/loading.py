@@ -80,6 +80,7 @@ def convert_smollm2(target: Path | None = None) -> Path:
         raise RuntimeError(f"GGUF conversion mismatch: missing={bad[:3]} unexpected={unexpected[:3]}")
     if plain.config.tie_word_embeddings:
         plain.tie_weights()
+    _drop_gguf_leftovers(plain)  # the cache holds float weights: no GGUF record in its config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
@@ -131,8 +132,25 @@ def load_model(
         )
     except OSError as e:
         raise RecalignInputError(f"cannot load model: {str(e).splitlines()[0]}", source=name) from None
+    _drop_gguf_leftovers(model)
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     return model, tok
+
+
+def _drop_gguf_leftovers(model: PreTrainedModel) -> None:
+    """Forget a ``quant_method: gguf`` record copied from the GGUF config into a safetensors cache.
+
+    The cache holds plain float weights, but transformers re-creates a GGUF quantizer from that record,
+    and ``Trainer`` then refuses to fine-tune the model ("GGUF does not support training").
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
 
 
 # ---------------------------------------------------------------------- tiny models for tests

@@ -84,7 +84,12 @@ def attach_lora(model: PreTrainedModel, cfg: LoRAConfig):
 
     cfg.validate()
     try:
-        return get_peft_model(model, cfg.to_peft())
+        peft_cfg = cfg.to_peft()
+        if getattr(model.config, "is_encoder_decoder", False):  # T5 family: peft's seq2seq wrapper
+            from peft import TaskType
+
+            peft_cfg.task_type = TaskType.SEQ_2_SEQ_LM
+        return get_peft_model(model, peft_cfg)
     except ValueError as e:
         if "target modules" in str(e).lower() or "target_modules" in str(e):
             raise RecalignInputError(

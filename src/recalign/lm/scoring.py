@@ -401,6 +401,12 @@ def answer_logprobs(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r} (choose from {', '.join(IMPLS)})")
+    if getattr(_unwrap(model).config, "is_encoder_decoder", False):
+        # Encoder-decoder (T5 family): the shared prefix is the encoder pass (recalign.lm.seq2seq), so
+        # every caller (SFT, preference objectives, evaluation) serves both families unchanged.
+        from recalign.lm.seq2seq import seq2seq_answer_logprobs
+
+        return seq2seq_answer_logprobs(model, prompts, answers, chunk_size=chunk_size)
     a_max = _validate(prompts, answers)
     _, device = _model_dtype_device(model)
     n_tokens = [[len(a) for a in ans] for ans in answers]
