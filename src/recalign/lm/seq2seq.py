@@ -287,3 +287,19 @@ def score_answers(
     from recalign.lm.scoring import answer_logprobs
 
     return answer_logprobs(model, prompts, answers, impl=causal_impl, chunk_size=chunk_size)
+
+
+def load_seq2seq(path: str):
+    """A local encoder-decoder model directory (FLAN-T5 style): safetensors only, no remote code."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from recalign.errors import RecalignInputError
+
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as e:
+        raise RecalignInputError(f"cannot load model: {str(e).splitlines()[0]}", source=path) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

@@ -1,0 +1,402 @@
+"""The recommendation-knowledge alignment recipe (Cao et al., NAACL Findings 2024), end to end.
+
+1. Data: dataset + split through the shared data path (:func:`recalign.methods.load_data`).
+2. Tasks: a mixture of auxiliary tasks (MIM, MLM, BPR) and recommendation tasks (retrieval, ranking,
+   rating) written from the split's *training stage* (:mod:`.tasks`), in exact per-task counts for a
+   fixed example budget (:mod:`.mixer`). The budget defaults to ``max_steps x batch_size x grad_accum``
+   so that every optimiser step sees fresh examples and two task mixtures trained for the same number of
+   steps have seen the same number of examples: the comparison the paper's ablation needs.
+3. Training: LoRA SFT through the project's one training path (:func:`recalign.training.train` with
+   :class:`recalign.methods.sft.SFTObjective`: answer-token NLL, shared-prefix scoring), for decoder-only
+   models and for encoder-decoder (FLAN-T5 family) models alike — the scorer dispatches on the family.
+4. Evaluation (:mod:`.evaluation`): retrieval by full ranking of the catalogue, ranking on the split's
+   shared candidates, rating RMSE/MAE, optionally trie-constrained generation, plus the shared next-item
+   candidate protocol that every LM method reports (:func:`recalign.methods.zeroshot.evaluate_lm`).
+
+Outputs in the run directory::
+
+    config.yaml        resolved config
+    adapter/           LoRA adapter (safetensors) + recalign_adapter.json naming the base model
+    base/              only for in-process tiny models: their weights and tokenizer (the adapter's base)
+    checkpoints/       training checkpoints (resumable with training.resume=true)
+    metrics.json       {"metrics": {"retrieval/HR@10": ..., "rating/RMSE": ...}, "run": {...}}
+    records.json       {"records": [...]} in the quality-results shape (extra.task names the task)
+
+Models: ``"smollm2"`` (embedded), a local decoder-only or encoder-decoder model directory, or
+``"tiny-llama"`` / ``"tiny-t5"``: a tiny randomly initialised model with a BPE tokenizer trained on the
+run's own texts (tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from recalign.cli.cmd_data import DataPrepareConfig
+from recalign.config import cfg_field, save_config
+from recalign.errors import RecalignInputError
+from recalign.evaluation.records import ResultRecord, current_command, write_records
+from recalign.io import atomic_write_json
+from recalign.lm.lora import LoRAConfig
+from recalign.methods.knowledge.templates import ALL_TASKS, AUX_TASKS, REC_TASKS
+from recalign.training.config import TrainingConfig
+
+EVAL_TASKS = ("retrieval", "ranking", "rating", "next_item", "generation")
+TINY_MODELS = ("tiny-llama", "tiny-t5")
+#: LoRA targets of T5-family attention (the decoder-only default names q_proj / v_proj).
+T5_LORA_TARGETS = ["q", "v"]
+
+
+def _default_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=20)
+
+
+@dataclass
+class KnowledgeEvalConfig:
+    """What is evaluated after training, and on how many users (full ranking is expensive)."""
+
+    stage: Literal["test", "valid"] = cfg_field("test", "split stage evaluated")
+    tasks: list[str] = cfg_field(
+        ["retrieval", "ranking", "rating", "next_item"],
+        "evaluations to run: retrieval (full catalogue), ranking (shared candidates), rating, "
+        "next_item (the shared next-item candidate protocol), generation (greedy, grounded)",
+    )
+    n_users: int = cfg_field(
+        200, "examples for ranking / rating / next_item, sampled with the seed (<= 0: all)"
+    )
+    n_users_full: int = cfg_field(50, "examples for retrieval's full-catalogue ranking (<= 0: all)")
+    n_users_generation: int = cfg_field(20, "examples for the generation evaluation (<= 0: all)")
+    ks: list[int] = cfg_field([1, 5, 10, 20], "cut-offs K of HR/NDCG/MRR@K")
+    chunk_size: int = cfg_field(256, "answers per scoring pass (bounds memory for catalogue scoring)")
+    batch_size: int = cfg_field(4, "examples per forward pass in the next_item protocol")
+    max_new_tokens: int = cfg_field(40, "generation length limit")
+
+    def validate(self) -> None:
+        bad = [t for t in self.tasks if t not in EVAL_TASKS]
+        if bad:
+            raise RecalignInputError(
+                f"unknown evaluation '{bad[0]}' (choose from {', '.join(EVAL_TASKS)})", field="eval.tasks"
+            )
+        if not self.ks or min(self.ks) < 1:
+            raise RecalignInputError("must be positive integers", field="eval.ks")
+        if self.chunk_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise RecalignInputError("must be >= 1", field="eval.chunk_size/batch_size/max_new_tokens")
+
+
+@dataclass
+class KnowledgeConfig:
+    """``recalign knowledge``: multi-task SFT on recommendation-knowledge tasks, then per-task evaluation."""
+
+    model: str = cfg_field(
+        "smollm2", "base model: smollm2, a local model directory (causal or T5-family), tiny-llama, tiny-t5"
+    )
+    method: str = cfg_field(
+        "", "method name in records; empty: derived from the tasks (knowledge-rec+aux, ...)"
+    )
+    data: DataPrepareConfig = cfg_field(
+        help="dataset, split and candidates", default_factory=DataPrepareConfig
+    )
+    tasks: list[str] = cfg_field(list(ALL_TASKS), f"training tasks, from {', '.join(ALL_TASKS)}")
+    ratios: list[float] = cfg_field([1.0] * len(ALL_TASKS), "mixing ratio of each task (same order as tasks)")
+    n_examples: int = cfg_field(
+        0, "training examples in the mixture; 0: max_steps x batch_size x grad_accum (one pass)"
+    )
+    history_len: int = cfg_field(10, "history items shown in task prompts (most recent)")
+    train_candidates: int = cfg_field(
+        0, "candidates listed in training ranking prompts (0: the split's; fewer makes prompts cheaper)"
+    )
+    mlm_rate: float = cfg_field(0.15, "share of maskable title words hidden in MLM prompts")
+    seed: int = cfg_field(0, "seed of task data, template choice, mixing and evaluation sampling")
+    scoring_impl: str = cfg_field("packed", "decoder-only shared-prefix scoring in training: packed or kv")
+    tiny_hidden: int = cfg_field(64, "hidden size of tiny-llama / tiny-t5")
+    threads: int = cfg_field(
+        0, "torch CPU threads (0: torch's default). On a shared CPU, 1 is often several times faster"
+    )
+    lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
+    training: TrainingConfig = cfg_field(
+        help="optimisation and checkpoints", default_factory=_default_training
+    )
+    eval: KnowledgeEvalConfig = cfg_field(
+        help="evaluation after training", default_factory=KnowledgeEvalConfig
+    )
+
+    def validate(self) -> None:
+        from recalign.methods.knowledge.mixer import allocate
+
+        allocate(0, self.tasks, self.ratios)  # checks names, duplicates, counts and ratio values
+        if self.threads < 0:
+            raise RecalignInputError("must be >= 0", field="threads")
+        if self.n_examples < 0:
+            raise RecalignInputError("must be >= 0", field="n_examples")
+        if self.history_len < 1:
+            raise RecalignInputError("must be >= 1", field="history_len")
+        if self.train_candidates < 0 or self.train_candidates == 1:
+            raise RecalignInputError("must be 0 or >= 2", field="train_candidates")
+        if not 0 < self.mlm_rate <= 1:
+            raise RecalignInputError("must be in (0, 1]", field="mlm_rate")
+        if self.scoring_impl not in ("packed", "kv"):
+            raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
+        if not self.lora.enabled:
+            raise RecalignInputError("knowledge alignment trains an adapter", field="lora.enabled")
+        self.data.validate()
+        self.lora.validate()
+        self.training.validate()
+        self.eval.validate()
+
+    def budget(self) -> int:
+        if self.n_examples > 0:
+            return self.n_examples
+        if self.training.max_steps <= 0:
+            raise RecalignInputError("set n_examples, or training.max_steps to derive it", field="n_examples")
+        return self.training.max_steps * self.training.batch_size * self.training.grad_accum
+
+    def method_name(self) -> str:
+        """``knowledge-rec`` (recommendation tasks only), ``knowledge-rec+aux`` (all three auxiliary
+        tasks), ``knowledge-rec+mim`` / ``knowledge-rec+mim+bpr`` (a subset), ``knowledge-aux`` (no
+        recommendation task)."""
+        if self.method:
+            return self.method
+        active = [t for t, r in zip(self.tasks, self.ratios) if r > 0]
+        aux = [t for t in AUX_TASKS if t in active]
+        rec = [t for t in REC_TASKS if t in active]
+        if not rec:
+            return "knowledge-aux"
+        if not aux:
+            return "knowledge-rec"
+        if len(aux) == len(AUX_TASKS):
+            return "knowledge-rec+aux"
+        return "knowledge-rec+" + "+".join(aux)
+
+
+@dataclass
+class KnowledgeResult:
+    output_dir: Path
+    adapter_dir: Path
+    records: list[ResultRecord]
+    metrics: dict
+    train_steps: int
+    train_loss: float
+    task_counts: dict[str, int]
+    log_history: list[dict] = field(default_factory=list, repr=False)
+
+
+# ---------------------------------------------------------------------- models
+def _is_seq2seq_dir(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text(encoding="utf-8")).get("is_encoder_decoder"))
+
+
+def _tiny_model(kind: str, texts: list[str], hidden: int, out: Path, seed: int):
+    """A tiny model + tokenizer trained on the run's texts, saved under ``out/base`` as the adapter's base."""
+    from recalign.lm.loading import build_tiny_llama, train_bpe_tokenizer
+    from recalign.lm.seq2seq import build_tiny_t5
+
+    tok = train_bpe_tokenizer(texts, vocab_size=600)
+    if kind == "tiny-t5":
+        model = build_tiny_t5(tok, d_model=hidden, d_ff=2 * hidden, seed=seed)
+    else:
+        model = build_tiny_llama(tok, hidden_size=hidden, seed=seed)
+    base_dir = out / "base"
+    model.save_pretrained(base_dir, safe_serialization=True)
+    tok.save_pretrained(base_dir)
+    return model, tok, str(base_dir)
+
+
+def load_base(name: str, texts: list[str], hidden: int, out: Path, seed: int):
+    """(model, tokenizer, base name recorded with the adapter) for any ``model`` value of the config."""
+    from recalign.lm.lora import load_lm
+
+    if name in TINY_MODELS:
+        return _tiny_model(name, texts, hidden, out, seed)
+    if _is_seq2seq_dir(name):
+        from recalign.lm.seq2seq import load_seq2seq
+
+        model, tok = load_seq2seq(name)
+        return model, tok, name
+    model, tok, src = load_lm(name, merge=False, trainable=True)
+    if src.adapter is not None:
+        raise RecalignInputError("give a base model, not an adapter: knowledge training starts a new adapter")
+    return model, tok, src.base
+
+
+def _lora_for(model, cfg: LoRAConfig) -> LoRAConfig:
+    """T5-family attention projections are called q/k/v/o: map the decoder-only default onto them."""
+    from recalign.lm.seq2seq import is_seq2seq
+
+    if is_seq2seq(model) and list(cfg.target_modules) == ["q_proj", "v_proj"]:
+        return LoRAConfig(**{**cfg.__dict__, "target_modules": list(T5_LORA_TARGETS)})
+    return cfg
+
+
+# ---------------------------------------------------------------------- the recipe
+def run_knowledge(
+    cfg: KnowledgeConfig,
+    output_dir: str | Path,
+    *,
+    data=None,
+    command: str | None = None,
+    progress: bool = True,
+) -> KnowledgeResult:
+    """Generate the task mixture, SFT a LoRA adapter on it, evaluate every requested task."""
+    from recalign.lm.lora import attach_lora, count_trainable, save_adapter
+    from recalign.lm.seq2seq import text_encoders
+    from recalign.methods import load_data, sample_examples
+    from recalign.methods.knowledge import evaluation as ev
+    from recalign.methods.knowledge.mixer import allocate, mix
+    from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
+    from recalign.methods.sft import SFTObjective
+    from recalign.training import find_resume_checkpoint, train
+
+    cfg.validate()
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    out = Path(output_dir)
+    command = command if command is not None else current_command()
+    method = cfg.method_name()
+    ckpt_dir = out / "checkpoints"
+    find_resume_checkpoint(ckpt_dir, cfg.training.resume)  # fail fast on another run's checkpoints
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    data = data or load_data(cfg.data)
+    dataset, split = data.dataset, data.split
+    opts = dict(history_len=cfg.history_len, mlm_rate=cfg.mlm_rate, seed=cfg.seed)
+    train_tasks = KnowledgeTasks(
+        dataset, split, TaskOptions(n_candidates=cfg.train_candidates or None, **opts)
+    )
+    eval_tasks = KnowledgeTasks(dataset, split, TaskOptions(**opts))  # always the split's shared candidates
+    budget = cfg.budget()
+    counts = allocate(budget, cfg.tasks, cfg.ratios)
+    mixture = mix(train_tasks, cfg.tasks, cfg.ratios, budget, seed=cfg.seed)
+
+    texts = [e.prompt + " " + e.answer for e in mixture] + train_tasks.titles
+    model, tok, base_name = load_base(cfg.model, texts, cfg.tiny_hidden, out, cfg.seed)
+    import torch
+
+    torch.manual_seed(cfg.training.seed)  # the adapter's initialisation follows the training seed
+    model = attach_lora(model, _lora_for(model, cfg.lora))
+    trainable, total = count_trainable(model)
+    if progress:
+        print(
+            f"knowledge [{method}]: {len(mixture)} examples {counts}, model {cfg.model} "
+            f"({trainable:,} trainable of {total:,} parameters)",
+            flush=True,
+        )
+    enc_prompt, enc_answer = text_encoders(model, tok)
+    examples = [{"prompt": enc_prompt(e.prompt), "answers": [enc_answer(e.answer)]} for e in mixture]
+    t0 = time.perf_counter()
+    outcome = train(model, examples, SFTObjective(cfg.scoring_impl), cfg.training, ckpt_dir)
+    adapter_dir = save_adapter(
+        model,
+        out / "adapter",
+        base_model=base_name,
+        extra={"method": method, "seed": cfg.seed, "tasks": cfg.tasks, "ratios": cfg.ratios},
+    )
+    train_seconds = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- evaluation
+    model = model.merge_and_unload()
+    model.eval()
+    e = cfg.eval
+    stage = split.stage(e.stage)
+    scorer = ev.TaskScorer(model, tok, chunk_size=e.chunk_size)
+    base_record = dict(dataset=dataset.name, split=split.name, method=method, seed=cfg.seed, command=command)
+    info = {
+        "model": cfg.model,
+        "train_steps": outcome.global_step,
+        "n_train": len(mixture),
+        "task_counts": counts,
+    }
+    records: list[ResultRecord] = []
+    flat: dict[str, float] = {}
+
+    def add(task: str, protocol: str, metrics: dict, n: int, seconds: float) -> None:
+        records.append(
+            ResultRecord(
+                protocol=protocol,
+                metrics={k: float(v) for k, v in metrics.items()},
+                n_examples=n,
+                seconds=round(seconds, 2),
+                extra={"task": task, **info},
+                **base_record,
+            )
+        )
+        flat.update({f"{task}/{k}": float(v) for k, v in metrics.items()})
+        if progress:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in list(metrics.items())[:6])
+            print(f"{method} [{task}] n={n} {shown}", flush=True)
+
+    def rows(n: int) -> pd.DataFrame:
+        return sample_examples(stage, n, cfg.seed, stage=e.stage)
+
+    for task in e.tasks:
+        t1 = time.perf_counter()
+        if task == "retrieval":
+            r = ev.evaluate_retrieval(scorer, eval_tasks, rows(e.n_users_full), e.ks)
+        elif task == "ranking":
+            r = ev.evaluate_ranking(scorer, eval_tasks, rows(e.n_users), e.ks)
+        elif task == "rating":
+            if not dataset.has_ratings:
+                continue
+            r = ev.evaluate_rating(scorer, eval_tasks, rows(e.n_users))
+        elif task == "generation":
+            r = ev.evaluate_generation(
+                model, tok, eval_tasks, rows(e.n_users_generation), max_new_tokens=e.max_new_tokens
+            )
+        else:  # next_item: the protocol shared by every LM method
+            from recalign.evaluation.protocols import evaluate_candidates
+            from recalign.lm.recommender import LMRecommender
+
+            ex = rows(e.n_users)
+            rec = LMRecommender(
+                model,
+                tok,
+                dataset,
+                seed=cfg.seed,
+                name=method,
+                max_history=cfg.history_len,
+                batch_size=e.batch_size,
+                progress=False,
+            )
+            metrics = evaluate_candidates(rec, ex, ks=e.ks, batch_size=max(len(ex), 1))
+            add("next_item", "candidates", metrics, len(ex), time.perf_counter() - t1)
+            continue
+        add(task, r.protocol, r.metrics, r.n_examples, time.perf_counter() - t1)
+
+    write_records(out / "records.json", records)
+    metrics = {
+        "metrics": flat,
+        "run": {
+            "method": method,
+            "model": cfg.model,
+            "dataset": dataset.name,
+            "split": split.name,
+            "tasks": dict(zip(cfg.tasks, cfg.ratios)),
+            "task_counts": counts,
+            "n_train": len(mixture),
+            "train_steps": outcome.global_step,
+            "train_loss": outcome.train_loss,
+            "train_seconds": round(train_seconds, 2),
+            "trainable_parameters": trainable,
+            "seed": cfg.seed,
+            "command": command,
+        },
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return KnowledgeResult(
+        output_dir=out,
+        adapter_dir=adapter_dir,
+        records=records,
+        metrics=metrics,
+        train_steps=outcome.global_step,
+        train_loss=outcome.train_loss,
+        task_counts=counts,
+        log_history=outcome.log_history,
+    )
