@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     answers: list[str] = []
     n = len(p_ids)
     n_naive = n if args.naive_prompts is None else min(n, args.naive_prompts)
+    if n_naive < n and n_naive % args.group:
+        ap.error("--naive-prompts must be a multiple of --group (speed is compared on whole groups)")
     for g, lo in enumerate(range(0, n, args.group)):
         hi = min(n, lo + args.group)
         if lo < n_naive:
@@ -224,10 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     s = {k: np.concatenate(v) for k, v in scores.items()}
     ref_rank = np.argsort(-s["naive"], axis=1, kind="stable")
-    naive_groups = sorted(meters["naive"].group_seconds)
-    if n_naive % args.group and n_naive < n:
-        # the last naive group is partial: compare speed on complete common groups only
-        naive_groups = naive_groups[:-1] or naive_groups
+    naive_groups = sorted(meters["naive"].group_seconds)  # whole groups (checked above)
 
     def quality(sc: np.ndarray) -> dict:
         m = single_target_metrics(target_ranks(sc, target_cols), ks=(1, 5, 10), n_candidates=sc.shape[1])
