@@ -80,3 +80,15 @@ def test_ties_are_skipped_and_counted_and_partial_ties_pick_the_lowest_sample():
     assert stats.identical_texts == 1
     assert stats.too_few == 1
     assert stats.pairs == 1
+
+
+def test_logprob_reward_is_the_log_softmax_of_the_target():
+    from recalign.methods.dpo4rec.reward import logprob_rewards
+
+    scores = np.array([[0.0, math.log(3.0)], [1000.0, 0.0]])  # probabilities 1/4, 3/4; the second row is huge
+    r = logprob_rewards(scores, np.array([0, 0]))
+    assert r[0] == pytest.approx(math.log(0.25))
+    assert r[1] == pytest.approx(0.0)  # stable for large scores (no overflow)
+    # continuous: a small score change that does not change the rank still changes the reward
+    r2 = logprob_rewards(scores + np.array([[0.1, 0.0], [0.0, 0.0]]), np.array([0, 0]))
+    assert r2[0] > r[0]

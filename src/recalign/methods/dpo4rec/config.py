@@ -149,7 +149,12 @@ class DPO4RecConfig:
         200, "users taking part (drawn with the seed among users with valid and test examples); 0 = all"
     )
     iterations: int = cfg_field(1, "T: rounds of sample -> reward -> pairs -> DPO (the CLI's --iterations)")
-    reward_k: int = cfg_field(5, "the reward is NDCG@reward_k of the true next item among the candidates")
+    reward: Literal["ndcg", "logprob"] = cfg_field(
+        "ndcg",
+        "ndcg: NDCG@reward_k of the true next item among the candidates (coarse: many users tie); logprob: "
+        "its log-probability under a softmax over the candidates' scores (continuous)",
+    )
+    reward_k: int = cfg_field(5, "K of the NDCG@K reward (and of nothing else)")
     seed: int = cfg_field(0, "seed of user selection, prompt phrasing and summary sampling")
     threads: int = cfg_field(0, "torch CPU threads; 0 = number of cores, at most 2")
     progress: bool = cfg_field(True, "show progress bars")

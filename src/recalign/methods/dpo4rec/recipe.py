@@ -48,7 +48,7 @@ import pandas as pd
 
 from recalign.baselines.common import torch_threads
 from recalign.baselines.sasrec import SASRec
-from recalign.config import config_to_dict, save_config
+from recalign.config import config_from_dict, config_to_dict, save_config
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
 from recalign.errors import RecalignInputError
@@ -60,7 +60,7 @@ from recalign.methods.dpo4rec.config import DPO4RecConfig
 from recalign.methods.dpo4rec.encoder import make_encoder
 from recalign.methods.dpo4rec.fusion import AugmentedRecommender
 from recalign.methods.dpo4rec.pairs import ScoredSummary, SummaryPair, select_pairs
-from recalign.methods.dpo4rec.reward import ndcg_rewards, target_columns
+from recalign.methods.dpo4rec.reward import logprob_rewards, ndcg_rewards, target_columns
 from recalign.methods.dpo4rec.summaries import (
     SummaryRecord,
     build_requests,
@@ -97,10 +97,13 @@ def check_or_save_config(cfg: DPO4RecConfig, out: Path) -> None:
 
     path = out / "config.yaml"
     if path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if _comparable(old) != _comparable(config_to_dict(cfg)):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        # resolve the saved config through today's defaults, so a field added since is not a difference
+        old = config_to_dict(config_from_dict(type(cfg), raw, source=str(path)))
+        new = config_to_dict(cfg)
+        if _comparable(old) != _comparable(new):
             diff = sorted(
-                k for k in set(old) | set(config_to_dict(cfg)) if old.get(k) != config_to_dict(cfg).get(k)
+                k for k in set(old) | set(new) if _comparable(old).get(k) != _comparable(new).get(k)
             )
             raise RecalignInputError(
                 f"holds a run with a different config (differs in: {', '.join(diff)}); "
@@ -279,6 +282,20 @@ def fusion_stage(
     return folds, full, info
 
 
+def compute_rewards(
+    cfg: DPO4RecConfig, scores: np.ndarray, target_col: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The configured reward of each row (and the target's rank, for the record)."""
+    rewards, ranks = ndcg_rewards(scores, target_col, cfg.reward_k)
+    if cfg.reward == "logprob":
+        rewards = logprob_rewards(scores, target_col)
+    return rewards, ranks
+
+
+def reward_name(cfg: DPO4RecConfig) -> str:
+    return f"NDCG@{cfg.reward_k}" if cfg.reward == "ndcg" else "candidate log-probability"
+
+
 def reward_stage(
     cfg: DPO4RecConfig,
     records: list[SummaryRecord],
@@ -301,7 +318,7 @@ def reward_stage(
         if not len(idx):
             continue
         scores = model.score_candidates([hist[i] for i in idx], emb[idx], cands[idx])
-        rewards[idx], ranks[idx] = ndcg_rewards(scores, cols[idx], cfg.reward_k)
+        rewards[idx], ranks[idx] = compute_rewards(cfg, scores, cols[idx])
     scored = [
         ScoredSummary(
             user=r.user,
@@ -467,10 +484,10 @@ def run_dpo4rec(
         sasrec_test = _metrics_from_scores(sasrec.score_candidates(test), test)
         # what the reward would be without any summary: plain SASRec's NDCG@K on the same valid examples
         sasrec_valid_reward = float(
-            ndcg_rewards(
+            compute_rewards(
+                cfg,
                 sasrec.score_candidates(valid),
                 target_columns(np.stack(valid["candidates"].to_numpy()), valid["target"].to_numpy()),
-                cfg.reward_k,
             )[0].mean()
         )
         mark("sasrec", t0)
@@ -610,7 +627,7 @@ def run_dpo4rec(
 
     total = time.perf_counter() - t_start
     reward_info = {
-        "metric": f"NDCG@{cfg.reward_k}",
+        "metric": reward_name(cfg),
         "before": rewards[0],
         "after": rewards[cfg.iterations],
         "per_iteration": {str(k): v for k, v in rewards.items()},

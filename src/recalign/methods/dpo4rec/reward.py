@@ -12,6 +12,12 @@ recalign uses) and one relevant item, so IDCG = 1 (RecBole's formula). K = 5 by 
 
 The reward depends on the summary only through its embedding, so two identical texts always earn the
 same reward, and it is bounded in [0, 1] whatever the candidate count.
+
+NDCG@K is coarse: it changes only when a summary moves the true item across another candidate, and it
+is 0 for every summary when the true item stays below rank K. With few samples per user many users
+therefore tie (and yield no DPO pair). :func:`logprob_rewards` is a continuous alternative
+(``reward: logprob``): the log-probability of the true item under a softmax over the candidates' scores,
+which rewards every step towards the top, not only rank changes.
 """
 
 from __future__ import annotations
@@ -51,3 +57,13 @@ def target_columns(candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
         bad = int(np.flatnonzero(~hit.any(axis=1))[0])
         raise ValueError(f"row {bad}: target {targets[bad]} is not among its candidates")
     return hit.argmax(axis=1)
+
+
+def logprob_rewards(scores: np.ndarray, target_col: np.ndarray) -> np.ndarray:
+    """Per-row log-softmax of the target's score over the candidates (``<= 0``; higher is better)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [n, C], got shape {scores.shape}")
+    m = scores.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(scores - m).sum(axis=1))
+    return scores[np.arange(len(scores)), np.asarray(target_col, dtype=np.int64)] - lse
