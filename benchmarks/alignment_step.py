@@ -26,9 +26,11 @@ micro-batches of ``--micro-batch`` prompts (default 1: the naive layout cannot h
 optimizer step. The first step's loss (from the shared initial weights) must agree between variants to
 1e-4. A tiny warm-up call precedes timing in each process. ``seconds`` is the wall-clock median over
 the timed steps (``--naive-steps`` for ``naive``, which dominates the run time, ``--steps`` otherwise);
-``cpu_seconds`` is the process CPU time (all threads) of the same steps. The CPU is shared with other
-work, so wall-clock times carry the machine's load (recorded as ``load_average_1min`` per step); CPU
-time is much less sensitive to it, and the summary gives speed-ups on both.
+``cpu_seconds`` is the process CPU time of the same steps. The 2-core CPU is shared with other work, so
+wall-clock times carry the machine's load (recorded as ``load_average_1min`` per step). Workers run
+single-threaded by default (``--threads 1``): with several OpenMP threads on an oversubscribed machine,
+threads spin-wait for descheduled siblings and CPU time balloons (several-fold here), whereas a single
+thread's CPU time is a stable measure of the work done. The summary gives speed-ups on both clocks.
 
 Prompts: the real llara candidate prompts (``recalign.lm.prompts``: chat template, 20 candidates), with the
 history length chosen so the mean prompt length is closest to ``--prompt-tokens`` (~300 by default).
@@ -107,6 +109,7 @@ def run_worker(args) -> dict:
     from recalign.lm.scoring import answer_logprobs, naive_answer_logprobs
     from recalign.objectives import sdpo_loss
 
+    torch.set_num_threads(args.threads)
     inputs = json.loads(Path(args.inputs).read_text())["per_k"][str(args.k)]
     prompts, answers = inputs["prompts"], inputs["answers"]
     b_n = len(prompts)
@@ -205,6 +208,12 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-steps", type=int, default=1, help="timed steps for the slow naive variant")
     ap.add_argument("--lora-b-std", type=float, default=0.02)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (1: OpenMP threads spin-wait and inflate CPU time on a busy machine)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="results/alignment_step.json")
     # internal: run one variant
@@ -251,8 +260,15 @@ def main(argv=None) -> int:
                     str(args.lora_b_std),
                     "--attn",
                     args.attn,
+                    "--threads",
+                    str(args.threads),
                 ]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                env = {
+                    **os.environ,
+                    "OMP_NUM_THREADS": str(args.threads),
+                    "MKL_NUM_THREADS": str(args.threads),
+                }
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     sys.stderr.write(proc.stderr[-3000:])
                     raise SystemExit(f"worker {variant} K={k} failed")
@@ -298,7 +314,7 @@ def main(argv=None) -> int:
             "answer_tokens_mean": round(inputs["answer_tokens_mean"], 2),
             "examples_user_position": inputs["examples"],
             "attn_implementation": args.attn,
-            "torch_threads": _threads(),
+            "torch_threads_per_worker": args.threads,
             "cpu": platform.processor() or platform.machine(),
             "load_average_at_end": list(os.getloadavg()),
             "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -312,12 +328,6 @@ def main(argv=None) -> int:
         print("LOSSES DISAGREE beyond 1e-4", file=sys.stderr)
         return 1
     return 0
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
