@@ -1,0 +1,324 @@
+"""Preference alignment of an LM recommender: DPO, S-DPO and DMPO on one trainer.
+
+The recipe reads as setup → train → save → evaluate:
+
+1. **Start model.** Usually an SFT run directory. Its adapter is merged into the base weights, and a
+   *fresh* LoRA adapter is attached on top. The merged SFT model is then exactly the reference πref,
+   so no second model copy is ever loaded.
+2. **Preference data.** Each training example gives one positive (the target) and K negatives drawn by
+   a named strategy from the prompt's own candidates (``random`` as in the S-DPO scripts,
+   ``popularity``, or ``hard``: the start model's highest-scored wrong candidates), using the prompts
+   and titles SFT trained on (:mod:`recalign.methods.preference_data`).
+3. **Reference log-probs.** ``precomputed`` (default): every (prompt, answer) is scored once with the
+   start model through shared-prefix scoring and cached as safetensors, keyed on model weights and
+   token ids (:mod:`recalign.lm.reference`); training then runs no reference pass at all.
+   ``adapter-disabled``: a no-grad pass per step with the LoRA adapter switched off.
+4. **Training.** One shared-prefix pass per example scores all 1+K answers
+   (:func:`recalign.lm.scoring.answer_logprobs`), the loss is one of the pure functions of
+   :mod:`recalign.objectives.preference`, and the transformers ``Trainer`` (through
+   :func:`recalign.training.train`) provides checkpoints, resume and progress.
+5. **Outputs** as every recipe: ``adapter/`` (safetensors, recording the start model so it loads as
+   a stacked adapter), ``config.yaml``, ``metrics.json``, ``records.json``, ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+
+from recalign.cli.cmd_data import DataPrepareConfig
+from recalign.config import cfg_field, config_to_dict, read_yaml, save_config
+from recalign.errors import RecalignInputError
+from recalign.evaluation.records import ResultRecord, current_command, write_records
+from recalign.io import atomic_write_json
+from recalign.lm.lora import LoRAConfig
+from recalign.methods import PreparedData, load_data, sample_examples
+from recalign.methods.zeroshot import EvalConfig, evaluate_lm, metric_keys_flat
+from recalign.training.config import TrainingConfig
+
+LossName = Literal["dpo", "sdpo", "dmpo"]
+
+
+def _default_data() -> DataPrepareConfig:
+    return DataPrepareConfig(split="llara")
+
+
+def _default_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=1e-4, max_steps=32, batch_size=4, warmup_steps=2, save_steps=8)
+
+
+@dataclass
+class AlignConfig:
+    """``recalign align``: DPO / S-DPO / DMPO of an LM recommender, usually starting from an SFT run."""
+
+    model: str = cfg_field(
+        "smollm2", "start model (and reference): an SFT run dir, adapter dir or base model"
+    )
+    loss: LossName = cfg_field("sdpo", "preference loss: dpo (K=1), sdpo (softmax over K), dmpo (mean of K)")
+    negatives: int = cfg_field(3, "K, negatives per positive (dpo needs 1)")
+    strategy: Literal["random", "popularity", "hard"] = cfg_field(
+        "random", "negatives: random distractors, popularity-weighted, or hard (start model's top wrong ones)"
+    )
+    beta: float = cfg_field(1.0, "temperature β of the implicit reward (S-DPO's scripts use 1)")
+    nll_weight: float = cfg_field(1.0, "DMPO only: weight λ of the chosen answer's NLL term (0 disables)")
+    reference: Literal["precomputed", "adapter-disabled"] = cfg_field(
+        "precomputed", "reference log-probs: cached once per data+model, or a per-step adapter-off pass"
+    )
+    method: str = cfg_field("", "method name in result records (default: dpo, sdpo-k3, dmpo-k3, ...)")
+    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=_default_data)
+    n_train: int = cfg_field(128, "training examples (each with 1+K answers) sampled from the train stage")
+    train_offset: int = cfg_field(
+        0, "skip this many sampled training examples first (e.g. those SFT used), taking the next n_train"
+    )
+    max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
+    seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
+    scoring_impl: Literal["packed", "kv"] = cfg_field("packed", "shared-prefix implementation")
+    lora: LoRAConfig = cfg_field(
+        help="the new LoRA adapter trained on top of the start model", default_factory=LoRAConfig
+    )
+    training: TrainingConfig = cfg_field(
+        help="optimisation and checkpoints", default_factory=_default_training
+    )
+    eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if self.negatives < 1:
+            raise RecalignInputError(f"must be >= 1, got {self.negatives}", field="negatives")
+        if self.loss == "dpo" and self.negatives != 1:
+            raise RecalignInputError(
+                "DPO compares one pair: set negatives=1 (or use sdpo)", field="negatives"
+            )
+        if self.data.candidates - 1 < self.negatives:
+            raise RecalignInputError(
+                f"{self.negatives} negatives need at least {self.negatives + 1} candidates", field="negatives"
+            )
+        if self.beta <= 0:
+            raise RecalignInputError(f"must be > 0, got {self.beta}", field="beta")
+        if self.n_train < 1 or self.train_offset < 0:
+            raise RecalignInputError("n_train must be >= 1 and train_offset >= 0", field="n_train")
+        if not self.lora.enabled:
+            raise RecalignInputError(
+                "alignment trains an adapter; lora.enabled must be true", field="lora.enabled"
+            )
+        self.data.validate()
+        self.lora.validate()
+        self.training.validate()
+        self.eval.validate()
+
+    def method_name(self) -> str:
+        if self.method:
+            return self.method
+        return "dpo" if self.loss == "dpo" else f"{self.loss}-k{self.negatives}"
+
+
+class PreferenceObjective:
+    """Policy log-probs of all 1+K answers from one shared-prefix pass, then a preference loss.
+
+    ``batch`` holds ``prompt`` (token ids per example), ``answers`` (chosen first, then K negatives)
+    and, with precomputed references, ``ref`` (``[B, 1+K]``).
+    """
+
+    def __init__(self, loss: str, beta: float, nll_weight: float = 0.0, impl: str = "packed") -> None:
+        self.loss, self.beta, self.nll_weight, self.impl = loss, beta, nll_weight, impl
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        from recalign.lm.reference import reference_answer_logprobs
+        from recalign.lm.scoring import answer_logprobs
+        from recalign.objectives.preference import chosen_nll, preference_loss
+
+        scores = answer_logprobs(model, batch["prompt"], batch["answers"], impl=self.impl)
+        policy = scores.sum
+        if "ref" in batch:
+            reference = torch.as_tensor(batch["ref"]).to(policy.dtype)
+        else:
+            reference = reference_answer_logprobs(
+                model, batch["prompt"], batch["answers"], impl=self.impl
+            ).sum
+        kwargs: dict = {"beta": self.beta}
+        if self.loss == "dmpo" and self.nll_weight > 0:
+            kwargs["chosen_nll"] = chosen_nll(policy[:, 0], scores.n_tokens[:, 0])
+            kwargs["nll_weight"] = self.nll_weight
+        out = preference_loss(self.loss, policy, reference.to(policy.device), **kwargs)
+        return out.loss, out.metrics()
+
+
+@dataclass
+class AlignResult:
+    output_dir: Path
+    adapter_dir: Path
+    records: list[ResultRecord]
+    metrics: dict
+    train_steps: int
+    train_loss: float
+    train_seconds: float
+    resumed_from: str | None = None
+    log_history: list[dict] = field(default_factory=list, repr=False)
+
+
+def _check_resume_config(cfg: AlignConfig, path: Path) -> None:
+    if not path.is_file():
+        return
+    old, new = read_yaml(path), config_to_dict(cfg)
+    for key in ("model", "loss", "negatives", "strategy", "beta", "data", "n_train", "seed", "lora"):
+        if old.get(key) != new.get(key):
+            raise RecalignInputError(
+                f"'{key}' differs from the run being resumed ({old.get(key)!r} vs {new.get(key)!r})",
+                source=path,
+            )
+
+
+def training_frame(cfg: AlignConfig, data: PreparedData) -> pd.DataFrame:
+    """``n_train`` training rows after skipping ``train_offset`` of the seeded sample order."""
+    train = data.split.stage("train")
+    want = cfg.train_offset + cfg.n_train
+    sampled = sample_examples(train, want, cfg.seed, stage="train")
+    if cfg.train_offset:
+        # sample_examples keeps rows in split order; re-draw the order so the offset skips a random subset
+        order = torch.randperm(len(sampled), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        sampled = sampled.iloc[sorted(order[cfg.train_offset :])].reset_index(drop=True)
+    return sampled
+
+
+def build_examples(
+    cfg: AlignConfig, model, tok, data: PreparedData, frame: pd.DataFrame, cache_dir: Path, progress: bool
+):
+    """Tokenised preference examples (+ cached reference log-probs) for the trainer."""
+    import numpy as np
+
+    from recalign.lm.prompts import examples_to_prompts
+    from recalign.lm.reference import cached_reference_logprobs, tokenize_preference_data
+    from recalign.methods.preference_data import build_preference_data, training_popularity
+
+    scores = None
+    if cfg.strategy == "hard":
+        from recalign.lm.recommender import LMRecommender
+
+        rec = LMRecommender(model, tok, data.dataset, seed=cfg.seed, max_history=cfg.max_history,
+                            batch_size=cfg.eval.batch_size, progress=progress)  # fmt: skip
+        scores = np.asarray(rec.score_candidates(frame))
+    prompts = [
+        p.prompt for p in examples_to_prompts(data.dataset, frame, seed=cfg.seed, max_history=cfg.max_history)
+    ]
+    pref = build_preference_data(
+        data.dataset,
+        frame,
+        k=cfg.negatives,
+        strategy=cfg.strategy,
+        seed=cfg.seed,
+        popularity=training_popularity(data.split, data.dataset) if cfg.strategy == "popularity" else None,
+        scores=scores,
+        prompts=prompts,
+    )
+    prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
+    examples = [{"prompt": p, "answers": a} for p, a in zip(prompt_ids, answer_ids)]
+    if cfg.reference == "precomputed":
+        ref = cached_reference_logprobs(
+            model, prompt_ids, answer_ids, cache_dir, batch_size=cfg.eval.batch_size,
+            impl=cfg.scoring_impl, progress=progress,
+        )  # fmt: skip
+        if progress:
+            print(
+                f"align: reference log-probs {'loaded from' if ref.from_cache else 'cached in'} {ref.path}",
+                flush=True,
+            )
+        for i, ex in enumerate(examples):
+            ex["ref"] = ref.logprobs[i].clone()
+    return examples, pref
+
+
+def run_align(
+    cfg: AlignConfig,
+    output_dir: str | Path,
+    *,
+    data: PreparedData | None = None,
+    test_examples: pd.DataFrame | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> AlignResult:
+    """Align the start model with the configured preference loss and evaluate it."""
+    from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
+    from recalign.training import find_resume_checkpoint, train
+
+    cfg.validate()
+    out = Path(output_dir)
+    command = command if command is not None else current_command()
+    find_resume_checkpoint(out / "checkpoints", cfg.training.resume)
+    if cfg.training.resume:
+        _check_resume_config(cfg, out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    method = cfg.method_name()
+
+    data = data or load_data(cfg.data)
+    frame = training_frame(cfg, data)
+    model, tok, src = load_lm(cfg.model, merge=True)  # the start model, adapter folded in = the reference
+    examples, pref = build_examples(cfg, model, tok, data, frame, out / "reference", progress)
+    torch.manual_seed(cfg.training.seed)
+    model = attach_lora(model, cfg.lora)
+    trainable, total = count_trainable(model)
+    if progress:
+        print(
+            f"align: {method} on {len(examples)} examples x {1 + cfg.negatives} answers, start {src.label} "
+            f"({trainable:,} trainable of {total:,})",
+            flush=True,
+        )
+    objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight, cfg.scoring_impl)
+    outcome = train(model, examples, objective, cfg.training, out / "checkpoints")
+    if not outcome.trainer.args.should_save:
+        return AlignResult(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
+                           outcome.train_loss, outcome.seconds)  # fmt: skip
+    # The adapter sits on the start model (itself possibly base + SFT adapter): record it as the base,
+    # so `load_lm(out)` rebuilds base -> SFT merged -> this adapter.
+    start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+    adapter_dir = save_adapter(
+        model, out / "adapter", base_model=start,
+        extra={"method": method, "seed": cfg.seed, "max_history": cfg.max_history, "loss": cfg.loss},
+    )  # fmt: skip
+    last = next((h for h in reversed(outcome.log_history) if "rewards/accuracies" in h), {})
+    records: list[ResultRecord] = []
+    if cfg.eval.n_test != 0:
+        if test_examples is None:
+            test_examples = sample_examples(
+                data.split.stage(cfg.eval.stage), cfg.eval.n_test, cfg.seed, stage=cfg.eval.stage
+            )
+        model = model.merge_and_unload()
+        records = evaluate_lm(
+            model, tok, data.dataset, test_examples, method=method, split_name=data.split.name, cfg=cfg.eval,
+            seed=cfg.seed, max_history=cfg.max_history, command=command, progress=progress,
+            extra={"model": str(out), "start": cfg.model, "n_train": len(frame), "train_steps": outcome.global_step,
+                   "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta},
+        )  # fmt: skip
+        write_records(out / "records.json", records)
+    metrics = {
+        "metrics": metric_keys_flat(records),
+        "run": {
+            "method": method,
+            "start_model": cfg.model,
+            "loss": cfg.loss,
+            "negatives": cfg.negatives,
+            "strategy": cfg.strategy,
+            "reference": cfg.reference,
+            "dataset": data.dataset.name,
+            "split": data.split.name,
+            "n_train": len(frame),
+            "n_test": len(test_examples) if test_examples is not None else 0,
+            "train_steps": outcome.global_step,
+            "train_loss": outcome.train_loss,
+            "final_diagnostics": {k: v for k, v in last.items() if k.startswith("rewards/")},
+            "train_seconds": round(outcome.seconds, 2),
+            "trainable_parameters": trainable,
+            "resumed_from": str(outcome.resumed_from) if outcome.resumed_from else None,
+            "seed": cfg.seed,
+            "command": command,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return AlignResult(out, adapter_dir, records, metrics, outcome.global_step, outcome.train_loss,
+                       outcome.seconds, str(outcome.resumed_from) if outcome.resumed_from else None,
+                       outcome.log_history)  # fmt: skip
