@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
 from recalign.methods.cllm4rec.documents import collate_lm, content_corpus, content_documents
@@ -80,7 +81,14 @@ def test_resume_equals_uninterrupted_run(make_model, make_config, dataset, split
     assert not part.completed and part.steps == 5
     meta = json.loads((tmp_path / "state.json").read_text())
     assert meta["step"] == 5 and meta["stage"] == "pretrain"
-    assert len(list(tmp_path.glob("state-*.safetensors"))) == 1  # older tensors cleaned up
+    (state,) = tmp_path.glob("state-*.safetensors")  # older tensors cleaned up
+    tensors = load_file(state)  # plain safetensors: tables + both sides' Adam moments, no pickle
+    assert {
+        "table.collab_item",
+        "table.content_user",
+        "opt.collab.1.exp_avg",
+        "opt.content.0.exp_avg_sq",
+    } <= set(tensors)
 
     resumed, tok = make_model(cfg)  # a fresh process: new tables, new optimisers
     rest = run_stage(resumed, _data(tok, dataset, split), cfg, "pretrain", tmp_path)
