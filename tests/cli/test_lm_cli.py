@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     cfg.write_text(
         f"model: {model}\n"
         f"data: {{dataset: ml-100k, path: {data}, split: llara, candidates: 5}}\n"
-        "n_train: 16\nmax_history: 4\n"
+        "n_train: 16\nmax_history: 4\ndtype: float32\n"
         "training: {max_steps: 2, batch_size: 4, save_steps: 2, progress: false, learning_rate: 0.01}\n"
         "eval: {n_test: 4, protocols: [candidates], max_new_tokens: 4}\n"
     )

@@ -46,6 +46,7 @@ def tiny_cfg(data_dir, model_dir, **training) -> SFTConfig:
         SFTConfig,
         overrides={
             "model": str(model_dir),
+            "dtype": "float32",
             "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
             "n_train": 32,
             "max_history": 4,

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=None, help="method name in the records (default: from the adapter)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length limit (default 32)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="model weights (default auto)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: one per core)")
     p.add_argument("--output", required=True, help="directory for records.json and metrics.json")
     p.set_defaults(func=cmd_evaluate)
 
@@ -52,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from recalign.cli.cmd_data import DataPrepareConfig, _parse_opts
     from recalign.evaluation.records import current_command
+    from recalign.methods import set_threads
     from recalign.methods.zeroshot import EvalConfig, evaluate_saved_model
 
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
@@ -73,9 +81,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         candidates=args.candidates,
     )
     data_cfg.validate()
+    set_threads(args.threads)
     records = evaluate_saved_model(
         args.model,
         data_cfg,
+        dtype=args.dtype,
         cfg=cfg,
         seed=args.seed,
         method=args.method,

@@ -183,6 +183,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=None, help="prompt phrasing / sample seed (default: the model's)"
     )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="model weights (default auto)",
+    )
     _add_source_args(p, default=None)
     p.set_defaults(func=cmd_recommend)
 
@@ -216,7 +222,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     match_titles(dataset, args.history, "history")
     if args.candidates:
         match_titles(dataset, args.candidates, "candidate")
-    model, tok, _ = load_lm(args.model)
+    model, tok, _ = load_lm(args.model, dtype=args.dtype)
     recs = recommend(
         model,
         tok,

@@ -172,19 +172,53 @@ def merge_adapter(model) -> PreTrainedModel:
     return model.merge_and_unload()
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def bf16_is_fast() -> bool:
+    """Whether bfloat16 matmuls run natively here (CUDA with bf16, or a CPU with AVX512-BF16 / AMX).
+
+    On such CPUs (e.g. Sapphire Rapids) bf16 linear layers run ~6x faster than fp32, and SmolLM2
+    scoring, generation and LoRA training ~2-2.5x faster end to end; elsewhere bf16 is emulated and slow.
+    """
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"auto"`` -> bfloat16 where it is fast (:func:`bf16_is_fast`), else float32; names -> dtypes.
+
+    The base model's weights use this dtype; LoRA adapter weights stay float32 (peft casts them up),
+    so optimiser updates keep full precision on a bf16 base.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise RecalignInputError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
+    return getattr(torch, dtype)
+
+
 def load_lm(
     name_or_dir: str | Path,
     *,
     merge: bool = True,
     trainable: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, ModelSource]:
     """Load any ``--model`` argument: the base model, with its adapter applied if there is one.
 
     ``merge`` (default for inference) folds the adapter in, which makes scoring as fast as the base
     model; pass ``merge=False`` (or ``trainable=True``) to keep a peft model, e.g. to continue training
-    or to disable the adapter for reference log-probs.
+    or to disable the adapter for reference log-probs. ``dtype``: a torch dtype or ``"auto"`` /
+    ``"float32"`` / ``"bfloat16"`` (:func:`resolve_dtype`).
     """
+    dtype = resolve_dtype(dtype)
     from recalign.lm.loading import load_model
 
     src = resolve_model(name_or_dir)

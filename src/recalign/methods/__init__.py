@@ -64,4 +64,17 @@ def sample_examples(frame: pd.DataFrame, n: int, seed: int, stage: str = "test")
     return frame.iloc[rows].reset_index(drop=True)
 
 
-__all__ = ["PreparedData", "load_data", "sample_examples"]
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when ``threads > 0`` (0 keeps torch's default, one per core).
+
+    On a CPU shared with other busy processes, one thread per process is often several times faster
+    than two: torch's parallel regions wait for their slowest thread, and a descheduled thread stalls
+    every small operation.
+    """
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+__all__ = ["PreparedData", "load_data", "sample_examples", "set_threads"]

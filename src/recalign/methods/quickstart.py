@@ -37,8 +37,8 @@ from recalign.config import cfg_field, save_config
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
 from recalign.io import atomic_write_json
-from recalign.lm.lora import LoRAConfig
-from recalign.methods import PreparedData, load_data, sample_examples
+from recalign.lm.lora import LoRAConfig, resolve_dtype
+from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.zeroshot import EvalConfig
 from recalign.training.config import TrainingConfig
 
@@ -62,6 +62,13 @@ class QuickstartConfig:
     """``recalign quickstart``: zero-shot and SFT SmolLM2 next to popularity and SASRec on one split."""
 
     model: str = cfg_field("smollm2", "base language model (embedded SmolLM2-135M-Instruct by default)")
+    dtype: str = cfg_field(
+        "auto", "LM weights: auto (bfloat16 where native, else float32), float32, bfloat16"
+    )
+    threads: int = cfg_field(
+        0,
+        "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
+    )
     data: DataPrepareConfig = cfg_field(help="dataset and split", default_factory=_data)
     stages: list[str] = cfg_field(
         ["baselines", "zeroshot", "sft"], "stages to run, in order (registered: see register_stage)"
@@ -92,6 +99,9 @@ class QuickstartConfig:
             )
         if self.n_train < 1:
             raise RecalignInputError("must be >= 1", field="n_train")
+        if self.threads < 0:
+            raise RecalignInputError("must be >= 0", field="threads")
+        resolve_dtype(self.dtype)
         self.data.validate()
         self.lora.validate()
         self.training.validate()
@@ -184,6 +194,7 @@ def stage_zeroshot(ctx: QuickstartContext) -> list[ResultRecord]:
         max_history=ctx.cfg.max_history,
         command=ctx.command,
         progress=ctx.progress,
+        dtype=ctx.cfg.dtype,
     )
 
 
@@ -203,6 +214,8 @@ def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
         n_train=c.n_train,
         max_history=c.max_history,
         seed=c.seed,
+        dtype=c.dtype,
+        threads=c.threads,
         lora=c.lora,
         training=training,
         eval=c.eval,
@@ -275,6 +288,7 @@ def run_quickstart(
         )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    set_threads(cfg.threads)
     data = load_data(cfg.data)
     if progress:
         print(f"data: {data.dataset.name} {data.split.name} split ready in {data.seconds:.0f} s", flush=True)

@@ -39,8 +39,8 @@ from recalign.config import cfg_field, config_to_dict, read_yaml, save_config
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, current_command, write_records
 from recalign.io import atomic_write_json
-from recalign.lm.lora import LoRAConfig
-from recalign.methods import PreparedData, load_data, sample_examples
+from recalign.lm.lora import LoRAConfig, resolve_dtype
+from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.zeroshot import EvalConfig, evaluate_lm, metric_keys_flat
 from recalign.training.config import TrainingConfig
 
@@ -68,6 +68,15 @@ class SFTConfig:
         0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
     )
     scoring_impl: str = cfg_field("packed", "shared-prefix implementation for the loss: packed or kv")
+    dtype: str = cfg_field(
+        "auto",
+        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
+        "bfloat16; the LoRA adapter always trains in float32",
+    )
+    threads: int = cfg_field(
+        0,
+        "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
+    )
     lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
     training: TrainingConfig = cfg_field(
         help="optimisation and checkpoints", default_factory=_default_training
@@ -79,6 +88,9 @@ class SFTConfig:
             raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
         if self.max_history < 1:
             raise RecalignInputError("must be >= 1", field="max_history")
+        if self.threads < 0:
+            raise RecalignInputError("must be >= 0", field="threads")
+        resolve_dtype(self.dtype)
         if not self.lora.enabled:
             raise RecalignInputError(
                 "SFT trains an adapter; use `recalign evaluate` for zero-shot", field="lora.enabled"
@@ -189,7 +201,9 @@ def run_sft(
     split_name = data.split.name
     train_frame = sample_examples(data.split.stage("train"), cfg.n_train, cfg.seed, stage="train")
 
-    model, tok, src = load_lm(cfg.model, merge=False, trainable=True)
+    set_threads(cfg.threads)
+    dtype = resolve_dtype(cfg.dtype)
+    model, tok, src = load_lm(cfg.model, merge=False, trainable=True, dtype=dtype)
     if src.adapter is None:
         torch.manual_seed(cfg.training.seed)  # adapter init from the run's seed (equal in every process)
         model = attach_lora(model, cfg.lora)
@@ -235,7 +249,12 @@ def run_sft(
             max_history=cfg.max_history,
             command=command,
             progress=progress,
-            extra={"model": str(out), "n_train": len(train_frame), "train_steps": outcome.global_step},
+            extra={
+                "model": str(out),
+                "n_train": len(train_frame),
+                "train_steps": outcome.global_step,
+                "dtype": str(dtype).replace("torch.", ""),
+            },
         )
         write_records(out / "records.json", records)
     metrics = {
@@ -251,6 +270,8 @@ def run_sft(
             "train_loss": outcome.train_loss,
             "train_seconds": round(outcome.seconds, 2),
             "trainable_parameters": trainable,
+            "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
             "resumed_from": str(outcome.resumed_from) if outcome.resumed_from else None,
             "seed": cfg.seed,
             "command": command,

@@ -164,11 +164,12 @@ def run_zeroshot(
     max_history: int = 10,
     command: str = "",
     progress: bool = True,
+    dtype: str = "auto",
 ) -> list[ResultRecord]:
     """The zero-shot baseline: the base model, no adapter, evaluated like any trained model."""
-    from recalign.lm.lora import load_lm
+    from recalign.lm.lora import load_lm, resolve_dtype
 
-    model, tok, src = load_lm(model_name)
+    model, tok, src = load_lm(model_name, dtype=dtype)
     return evaluate_lm(
         model,
         tok,
@@ -181,7 +182,7 @@ def run_zeroshot(
         max_history=max_history,
         command=command,
         progress=progress,
-        extra={"model": src.label},
+        extra={"model": src.label, "dtype": str(resolve_dtype(dtype)).replace("torch.", "")},
     )
 
 
@@ -196,6 +197,7 @@ def evaluate_saved_model(
     data: PreparedData | None = None,
     command: str = "",
     progress: bool = True,
+    dtype: str = "auto",
 ) -> list[ResultRecord]:
     """Evaluate any ``--model`` (base name/path, adapter dir or run dir) on a split; the API of
     ``recalign evaluate``.
@@ -206,11 +208,11 @@ def evaluate_saved_model(
     """
     import json
 
-    from recalign.lm.lora import ADAPTER_META, load_lm
+    from recalign.lm.lora import ADAPTER_META, load_lm, resolve_dtype
 
     cfg = cfg or EvalConfig()
     cfg.validate()
-    model_obj, tok, src = load_lm(model)
+    model_obj, tok, src = load_lm(model, dtype=dtype)
     meta = {}
     if src.adapter is not None and (src.adapter / ADAPTER_META).is_file():
         meta = json.loads((src.adapter / ADAPTER_META).read_text(encoding="utf-8"))
@@ -231,7 +233,11 @@ def evaluate_saved_model(
         max_history=max_history,
         command=command,
         progress=progress,
-        extra={"model": src.label, "stage": cfg.stage},
+        extra={
+            "model": src.label,
+            "stage": cfg.stage,
+            "dtype": str(resolve_dtype(dtype)).replace("torch.", ""),
+        },
     )
     if output_dir is not None:
         out = Path(output_dir)
