@@ -66,10 +66,14 @@ class KnowledgeEvalConfig:
         "evaluations to run: retrieval (full catalogue), ranking (shared candidates), rating, "
         "next_item (the shared next-item candidate protocol), generation (greedy, grounded)",
     )
-    n_users: int = cfg_field(
-        200, "examples for ranking / rating / next_item, sampled with the seed (<= 0: all)"
-    )
+    n_users: int = cfg_field(200, "examples for ranking / next_item, sampled with the seed (<= 0: all)")
+    n_users_rating: int = cfg_field(200, "examples for rating prediction (<= 0: all)")
     n_users_full: int = cfg_field(50, "examples for retrieval's full-catalogue ranking (<= 0: all)")
+    retrieval_search: Literal["pruned", "exhaustive"] = cfg_field(
+        "pruned",
+        "full ranking by exact pruned trie search (ranks exact up to max(ks), much cheaper) or by scoring "
+        "every title",
+    )
     n_users_generation: int = cfg_field(20, "examples for the generation evaluation (<= 0: all)")
     ks: list[int] = cfg_field([1, 5, 10, 20], "cut-offs K of HR/NDCG/MRR@K")
     chunk_size: int = cfg_field(256, "answers per scoring pass (bounds memory for catalogue scoring)")
@@ -339,13 +343,14 @@ def run_knowledge(
     for task in e.tasks:
         t1 = time.perf_counter()
         if task == "retrieval":
-            r = ev.evaluate_retrieval(scorer, eval_tasks, rows(e.n_users_full), e.ks)
+            exhaustive = e.retrieval_search == "exhaustive"
+            r = ev.evaluate_retrieval(scorer, eval_tasks, rows(e.n_users_full), e.ks, exhaustive=exhaustive)
         elif task == "ranking":
             r = ev.evaluate_ranking(scorer, eval_tasks, rows(e.n_users), e.ks)
         elif task == "rating":
             if not dataset.has_ratings:
                 continue
-            r = ev.evaluate_rating(scorer, eval_tasks, rows(e.n_users))
+            r = ev.evaluate_rating(scorer, eval_tasks, rows(e.n_users_rating))
         elif task == "generation":
             r = ev.evaluate_generation(
                 model, tok, eval_tasks, rows(e.n_users_generation), max_new_tokens=e.max_new_tokens
