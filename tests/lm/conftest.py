@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
 from recalign.data.dataset import RecDataset
 from recalign.lm.loading import build_tiny_llama, train_bpe_tokenizer
@@ -47,6 +48,16 @@ def make_tiny_dataset(name: str = "ml-tiny") -> RecDataset:
     inter = pd.DataFrame(rows).drop_duplicates(["user", "item"])
     items = pd.DataFrame({"item": [f"i{i}" for i in range(len(TITLES))], "title": TITLES})
     return RecDataset.from_frames(name, inter, items)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded CPU OpenMP spin-waiting
+    makes them 10-20x slower with 2 threads than with 1. Scoped to these tests, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

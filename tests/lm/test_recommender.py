@@ -31,12 +31,12 @@ def setup(tiny_dataset, tiny_model, tiny_tokenizer):
 def test_candidate_scores_are_naive_logprobs_of_candidate_titles(setup):
     ds, split, model, tok = setup
     test = split.stage("test")
-    rec = LMRecommender(model, tok, ds, seed=3, batch_size=4, progress=False)
+    rec = LMRecommender(model, tok, ds, seed=3, batch_size=4, max_history=3, progress=False)
     assert isinstance(rec, Recommender)
     assert rec.fit(ds, split) is rec
     scores = rec.score_candidates(test)
     assert scores.shape == (len(test), 5) and np.isfinite(scores).all()
-    exs = examples_to_prompts(ds, test, seed=3)
+    exs = examples_to_prompts(ds, test, seed=3, max_history=3)
     titles = display_titles(ds)
     with torch.no_grad():
         ref = naive_answer_logprobs(
@@ -54,10 +54,14 @@ def test_candidate_scores_are_naive_logprobs_of_candidate_titles(setup):
 def test_options_do_not_change_what_is_scored(setup):
     ds, split, model, tok = setup
     test = split.stage("test")
-    base = LMRecommender(model, tok, ds, batch_size=4, progress=False).score_candidates(test)
-    one = LMRecommender(model, tok, ds, batch_size=1, impl="kv", progress=False).score_candidates(test)
+    base = LMRecommender(model, tok, ds, batch_size=4, max_history=3, progress=False).score_candidates(test)
+    one = LMRecommender(
+        model, tok, ds, batch_size=1, impl="kv", max_history=3, progress=False
+    ).score_candidates(test)
     np.testing.assert_allclose(base, one, atol=1e-4)
-    norm = LMRecommender(model, tok, ds, length_normalize=True, progress=False).score_candidates(test)
+    norm = LMRecommender(
+        model, tok, ds, length_normalize=True, max_history=3, progress=False
+    ).score_candidates(test)
     titles = display_titles(ds)
     n_tok = np.array([[len(encode_answer(tok, titles[i])) for i in c] for c in test["candidates"]])
     np.testing.assert_allclose(norm, base / n_tok, atol=1e-5)
@@ -67,7 +71,9 @@ def test_training_mode_is_restored(setup):
     ds, split, model, tok = setup
     model.train()
     try:
-        LMRecommender(model, tok, ds, progress=False).score_candidates(split.stage("test").iloc[:2])
+        LMRecommender(model, tok, ds, max_history=2, progress=False).score_candidates(
+            split.stage("test").iloc[:2]
+        )
         assert model.training
     finally:
         model.eval()
@@ -76,12 +82,14 @@ def test_training_mode_is_restored(setup):
 def test_score_all_scores_every_title_against_open_prompt(setup):
     ds, split, model, tok = setup
     test = split.stage("test").iloc[:2]
-    rec = LMRecommender(model, tok, ds, all_chunk_size=7, progress=False)
+    rec = LMRecommender(model, tok, ds, all_chunk_size=7, max_history=3, progress=False)
     scores = rec.score_all(test)
     assert scores.shape == (2, ds.n_items)
     titles = display_titles(ds)
     row = test.iloc[1]
-    prompt = build_open_prompt(ds, row["history"], seed=0, user=row["user"], position=row["position"])
+    prompt = build_open_prompt(
+        ds, row["history"], seed=0, user=row["user"], position=row["position"], max_history=3
+    )
     assert "Answer:" in prompt and titles[int(row["target"])] not in prompt.split("\n")[-2:]
     with torch.no_grad():
         ref = naive_answer_logprobs(
