@@ -61,7 +61,7 @@ class SequentialTrainConfig:
     """Training fields shared by every sequence baseline (model fields live in subclasses)."""
 
     max_len: int = cfg_field(50, "most recent items of a history the model reads")
-    epochs: int = cfg_field(200, "maximum training epochs (early stopping usually ends sooner)")
+    epochs: int = cfg_field(100, "maximum training epochs (early stopping usually ends sooner)")
     batch_size: int = cfg_field(64, "training windows (sequences of <= max_len items) per optimiser step")
     lr: float = cfg_field(1e-3, "Adam learning rate")
     weight_decay: float = cfg_field(0.0, "Adam L2 weight decay")
