@@ -112,3 +112,37 @@ def test_recommend_rejects_unknown_title(run, capsys):
     err = capsys.readouterr().err.strip()
     assert "unknown history title 'Toy Stroy (1995)'" in err and "Toy Story (1995)" in err
     assert "\n" not in err
+
+
+def test_quickstart_runs_stages_on_shared_examples_and_resumes(run, tmp_path, capsys):
+    _, data, model, _, _ = run
+    out = tmp_path / "qs"
+    results = tmp_path / "results.json"
+    args = [
+        "quickstart", "--output", str(out), "--results", str(results), f"model={model}", "dtype=float32",
+        f"data.path={data}", "data.candidates=5", "baselines=[pop]", "n_train=8", "max_history=4",
+        "training.max_steps=1", "training.batch_size=4", "training.warmup_steps=0", "training.progress=false",
+        "eval.n_test=4", "eval.protocols=[candidates,generation]", "eval.max_new_tokens=4",
+    ]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    records = read_records(results)
+    assert [(r.method, r.protocol) for r in records] == [
+        ("pop", "candidates"),
+        ("zeroshot", "candidates"),
+        ("zeroshot", "generation"),
+        ("sft", "candidates"),
+        ("sft", "generation"),
+    ]
+    assert {r.n_examples for r in records} == {4}  # every method on the same test rows
+    assert all(r.command == records[0].command for r in records)
+    assert "| pop" in table and "| sft" in table
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    # a second run into the same directory needs --resume, which reads finished stages back
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    before = (out / "stages" / "sft.json").read_text()
+    assert main([*args, "--resume"]) == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert (out / "stages" / "sft.json").read_text() == before

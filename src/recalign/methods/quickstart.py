@@ -174,10 +174,8 @@ def stage_baselines(ctx: QuickstartContext) -> list[ResultRecord]:
             )
         )
         if ctx.progress:
-            print(
-                f"{method} [candidates] HR@1={metrics['HR@1']:.4f} NDCG@10={metrics['NDCG@10']:.4f}",
-                flush=True,
-            )
+            shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("HR@1", "NDCG@10") if k in metrics)
+            print(f"{method} [candidates] {shown}", flush=True)
     return records
 
 
