@@ -163,3 +163,18 @@ def test_smollm2_tokenisation_is_chatml():
     )
     assert tok.convert_ids_to_tokens(a[-1]) == "<|im_end|>"
     assert tok.decode(a[:-1]) == "Heat (1995)"
+
+
+def test_item_fields_extend_prompt_listing_but_not_answers(tiny_dataset):
+    ds = tiny_dataset()
+    ds.items["genres"] = ["Animation|Comedy"] + [""] * (len(ds.items) - 1)
+    split = build_split(ds, "loo", n_candidates=5)
+    test = split.stage("test")
+    plain = examples_to_prompts(ds, test)
+    rich = examples_to_prompts(ds, test, item_fields=("genres", "no_such_field"))
+    assert [e.candidates for e in rich] == [e.candidates for e in plain]  # answers unchanged
+    assert [e.target for e in rich] == [e.target for e in plain]
+    p = build_candidate_prompt(ds, [0, 1], [2, 3], template=0, item_fields=("genres",))
+    assert "Toy Story (1995) [genres: Animation, Comedy]" in p
+    assert "Heat (1995)\n" in p or "Heat (1995)" in p and "Heat (1995) [" not in p
+    assert "[genres" not in build_candidate_prompt(ds, [0, 1], [2, 3], template=0)

@@ -276,6 +276,39 @@ def display_titles(dataset: RecDataset, item_idx: Sequence[int] | np.ndarray | N
     return [_title_with_year(t, y) for t, y in zip(titles, years)]
 
 
+def _field_text(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    text = str(value).strip()
+    return ", ".join(p.strip() for p in text.split("|") if p.strip()) if "|" in text else text
+
+
+def prompt_item_texts(
+    dataset: RecDataset,
+    item_idx: Sequence[int] | np.ndarray | None = None,
+    fields: Sequence[str] = (),
+) -> list[str]:
+    """Items as listed *in prompts*: the display title, then optional catalogue fields in brackets,
+    e.g. ``Toy Story (1995) [genres: Animation, Children's, Comedy]`` for ``fields=("genres",)``.
+
+    Fields missing from the catalogue or empty for an item are skipped. Answers stay plain display
+    titles (:func:`display_titles`); only the prompt text gets the extra fields.
+    """
+    titles = display_titles(dataset, item_idx)
+    fields = [f for f in fields if f != "title" and f in dataset.items.columns]
+    if not fields:
+        return titles
+    items = dataset.items
+    if item_idx is not None:
+        items = items.iloc[np.asarray(item_idx, dtype=np.int64)]
+    columns = {f: items[f].tolist() for f in fields}
+    out = []
+    for k, title in enumerate(titles):
+        extras = [f"{f}: {v}" for f in fields if (v := _field_text(columns[f][k]))]
+        out.append(f"{title} [{'; '.join(extras)}]" if extras else title)
+    return out
+
+
 # ---------------------------------------------------------------------- prompts
 @dataclass
 class PromptExample:
@@ -318,15 +351,24 @@ def build_candidate_prompt(
     user: int = 0,
     position: int = 0,
     max_history: int = 10,
+    item_fields: Sequence[str] = (),
 ) -> str:
-    """The next-item prompt for one example (history = last ``max_history`` items, oldest first)."""
+    """The next-item prompt for one example (history = last ``max_history`` items, oldest first).
+
+    ``item_fields`` adds catalogue fields (e.g. ``("genres",)``) to listed items; see
+    :func:`prompt_item_texts`.
+    """
     t = resolve_template(template, seed=seed, user=user, position=position)
     hist = np.asarray(history_idx, dtype=np.int64)
     if max_history is not None and max_history > 0:
         hist = hist[-max_history:]
     noun, nouns = item_noun(dataset)
     return render_next_item(
-        t, display_titles(dataset, hist), display_titles(dataset, candidate_idx), noun, nouns
+        t,
+        prompt_item_texts(dataset, hist, item_fields),
+        prompt_item_texts(dataset, candidate_idx, item_fields),
+        noun,
+        nouns,
     )
 
 
@@ -339,6 +381,7 @@ def build_open_prompt(
     user: int = 0,
     position: int = 0,
     max_history: int = 10,
+    item_fields: Sequence[str] = (),
 ) -> str:
     """The next-item prompt without candidates (task ``next_item_open``), for whole-catalogue scoring."""
     t = resolve_template(template, seed=seed, user=user, position=position, task="next_item_open")
@@ -346,7 +389,7 @@ def build_open_prompt(
     if max_history is not None and max_history > 0:
         hist = hist[-max_history:]
     noun, nouns = item_noun(dataset)
-    return render_next_item(t, display_titles(dataset, hist), [], noun, nouns)
+    return render_next_item(t, prompt_item_texts(dataset, hist, item_fields), [], noun, nouns)
 
 
 def examples_to_prompts(
@@ -356,10 +399,16 @@ def examples_to_prompts(
     max_history: int = 10,
     *,
     template: PromptTemplate | int | str | None = None,
+    item_fields: Sequence[str] = (),
 ) -> list[PromptExample]:
     """Render every row of a split's examples frame (needs ``user``, ``position``, ``history``,
-    ``target``, ``candidates``; candidates must be materialised)."""
+    ``target``, ``candidates``; candidates must be materialised).
+
+    ``candidates`` / ``target`` of the result are plain display titles (the answers); ``item_fields``
+    only changes how items are listed in the prompt text.
+    """
     titles = display_titles(dataset)
+    listed = prompt_item_texts(dataset, None, item_fields) if item_fields else titles
     noun, nouns = item_noun(dataset)
     out: list[PromptExample] = []
     for user, position, history, target, cands in zip(
@@ -379,7 +428,9 @@ def examples_to_prompts(
         if max_history is not None and max_history > 0:
             hist = hist[-max_history:]
         cand_titles = [titles[int(c)] for c in cands]
-        prompt = render_next_item(t, [titles[int(h)] for h in hist], cand_titles, noun, nouns)
+        prompt = render_next_item(
+            t, [listed[int(h)] for h in hist], [listed[int(c)] for c in cands], noun, nouns
+        )
         out.append(
             PromptExample(
                 prompt=prompt,

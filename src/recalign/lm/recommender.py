@@ -59,6 +59,8 @@ class LMRecommender:
         impl: shared-prefix implementation (``"packed"`` or ``"kv"``).
         all_chunk_size: answers per pass in :meth:`score_all`.
         template: force one phrasing (index, name or template) instead of the seeded choice.
+        item_fields: catalogue fields listed with each item in prompts (e.g. ``("genres",)``); must match
+            what the model was trained with.
         progress: show a progress bar.
     """
 
@@ -76,6 +78,7 @@ class LMRecommender:
         impl: str = "packed",
         all_chunk_size: int = 64,
         template: PromptTemplate | int | str | None = None,
+        item_fields: tuple[str, ...] = (),
         progress: bool = True,
     ) -> None:
         self.model = model
@@ -89,6 +92,7 @@ class LMRecommender:
         self.impl = impl
         self.all_chunk_size = all_chunk_size
         self.template = template
+        self.item_fields = tuple(item_fields)
         self.progress = progress
         self._title_ids: list[list[int]] | None = None
 
@@ -103,7 +107,12 @@ class LMRecommender:
     def score_candidates(self, examples: pd.DataFrame) -> np.ndarray:
         """``[n, C]`` log-prob of each candidate title (sum, or mean if ``length_normalize``)."""
         prompts = examples_to_prompts(
-            self.dataset, examples, seed=self.seed, max_history=self.max_history, template=self.template
+            self.dataset,
+            examples,
+            seed=self.seed,
+            max_history=self.max_history,
+            template=self.template,
+            item_fields=self.item_fields,
         )
         cands = [np.asarray(c, dtype=np.int64) for c in examples["candidates"]]
         n_c = max((len(c) for c in cands), default=0)
@@ -135,6 +144,7 @@ class LMRecommender:
                 user=int(user),
                 position=int(position),
                 max_history=self.max_history,
+                item_fields=self.item_fields,
             )
             out[i] = self._score([encode(self.tokenizer, prompt)], [titles], chunk_size=self.all_chunk_size)[
                 0
