@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from recalign.config import describe_config, parse_overrides, read_yaml, save_config
 from recalign.data.splits import SPLITS, Split, build_split
 from recalign.errors import RecalignInputError
@@ -119,7 +121,7 @@ def check_prepared_matches(split: Split, dataset, source: str | Path) -> None:
         )
     for u, p, h in zip(test["user"], test["position"], test["history"]):
         s = seqs[int(u)]
-        if len(s) < int(p) or list(s[: int(p)]) != list(h):
+        if len(s) < int(p) or not np.array_equal(s[: int(p)], h):
             raise RecalignInputError(
                 f"prepared split does not match dataset '{dataset.name}' (user {int(u)}'s history differs); "
                 "was it prepared with different preprocessing?",
