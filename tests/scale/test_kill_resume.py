@@ -7,7 +7,8 @@ checkpoints away; a SIGKILL can land between any two of those writes. recalign m
 complete (``recalign_checkpoint.json``, write-then-rename) only after every file of every process is
 written, resumes only from marked checkpoints, and rotates only after marking.
 
-- ``test_sft_killed_at_random_step_*``: ``recalign sft`` in a subprocess, SIGKILLed after a random
+- ``test_killed_at_random_step_*``: ``recalign sft`` / ``recalign align`` (S-DPO, K=3) in a
+  subprocess, SIGKILLed after a random
   checkpoint; what it left is inspected, an interrupted save is planted on top (the state a kill
   *during* the next save leaves), then ``--resume`` must end with the losses, adapter and metrics of
   an uninterrupted run with the same seed. LoRA dropout is on, so the RNG state must be restored too.
@@ -55,7 +56,7 @@ from recalign.training import (  # noqa: E402
 )
 
 RTOL, ATOL = 1e-4, 1e-5
-MAX_STEPS = 12
+MAX_STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +68,24 @@ def tiny(tmp_path_factory):
     }
 
 
-def write_config(tiny, path):
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(tiny["model"]),
-                "data": {"dataset": "ml-100k", "path": str(tiny["data"]), "split": "llara", "candidates": 5},
-                "n_train": 16,  # 4 batches per epoch: 12 steps cross 2 epoch boundaries
-                "max_history": 4,
-                "lora": {"dropout": 0.1},
-                "training": {
-                    "max_steps": MAX_STEPS, "batch_size": 4, "save_steps": 1, "save_total_limit": 2,
-                    "logging_steps": 1, "progress": False, "learning_rate": 0.01, "seed": 5,
-                },
-                "eval": {"n_test": 4, "protocols": ["candidates"]},
-            }
-        )
-    )  # fmt: skip
+def write_config(tiny, path, command):
+    cfg = {
+        "model": str(tiny["model"]),
+        "data": {"dataset": "ml-100k", "path": str(tiny["data"]), "split": "llara", "candidates": 5},
+        "n_train": 16,  # 4 batches per epoch: 10 steps cross 2 epoch boundaries
+        "max_history": 4,
+        "lora": {"dropout": 0.1},
+        "training": {
+            "max_steps": MAX_STEPS, "batch_size": 4, "save_steps": 1, "save_total_limit": 2,
+            "logging_steps": 1, "progress": False, "learning_rate": 0.01, "seed": 5,
+        },
+        "eval": {"n_test": 4, "protocols": ["candidates"]},
+    }  # fmt: skip
+    if command == "sft":
+        cfg["dtype"] = "float32"  # bfloat16 ("auto" on some CPUs) agrees across thread counts less tightly
+    else:  # S-DPO, K=3, reference log-probs precomputed by the killed run and reused on resume
+        cfg.update(loss="sdpo", negatives=3, strategy="random")
+    path.write_text(yaml.safe_dump(cfg))
     return path
 
 
@@ -136,24 +138,25 @@ def plant_interrupted_save(ckpt_dir):
     return bad
 
 
-def test_sft_killed_at_random_step_resumes_to_the_uninterrupted_result(tiny, tmp_path, capsys):
-    cfg = write_config(tiny, tmp_path / "sft.yaml")
+@pytest.mark.parametrize("command", ["sft", "align"])
+def test_killed_at_random_step_resumes_to_the_uninterrupted_result(tiny, tmp_path, capsys, command):
+    cfg = write_config(tiny, tmp_path / f"{command}.yaml", command)
     killed, ref = tmp_path / "killed", tmp_path / "ref"
-    step = random.randrange(2, MAX_STEPS // 2)
-    print(f"killing after checkpoint {step}")  # shown on failure, to reproduce
+    step = random.randrange(2, MAX_STEPS - 3)
+    print(f"killing {command} after checkpoint {step}")  # shown on failure, to reproduce
     kill_after_checkpoint(
-        recalign_cmd("sft", "--config", str(cfg), "--output", str(killed)), killed / "checkpoints", step
+        recalign_cmd(command, "--config", str(cfg), "--output", str(killed)), killed / "checkpoints", step
     )
     check_left_behind(killed)
     resume_from = find_resume_checkpoint(killed / "checkpoints", resume=True)
     assert resume_from is not None and int(resume_from.name.split("-")[1]) >= step
     plant_interrupted_save(killed / "checkpoints")
     # without --resume the directory is refused; with it, training continues from `resume_from`
-    assert main(["sft", "--config", str(cfg), "--output", str(killed)]) == 2
-    assert main(["sft", "--config", str(cfg), "--output", str(killed), "--resume"]) == 0
+    assert main([command, "--config", str(cfg), "--output", str(killed)]) == 2
+    assert main([command, "--config", str(cfg), "--output", str(killed), "--resume"]) == 0
     out = capsys.readouterr().out
     assert f"resumed from {resume_from}" in out, out
-    assert main(["sft", "--config", str(cfg), "--output", str(ref)]) == 0
+    assert main([command, "--config", str(cfg), "--output", str(ref)]) == 0
 
     lk, lr = step_losses(killed / "checkpoints"), step_losses(ref / "checkpoints")
     assert sorted(lk) == sorted(lr) == list(range(1, MAX_STEPS + 1))

@@ -1,5 +1,10 @@
 """Training commands under ``accelerate launch`` with 2 CPU processes give the 1-process result.
 
+Covered: ``recalign sft`` and ``recalign align`` (S-DPO, K=3). Both run in ONE ``accelerate launch``
+of tests/scale/_cli_sequence.py, which feeds each argument list to the CLI's ``main`` in turn (start-up
+and rendezvous paid once); the 1-process references run in the test process through the same
+``main``.
+
 The comparison keeps the *global* batch fixed: 1 process x batch 4 against 2 processes x batch 2
 (same examples per optimiser step, same data order: accelerate hands process k the k-th slice of
 each global batch). What this guards against, each seen in this code base:
@@ -27,10 +32,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from _procs import TINY, accelerate_cmd, adapter_tensors, assert_same_tensors, run, step_losses
+from _procs import CPU_2PROC, TINY, adapter_tensors, assert_same_tensors, free_port, run, step_losses
 
 sys.path.insert(0, str(TINY))
 import _lm_tiny  # noqa: E402
@@ -38,43 +44,55 @@ import _lm_tiny  # noqa: E402
 from recalign.cli.main import main  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
+TRAINING = {
+    "max_steps": 4, "batch_size": 4, "save_steps": 4, "logging_steps": 1, "progress": False,
+    "learning_rate": 0.01, "warmup_steps": 0, "seed": 3,
+}  # fmt: skip
+
+
+def _configs(root: Path, data: Path, model: Path) -> dict[str, Path]:
+    common = {
+        "model": str(model),
+        "data": {"dataset": "ml-100k", "path": str(data), "split": "llara", "candidates": 5},
+        "n_train": 16,  # 4 steps x global batch 4: one epoch, no partial batch
+        "max_history": 4,
+        "lora": {"dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "training": TRAINING,
+        "eval": {"n_test": 4, "protocols": ["candidates"]},
+    }
+    paths = {"sft": root / "sft.yaml", "align": root / "align.yaml"}
+    # float32 base weights: with dtype "auto" (bfloat16 on CPUs that run it natively) the runs agree
+    # only to bfloat16 precision, since the two layouts round activations in different places
+    paths["sft"].write_text(yaml.safe_dump({**common, "dtype": "float32"}))
+    paths["align"].write_text(
+        yaml.safe_dump({**common, "loss": "sdpo", "negatives": 3, "strategy": "random"})
+    )
+    return paths
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def runs(tmp_path_factory):
+    """Both commands once with 1 process x batch 4 (in-process) and once with 2 processes x batch 2."""
     root = tmp_path_factory.mktemp("scale")
-    return {
-        "data": _lm_tiny.write_ml100k_dir(root / "ml"),
-        "model": _lm_tiny.write_tiny_model(root / "model"),
-        "root": root,
-    }
+    data = _lm_tiny.write_ml100k_dir(root / "ml")
+    model = _lm_tiny.write_tiny_model(root / "model")
+    cfgs = _configs(root, data, model)
+    for cmd, cfg in cfgs.items():
+        assert main([cmd, "--config", str(cfg), "--output", str(root / f"{cmd}-1proc")]) == 0
+    sequence = [
+        [cmd, "--config", str(cfg), "--output", str(root / f"{cmd}-2proc"), "training.batch_size=2"]
+        for cmd, cfg in cfgs.items()
+    ]
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+        "--main_process_port", str(free_port()), str(Path(__file__).parent / "_cli_sequence.py"),
+        json.dumps(sequence),
+    ]  # fmt: skip
+    run(launch)
+    return root
 
 
-def sft_config(tiny, path, **training):
-    cfg = {
-        "model": str(tiny["model"]),
-        "data": {"dataset": "ml-100k", "path": str(tiny["data"]), "split": "llara", "candidates": 5},
-        "n_train": 16,
-        "max_history": 4,
-        "lora": {"dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "training": {
-            "max_steps": 4, "batch_size": 4, "save_steps": 4, "logging_steps": 1, "progress": False,
-            "learning_rate": 0.01, "warmup_steps": 0, "seed": 3,
-        },
-        "eval": {"n_test": 4, "protocols": ["candidates"]},
-    }  # fmt: skip
-    cfg["training"].update(training)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def test_sft_two_processes_match_one(tiny, tmp_path):
-    """``recalign sft`` 2 procs x batch 2 == 1 proc x batch 4: per-step losses, adapter, evaluation."""
-    cfg = sft_config(tiny, tmp_path / "sft.yaml")
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["sft", "--config", str(cfg), "--output", str(one)]) == 0
-    run(accelerate_cmd("sft", "--config", str(cfg), "--output", str(two), "training.batch_size=2"))
-
+def assert_two_match_one(one: Path, two: Path) -> None:
     # it really ran as 2 processes: one RNG state per process, world size 2 in the completeness marker
     ckpt = two / "checkpoints" / "checkpoint-4"
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
@@ -95,3 +113,19 @@ def test_sft_two_processes_match_one(tiny, tmp_path):
     assert m1["metrics"] and m1["metrics"].keys() == m2["metrics"].keys()
     for k, v in m1["metrics"].items():
         assert v == pytest.approx(m2["metrics"][k], abs=1e-6), k
+
+
+def test_sft_two_processes_match_one(runs):
+    """``recalign sft``: per-step losses, adapter weights and evaluation metrics agree."""
+    assert_two_match_one(runs / "sft-1proc", runs / "sft-2proc")
+
+
+def test_sdpo_two_processes_match_one(runs):
+    """``recalign align --loss sdpo`` (K=3, precomputed reference): the same, plus the diagnostics
+    (reward accuracies/margins, averaged over processes) of the last step."""
+    assert_two_match_one(runs / "align-1proc", runs / "align-2proc")
+    d1, d2 = (json.loads((runs / r / "metrics.json").read_text())["run"]["final_diagnostics"]
+              for r in ("align-1proc", "align-2proc"))  # fmt: skip
+    assert d1 and d1.keys() == d2.keys()
+    for k in d1:
+        assert d1[k] == pytest.approx(d2[k], rel=RTOL, abs=ATOL), k
