@@ -222,7 +222,12 @@ def load_lm(
     from recalign.lm.loading import load_model
 
     src = resolve_model(name_or_dir)
-    model, tok = load_model(src.base, dtype=dtype)
+    if src.adapter is not None and resolve_model(src.base).adapter is not None:
+        # Stacked adapters (e.g. an S-DPO adapter trained on top of a merged SFT run): rebuild the
+        # start model first, with its own adapter folded in, then apply this one.
+        model, tok, _ = load_lm(src.base, merge=True, dtype=dtype)
+    else:
+        model, tok = load_model(src.base, dtype=dtype)
     if src.adapter is not None:
         model = load_adapter(model, src.adapter, trainable=trainable)
         if merge and not trainable:
