@@ -1,9 +1,11 @@
 """Training commands under ``accelerate launch`` with 2 CPU processes give the 1-process result.
 
-Covered: ``recalign sft`` and ``recalign align`` (S-DPO, K=3). Both run in ONE ``accelerate launch``
-of tests/scale/_cli_sequence.py, which feeds each argument list to the CLI's ``main`` in turn (start-up
+Covered: ``recalign sft``, ``recalign align`` (S-DPO, K=3) and ``recalign knowledge`` (MIM, BPR,
+retrieval, ranking mixture). All three run in ONE ``accelerate launch`` of
+tests/scale/_cli_sequence.py, which feeds each argument list to the CLI's ``main`` in turn (start-up
 and rendezvous paid once); the 1-process references run in the test process through the same
-``main``.
+``main``. Not covered: ``cllm4rec``, ``dpo4rec`` and ``baseline`` train with loops of their own, not
+through recalign.training, so under ``accelerate launch`` every process runs the whole job.
 
 The comparison keeps the *global* batch fixed: 1 process x batch 4 against 2 processes x batch 2
 (same examples per optimiser step, same data order: accelerate hands process k the k-th slice of
@@ -60,19 +62,27 @@ def _configs(root: Path, data: Path, model: Path) -> dict[str, Path]:
         "training": TRAINING,
         "eval": {"n_test": 4, "protocols": ["candidates"]},
     }
-    paths = {"sft": root / "sft.yaml", "align": root / "align.yaml"}
+    paths = {"sft": root / "sft.yaml", "align": root / "align.yaml", "knowledge": root / "knowledge.yaml"}
     # float32 base weights: with dtype "auto" (bfloat16 on CPUs that run it natively) the runs agree
     # only to bfloat16 precision, since the two layouts round activations in different places
     paths["sft"].write_text(yaml.safe_dump({**common, "dtype": "float32"}))
     paths["align"].write_text(
         yaml.safe_dump({**common, "loss": "sdpo", "negatives": 3, "strategy": "random"})
     )
+    knowledge = {k: v for k, v in common.items() if k not in ("n_train", "max_history", "eval")}
+    knowledge.update(
+        tasks=["mim", "bpr", "retrieval", "ranking"], ratios=[1, 1, 1, 1], history_len=4, dtype="float32",
+        # explicit: the default (max_steps x per-device batch) would give the 2-process run half the data
+        n_examples=16,
+        eval={"tasks": ["ranking"], "n_users": 4},
+    )  # fmt: skip
+    paths["knowledge"].write_text(yaml.safe_dump(knowledge))
     return paths
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both commands once with 1 process x batch 4 (in-process) and once with 2 processes x batch 2."""
+    """Every command once with 1 process x batch 4 (in-process) and once with 2 processes x batch 2."""
     root = tmp_path_factory.mktemp("scale")
     data = _lm_tiny.write_ml100k_dir(root / "ml")
     model = _lm_tiny.write_tiny_model(root / "model")
@@ -129,3 +139,8 @@ def test_sdpo_two_processes_match_one(runs):
     assert d1 and d1.keys() == d2.keys()
     for k in d1:
         assert d1[k] == pytest.approx(d2[k], rel=RTOL, abs=ATOL), k
+
+
+def test_knowledge_two_processes_match_one(runs):
+    """``recalign knowledge``: the multi-task mixture SFT, same checks."""
+    assert_two_match_one(runs / "knowledge-1proc", runs / "knowledge-2proc")
