@@ -4,8 +4,10 @@ Covered: ``recalign sft``, ``recalign align`` (S-DPO, K=3) and ``recalign knowle
 retrieval, ranking mixture). All three run in ONE ``accelerate launch`` of
 tests/scale/_cli_sequence.py, which feeds each argument list to the CLI's ``main`` in turn (start-up
 and rendezvous paid once); the 1-process references run in the test process through the same
-``main``. Not covered: ``cllm4rec``, ``dpo4rec`` and ``baseline`` train with loops of their own, not
-through recalign.training, so under ``accelerate launch`` every process runs the whole job.
+``main``. Not covered: ``cllm4rec`` and ``baseline`` train with loops of their own, not through
+recalign.training, so under ``accelerate launch`` every process runs the whole job; ``dpo4rec``'s DPO
+step goes through recalign.training, but its summary generation and fused recommender run in every
+process.
 
 The comparison keeps the *global* batch fixed: 1 process x batch 4 against 2 processes x batch 2
 (same examples per optimiser step, same data order: accelerate hands process k the k-th slice of
