@@ -107,7 +107,7 @@ class RecommenderConformance:
         return self.make_recommender(0).fit(ds, split)
 
     @pytest.fixture(scope="class")
-    def test_examples(self, data) -> pd.DataFrame:
+    def held_out(self, data) -> pd.DataFrame:
         return data[1].stage("test")
 
     # ------------------------------------------------------------------ interface
@@ -115,33 +115,33 @@ class RecommenderConformance:
         assert isinstance(fitted, Recommender)
         assert isinstance(fitted.name, str) and fitted.name == fitted.name.lower() and fitted.name
 
-    def test_scoring_before_fit_raises(self, test_examples):
+    def test_scoring_before_fit_raises(self, held_out):
         if not self.requires_fit:
             pytest.skip("this recommender can score without fitting")
         with pytest.raises(RuntimeError, match="not fitted"):
-            self.make_recommender(0).score_all(test_examples)
+            self.make_recommender(0).score_all(held_out)
 
-    def test_candidate_scores_have_one_finite_score_per_candidate(self, fitted, test_examples):
-        scores = np.asarray(fitted.score_candidates(test_examples))
-        assert scores.shape == (len(test_examples), 20)
+    def test_candidate_scores_have_one_finite_score_per_candidate(self, fitted, held_out):
+        scores = np.asarray(fitted.score_candidates(held_out))
+        assert scores.shape == (len(held_out), 20)
         assert np.isfinite(scores).all()
 
-    def test_full_scores_cover_the_catalogue(self, fitted, data, test_examples):
-        scores = np.asarray(fitted.score_all(test_examples))
-        assert scores.shape == (len(test_examples), data[0].n_items)
+    def test_full_scores_cover_the_catalogue(self, fitted, data, held_out):
+        scores = np.asarray(fitted.score_all(held_out))
+        assert scores.shape == (len(held_out), data[0].n_items)
         assert np.isfinite(scores).all()
 
-    def test_candidate_scores_agree_with_full_scores(self, fitted, test_examples):
+    def test_candidate_scores_agree_with_full_scores(self, fitted, held_out):
         if not self.candidates_match_full:
             pytest.skip("candidate and catalogue scores come from different procedures")
-        full = np.asarray(fitted.score_all(test_examples))
-        cands = np.stack(test_examples["candidates"].to_numpy())
+        full = np.asarray(fitted.score_all(held_out))
+        cands = np.stack(held_out["candidates"].to_numpy())
         expected = np.take_along_axis(full, cands, axis=1)
-        np.testing.assert_allclose(fitted.score_candidates(test_examples), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fitted.score_candidates(held_out), expected, rtol=1e-5, atol=1e-5)
 
-    def test_scores_do_not_depend_on_the_batch(self, fitted, test_examples):
+    def test_scores_do_not_depend_on_the_batch(self, fitted, held_out):
         """Scoring rows one at a time gives the batch's scores (padding and batching leak nothing)."""
-        some = test_examples.iloc[:12]
+        some = held_out.iloc[:12]
         batch = np.asarray(fitted.score_candidates(some))
         single = np.concatenate(
             [np.asarray(fitted.score_candidates(some.iloc[[i]])) for i in range(len(some))]
@@ -149,41 +149,38 @@ class RecommenderConformance:
         np.testing.assert_allclose(single, batch, rtol=1e-5, atol=1e-5)
 
     # ------------------------------------------------------------------ quality on planted structure
-    def test_candidate_ranking_beats_random(self, fitted, test_examples):
-        m = evaluate_candidates(fitted, test_examples)
+    def test_candidate_ranking_beats_random(self, fitted, held_out):
+        m = evaluate_candidates(fitted, held_out)
         assert m["HR@1"] >= self.min_candidate_hr1, m
         assert m["AUC"] > 0.5, m
 
-    def test_full_ranking_excludes_seen_items_and_beats_random(self, fitted, data, test_examples):
-        ranks = full_ranks(fitted.score_all(test_examples), test_examples)
+    def test_full_ranking_excludes_seen_items_and_beats_random(self, fitted, data, held_out):
+        ranks = full_ranks(fitted.score_all(held_out), held_out)
         n_items = data[0].n_items
         unseen = np.array(
-            [
-                n_items - len(set(h.tolist()) - {t})
-                for h, t in zip(test_examples["history"], test_examples["target"])
-            ]
+            [n_items - len(set(h.tolist()) - {t}) for h, t in zip(held_out["history"], held_out["target"])]
         )
         assert (ranks >= 1).all() and (ranks <= unseen).all()
-        m = evaluate_full(fitted, test_examples)
+        m = evaluate_full(fitted, held_out)
         assert m["HR@10"] >= self.min_full_hr10, m
 
     # ------------------------------------------------------------------ reproducibility and leakage
-    def test_same_seed_gives_identical_scores(self, data, fitted, test_examples):
+    def test_same_seed_gives_identical_scores(self, data, fitted, held_out):
         ds, split = data
         again = self.make_recommender(0)
         assert again.fit(ds, split) is again  # fit returns the recommender, so calls chain
-        np.testing.assert_array_equal(again.score_all(test_examples), fitted.score_all(test_examples))
+        np.testing.assert_array_equal(again.score_all(held_out), fitted.score_all(held_out))
         if self.seed_changes_scores:
             other = self.make_recommender(1).fit(ds, split)
-            assert not np.array_equal(other.score_all(test_examples), fitted.score_all(test_examples))
+            assert not np.array_equal(other.score_all(held_out), fitted.score_all(held_out))
 
-    def test_test_targets_do_not_influence_training(self, data, fitted, test_examples):
+    def test_test_targets_do_not_influence_training(self, data, fitted, held_out):
         """Refit on a log whose test targets differ: identical test scores prove they were never used."""
         ds, _ = data
         swapped = dataset_from_log(with_swapped_test_targets(chain_log()), ds.n_items)
         assert swapped.items["item_id"].tolist() == ds.items["item_id"].tolist()  # same item indices
         split2 = build_split(swapped, "loo", seed=0)
         test2 = split2.stage("test")
-        assert (test2["target"].to_numpy() != test_examples["target"].to_numpy()).all()
+        assert (test2["target"].to_numpy() != held_out["target"].to_numpy()).all()
         model2 = self.make_recommender(0).fit(swapped, split2)
-        np.testing.assert_array_equal(model2.score_all(test2), fitted.score_all(test_examples))
+        np.testing.assert_array_equal(model2.score_all(test2), fitted.score_all(held_out))
