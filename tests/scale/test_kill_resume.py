@@ -8,10 +8,10 @@ complete (``recalign_checkpoint.json``, write-then-rename) only after every file
 written, resumes only from marked checkpoints, and rotates only after marking.
 
 - ``test_killed_at_random_step_*``: ``recalign sft`` / ``recalign align`` (S-DPO, K=3) in a
-  subprocess, SIGKILLed after a random
-  checkpoint; what it left is inspected, an interrupted save is planted on top (the state a kill
-  *during* the next save leaves), then ``--resume`` must end with the losses, adapter and metrics of
-  an uninterrupted run with the same seed. LoRA dropout is on, so the RNG state must be restored too.
+  subprocess, SIGKILLed after a random checkpoint; what it left is inspected, an interrupted save is
+  planted on top (the state a kill *during* the next save leaves), then ``--resume`` must end with
+  the losses, adapter and metrics of an uninterrupted run with the same seed. LoRA dropout is on, so
+  the RNG state must be restored too.
 - ``test_crash_inside_checkpoint_save_*``: the same guarantee at the training layer, with the crash
   placed deterministically between ``trainer_state.json`` and the marker, and ``save_total_limit=1``
   (the previous checkpoint must survive until the new one is complete).
