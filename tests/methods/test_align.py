@@ -97,6 +97,7 @@ def _tiny_sft(env, out):
             "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
             "n_train": 24,
             "max_history": 4,
+            "dtype": "float32",
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
             "training": {
                 "learning_rate": 3e-2,
@@ -122,6 +123,7 @@ def _align_cfg(env, start, **over) -> AlignConfig:
         "n_train": 16,
         "max_history": 4,
         "beta": 1.0,
+        "dtype": "float32",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
         "training": {
             "learning_rate": 2e-2,

@@ -36,8 +36,8 @@ from recalign.config import cfg_field, config_to_dict, read_yaml, save_config
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, current_command, write_records
 from recalign.io import atomic_write_json
-from recalign.lm.lora import LoRAConfig
-from recalign.methods import PreparedData, load_data, sample_examples
+from recalign.lm.lora import LoRAConfig, resolve_dtype
+from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.zeroshot import EvalConfig, evaluate_lm, metric_keys_flat
 from recalign.training.config import TrainingConfig
 
@@ -72,12 +72,18 @@ class AlignConfig:
     method: str = cfg_field("", "method name in result records (default: dpo, sdpo-k3, dmpo-k3, ...)")
     data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=_default_data)
     n_train: int = cfg_field(128, "training examples (each with 1+K answers) sampled from the train stage")
-    train_offset: int = cfg_field(
-        0, "skip this many sampled training examples first (e.g. those SFT used), taking the next n_train"
+    sample_seed: int | None = cfg_field(
+        None,
+        "seed for drawing the training examples (default: seed); another value draws examples SFT did not train on",
     )
     max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
     seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
     scoring_impl: Literal["packed", "kv"] = cfg_field("packed", "shared-prefix implementation")
+    dtype: str = cfg_field(
+        "auto",
+        "base weights: auto (bfloat16 where native, else float32), float32 or bfloat16; LoRA stays float32",
+    )
+    threads: int = cfg_field(0, "torch CPU threads (0: torch's default; 1 is faster on a shared, busy CPU)")
     lora: LoRAConfig = cfg_field(
         help="the new LoRA adapter trained on top of the start model", default_factory=LoRAConfig
     )
@@ -99,8 +105,11 @@ class AlignConfig:
             )
         if self.beta <= 0:
             raise RecalignInputError(f"must be > 0, got {self.beta}", field="beta")
-        if self.n_train < 1 or self.train_offset < 0:
-            raise RecalignInputError("n_train must be >= 1 and train_offset >= 0", field="n_train")
+        if self.threads < 0:
+            raise RecalignInputError("must be >= 0", field="threads")
+        resolve_dtype(self.dtype)
+        if self.n_train < 1:
+            raise RecalignInputError(f"must be >= 1, got {self.n_train}", field="n_train")
         if not self.lora.enabled:
             raise RecalignInputError(
                 "alignment trains an adapter; lora.enabled must be true", field="lora.enabled"
@@ -164,7 +173,18 @@ def _check_resume_config(cfg: AlignConfig, path: Path) -> None:
     if not path.is_file():
         return
     old, new = read_yaml(path), config_to_dict(cfg)
-    for key in ("model", "loss", "negatives", "strategy", "beta", "data", "n_train", "seed", "lora"):
+    for key in (
+        "model",
+        "loss",
+        "negatives",
+        "strategy",
+        "beta",
+        "data",
+        "n_train",
+        "seed",
+        "sample_seed",
+        "lora",
+    ):
         if old.get(key) != new.get(key):
             raise RecalignInputError(
                 f"'{key}' differs from the run being resumed ({old.get(key)!r} vs {new.get(key)!r})",
@@ -173,15 +193,9 @@ def _check_resume_config(cfg: AlignConfig, path: Path) -> None:
 
 
 def training_frame(cfg: AlignConfig, data: PreparedData) -> pd.DataFrame:
-    """``n_train`` training rows after skipping ``train_offset`` of the seeded sample order."""
-    train = data.split.stage("train")
-    want = cfg.train_offset + cfg.n_train
-    sampled = sample_examples(train, want, cfg.seed, stage="train")
-    if cfg.train_offset:
-        # sample_examples keeps rows in split order; re-draw the order so the offset skips a random subset
-        order = torch.randperm(len(sampled), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-        sampled = sampled.iloc[sorted(order[cfg.train_offset :])].reset_index(drop=True)
-    return sampled
+    """``n_train`` training rows drawn with ``sample_seed`` (default ``seed``), in split order."""
+    seed = cfg.seed if cfg.sample_seed is None else cfg.sample_seed
+    return sample_examples(data.split.stage("train"), cfg.n_train, seed, stage="train")
 
 
 def build_examples(
@@ -256,7 +270,10 @@ def run_align(
 
     data = data or load_data(cfg.data)
     frame = training_frame(cfg, data)
-    model, tok, src = load_lm(cfg.model, merge=True)  # the start model, adapter folded in = the reference
+    set_threads(cfg.threads)
+    dtype = resolve_dtype(cfg.dtype)
+    # the start model with its adapter folded in: this is the reference
+    model, tok, src = load_lm(cfg.model, merge=True, dtype=dtype)
     examples, pref = build_examples(cfg, model, tok, data, frame, out / "reference", progress)
     torch.manual_seed(cfg.training.seed)
     model = attach_lora(model, cfg.lora)
@@ -303,6 +320,7 @@ def run_align(
             "negatives": cfg.negatives,
             "strategy": cfg.strategy,
             "reference": cfg.reference,
+            "dtype": str(dtype).replace("torch.", ""),
             "dataset": data.dataset.name,
             "split": data.split.name,
             "n_train": len(frame),
