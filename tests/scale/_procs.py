@@ -74,6 +74,14 @@ def step_losses(checkpoint_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
+def float32_option(config_cls: type) -> dict:
+    """``{"dtype": "float32"}`` if the recipe's config has a dtype field (its default, "auto", means
+    bfloat16 on CPUs that run it natively, and bfloat16 runs agree only to bfloat16 precision)."""
+    import dataclasses
+
+    return {"dtype": "float32"} if "dtype" in {f.name for f in dataclasses.fields(config_cls)} else {}
+
+
 def assert_same_tensors(a: dict, b: dict, *, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys() and a, "adapters hold different (or no) tensors"
     for k in a:

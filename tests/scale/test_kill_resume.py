@@ -36,7 +36,15 @@ import time
 import pytest
 import torch
 import yaml
-from _procs import TINY, adapter_tensors, assert_same_tensors, child_env, recalign_cmd, step_losses
+from _procs import (
+    TINY,
+    adapter_tensors,
+    assert_same_tensors,
+    child_env,
+    float32_option,
+    recalign_cmd,
+    step_losses,
+)
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(TINY))
@@ -46,6 +54,7 @@ import recalign.training.trainer as trainer_mod  # noqa: E402
 from recalign.cli.main import main  # noqa: E402
 from recalign.lm.loading import build_tiny_llama  # noqa: E402
 from recalign.lm.lora import LoRAConfig, attach_lora  # noqa: E402
+from recalign.methods.align import AlignConfig  # noqa: E402
 from recalign.methods.sft import SFTObjective  # noqa: E402
 from recalign.training import (  # noqa: E402
     TrainingConfig,
@@ -84,7 +93,7 @@ def write_config(tiny, path, command):
     if command == "sft":
         cfg["dtype"] = "float32"  # bfloat16 ("auto" on some CPUs) agrees across thread counts less tightly
     else:  # S-DPO, K=3, reference log-probs precomputed by the killed run and reused on resume
-        cfg.update(loss="sdpo", negatives=3, strategy="random")
+        cfg.update(loss="sdpo", negatives=3, strategy="random", **float32_option(AlignConfig))
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -40,12 +40,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _procs import CPU_2PROC, TINY, adapter_tensors, assert_same_tensors, free_port, run, step_losses
+from _procs import (
+    CPU_2PROC,
+    TINY,
+    adapter_tensors,
+    assert_same_tensors,
+    float32_option,
+    free_port,
+    run,
+    step_losses,
+)
 
 sys.path.insert(0, str(TINY))
 import _lm_tiny  # noqa: E402
 
 from recalign.cli.main import main  # noqa: E402
+from recalign.methods.align import AlignConfig  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 TRAINING = {
@@ -69,7 +79,9 @@ def _configs(root: Path, data: Path, model: Path) -> dict[str, Path]:
     # only to bfloat16 precision, since the two layouts round activations in different places
     paths["sft"].write_text(yaml.safe_dump({**common, "dtype": "float32"}))
     paths["align"].write_text(
-        yaml.safe_dump({**common, "loss": "sdpo", "negatives": 3, "strategy": "random"})
+        yaml.safe_dump(
+            {**common, "loss": "sdpo", "negatives": 3, "strategy": "random", **float32_option(AlignConfig)}
+        )
     )
     knowledge = {k: v for k, v in common.items() if k not in ("n_train", "max_history", "eval")}
     knowledge.update(
