@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +86,49 @@ def run_variant(name: str, split: str, runs: Path, overrides: list[str], command
     return records
 
 
+def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list[ResultRecord]:
+    """Longer fine-tuning of a finished holdout variant, as evidence of where more compute leads.
+
+    ``spec`` is ``variant:200,300``: the run directory of ``variant`` is copied (pretrained tables and
+    the fine-tuning checkpoint at its last step) and fine-tuning *continues* to 200, then 300 steps —
+    identical to uninterrupted runs of that length, because resumption is exact. Each point is
+    evaluated and recorded as method ``<variant>-ft<steps>``.
+    """
+    name, _, steps = spec.partition(":")
+    src = runs / f"{name}-holdout"
+    records = []
+    for n in [int(x) for x in steps.split(",") if x]:
+        over = [
+            *VARIANTS[name],
+            f"method={name}-ft{n}",
+            "data.split=holdout",
+            *overrides,
+            f"finetune.steps={n}",
+        ]
+        cfg = load_config(CLLM4RecConfig, CONFIG, over)
+        out = runs / f"{name}-holdout-ft{n}"
+        if not (out / "model.safetensors").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for f in ("pretrain.safetensors", "pretrain_log.json"):
+                shutil.copy2(src / f, out / f)
+            shutil.copytree(
+                src / "checkpoints" / "finetune", out / "checkpoints" / "finetune", dirs_exist_ok=True
+            )
+        print(f"== {name}: fine-tuning continued to {n} steps in {out}", flush=True)
+        pipeline.finetune(cfg, out)
+        recs = pipeline.evaluate(cfg, out)
+        for r in recs:
+            r.command = command
+            r.extra["cli"] = (
+                f"(continued from {src}) recalign cllm4rec finetune/evaluate --config {CONFIG} --output {out} "
+                + " ".join(shlex.quote(o) for o in over)
+            )
+            r.extra["run_dir"] = str(out)
+        records.extend(recs)
+        src = out
+    return records
+
+
 def run_baseline(name: str, dataset, split, command: str, sasrec_epochs: dict) -> list[ResultRecord]:
     from recalign.baselines import make_baseline
 
@@ -114,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--variant-splits", default="cllm4rec:holdout,loo;*:holdout", help="which splits each variant runs on"
     )
+    ap.add_argument(
+        "--curve",
+        default="",
+        help="variant:steps,... continue a finished holdout run's fine-tuning (evidence)",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every CLLM4Rec variant")
     args = ap.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
@@ -125,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = part.partition(":")
         plan[k] = v.split(",")
     results, runs = Path(args.results), Path(args.runs)
+    if args.curve:
+        merge(results, run_curve(args.curve, runs, args.overrides, command))
+        return 0
     return _run(only, splits, plan, results, runs, args.overrides, command)
 
 

@@ -93,6 +93,7 @@ def test_resume_equals_uninterrupted_run(make_model, make_config, dataset, split
     resumed, tok = make_model(cfg)  # a fresh process: new tables, new optimisers
     rest = run_stage(resumed, _data(tok, dataset, split), cfg, "pretrain", tmp_path)
     assert rest.completed and rest.steps == 8 and len(rest.log) == 8
+    assert rest.seconds >= meta["seconds"] > 0  # time is cumulative over the interruption
     for name, t in full.id_state().items():
         assert torch.allclose(t, resumed.id_state()[name], atol=1e-6), name
 

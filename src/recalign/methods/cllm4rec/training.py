@@ -168,7 +168,7 @@ def run_stage(
     }
     reg_users = data.content_has_users
 
-    start, log = 0, []
+    start, log, seconds_before = 0, [], 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model, optimizers)
@@ -176,13 +176,16 @@ def run_stage(
             if meta.get("stage") != stage:
                 raise ValueError(f"{ckpt} holds a '{meta.get('stage')}' checkpoint, not '{stage}'")
             start, log = int(meta["step"]), list(meta.get("log", []))
+            seconds_before = float(meta.get("seconds", 0.0))
+
+    t0 = time.time()
 
     def checkpoint(step: int) -> None:
         if ckpt is not None:
-            save_checkpoint(ckpt, model, optimizers, step, {"stage": stage, "total": total, "log": log})
+            info = {"stage": stage, "total": total, "seconds": seconds_before + time.time() - t0, "log": log}
+            save_checkpoint(ckpt, model, optimizers, step, info)
 
     model.train()
-    t0 = time.time()
     end = total if stop_after is None else min(total, stop_after)
     bar = tqdm(
         range(start, end),
@@ -219,4 +222,5 @@ def run_stage(
     bar.close()
     checkpoint(end)
     model.eval()
-    return StageResult(stage, end, log, time.time() - t0, completed=end == total)
+    # seconds are cumulative over resumptions: the cost of the stage, not of this process
+    return StageResult(stage, end, log, seconds_before + time.time() - t0, completed=end == total)
