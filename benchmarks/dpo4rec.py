@@ -14,9 +14,11 @@ candidates, candidate-ranking protocol):
     cross-fitted).
 
 Each record's ``extra`` carries the mean reward of the N sampled summaries per user before and after
-alignment (on the users' *valid* examples, the quantity DPO optimises); the file's top-level ``extra``
-holds the reward details, pair counts (including users skipped because all N summaries tied), DPO
-diagnostics and stage timings, copied from the run's ``metrics.json``.
+alignment (on the users' *valid* examples, the quantity DPO optimises); the file's top-level
+``extra.runs[<variant>]`` holds each run's reward details, pair counts (including users skipped because
+all N summaries tied), DPO diagnostics, stage timings and resolved config, copied from its
+``metrics.json``. ``--method-suffix`` / ``--merge`` add a variant run (e.g. another reward) to the same
+file without touching the other records.
 
 The run itself is ``recalign.methods.dpo4rec.recipe.run_dpo4rec`` (the same code as ``recalign dpo4rec``);
 it is resumable, so rerunning the same command after an interruption continues where it stopped.
@@ -28,6 +30,7 @@ Run:  python benchmarks/dpo4rec.py --config configs/dpo4rec_ml100k.yaml --run-di
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -45,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--users", type=int, default=None)
+    p.add_argument(
+        "--method-suffix",
+        default="",
+        help="appended to the method names of this run's LM records (a variant, e.g. '-logprob')",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into an existing --output: replace records with the same method, keep the others",
+    )
+    p.add_argument("--skip-methods", default="", help="comma-separated methods not to write (e.g. sasrec)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
@@ -57,24 +71,38 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     result = run_dpo4rec(cfg, args.run_dir, command=command)
     m = result.metrics
-    payload = {
+    skip = {x for x in args.skip_methods.split(",") if x}
+    records = []
+    for r in result.records:
+        d = r.to_dict()
+        if d["method"] in skip:
+            continue
+        if d["method"] != "sasrec":
+            d["method"] += args.method_suffix
+        records.append(d)
+    run_extra = {
         "command": command,
-        "records": [r.to_dict() for r in result.records],
-        "extra": {
-            "reward": m["reward"],
-            "pairs": m["pairs"],
-            "dpo": m["dpo"],
-            "fusion": m["fusion"],
-            "sasrec": m["sasrec"],
-            "users": m["users"],
-            "samples_per_user": m["samples_per_user"],
-            "iterations": m["iterations"],
-            "seconds": m["seconds"],
-            "config": config_to_dict(cfg),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": cfg.threads},
-        },
+        "reward": m["reward"],
+        "pairs": m["pairs"],
+        "dpo": m["dpo"],
+        "fusion": m["fusion"],
+        "sasrec": m["sasrec"],
+        "users": m["users"],
+        "samples_per_user": m["samples_per_user"],
+        "iterations": m["iterations"],
+        "seconds": m["seconds"],
+        "config": config_to_dict(cfg),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": cfg.threads},
     }
-    atomic_write_json(Path(args.output), payload)
+    out = Path(args.output)
+    payload = {"records": [], "extra": {"runs": {}}}
+    if args.merge and out.is_file():
+        payload = json.loads(out.read_text(encoding="utf-8"))
+        payload.setdefault("extra", {}).setdefault("runs", {})
+    methods = {d["method"] for d in records}
+    payload["records"] = [d for d in payload["records"] if d["method"] not in methods] + records
+    payload["extra"]["runs"][args.method_suffix or "default"] = run_extra
+    atomic_write_json(out, payload)
     print(f"wrote {args.output}")
     return 0
 

@@ -31,6 +31,7 @@ whose output exists is skipped on rerun, so an interrupted run resumes where it 
 ``pairs/iter{t}.jsonl``                best/worst pairs (+ ``pairs/iter{t}.stats.json``, ties counted)
 ``adapters/iter{t}/``                  the LoRA adapter after t DPO rounds (``dpo/iter{t}/`` checkpoints)
 ``summaries/test_{unaligned,aligned}.jsonl``  one summary per user for the test examples
+``timings.json``                       seconds per stage, accumulated over (resumed) invocations
 ``metrics.json``, ``records.json``     everything measured; quality-shaped result records
 ====================================  =========================================================
 """
@@ -428,6 +429,17 @@ def evaluate_augmented(
 
 
 # ---------------------------------------------------------------------- the run
+def _previous_seconds(out: Path) -> dict[str, float]:
+    """Stage timings of earlier invocations: ``timings.json``, else a finished run's ``metrics.json``."""
+    timings, metrics = out / "timings.json", out / "metrics.json"
+    if timings.is_file():
+        return {k: float(v) for k, v in json.loads(timings.read_text(encoding="utf-8")).items()}
+    if metrics.is_file():
+        old = json.loads(metrics.read_text(encoding="utf-8")).get("seconds", {})
+        return {k: float(v) for k, v in old.items() if k != "total"}
+    return {}
+
+
 @dataclasses.dataclass
 class DPO4RecResult:
     metrics: dict
@@ -456,11 +468,13 @@ def run_dpo4rec(
     out.mkdir(parents=True, exist_ok=True)
     progress = cfg.progress
     check_or_save_config(cfg, out)
-    t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
+    # Stage timings accumulate across invocations (a resumed run reports the time its stages really
+    # took, not just the time of the last, mostly-skipping invocation).
+    seconds = _previous_seconds(out)
 
     def mark(stage: str, t0: float) -> None:
         seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
+        atomic_write_json(out / "timings.json", seconds)
 
     with torch_threads(cfg.threads):
         # ---- data
@@ -625,7 +639,7 @@ def run_dpo4rec(
             test_seconds[name] = time.perf_counter() - t0
             mark("test", t0)
 
-    total = time.perf_counter() - t_start
+    total = sum(seconds.values())
     reward_info = {
         "metric": reward_name(cfg),
         "before": rewards[0],
@@ -657,7 +671,7 @@ def run_dpo4rec(
         ResultRecord(
             method="sasrec",
             metrics=sasrec_test,
-            seconds=seconds.get("sasrec", 0.0),
+            seconds=round(float(sasrec_info.get("seconds", seconds.get("sasrec", 0.0))), 3),
             command=cmd,
             extra={"note": "the SASRec backbone of this run, on the same test users"},
             **common,
