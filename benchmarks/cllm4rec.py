@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import shlex
 import shutil
 import sys
@@ -41,6 +42,7 @@ import torch
 
 from recalign.config import load_config
 from recalign.evaluation.records import ResultRecord, read_records, write_records
+from recalign.io import atomic_write_json
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.protocol import holdout_split
@@ -114,6 +116,11 @@ def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list
             shutil.copytree(
                 src / "checkpoints" / "finetune", out / "checkpoints" / "finetune", dirs_exist_ok=True
             )
+            state = out / "checkpoints" / "finetune" / "state.json"
+            meta = json.loads(state.read_text())
+            if "seconds" not in meta:  # written before stage time was checkpointed: take it from the log
+                meta["seconds"] = json.loads((src / "finetune_log.json").read_text())["seconds"]
+                atomic_write_json(state, meta)
         print(f"== {name}: fine-tuning continued to {n} steps in {out}", flush=True)
         pipeline.finetune(cfg, out)
         recs = pipeline.evaluate(cfg, out)
