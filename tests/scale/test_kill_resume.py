@@ -174,6 +174,8 @@ def test_killed_at_random_step_resumes_to_the_uninterrupted_result(tiny, tmp_pat
     mk = json.loads((killed / "metrics.json").read_text())
     mr = json.loads((ref / "metrics.json").read_text())
     assert mk["run"]["train_steps"] == mr["run"]["train_steps"] == MAX_STEPS
+    # the whole run's mean loss, not just the mean over the steps run after resuming
+    assert mk["run"]["train_loss"] == pytest.approx(mr["run"]["train_loss"], rel=RTOL, abs=ATOL)
     assert mk["metrics"] == pytest.approx(mr["metrics"], abs=1e-6)
     assert all(is_complete_checkpoint(c) for c in list_checkpoints(killed / "checkpoints"))
 

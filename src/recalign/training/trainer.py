@@ -214,6 +214,18 @@ def find_resume_checkpoint(directory: str | Path, resume: bool) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _mean_logged_loss(history: list[dict], fallback: float) -> float:
+    """Mean per-step training loss over every logged step (each entry averages the steps since the
+    previous one)."""
+    prev, total, covered = 0, 0.0, 0
+    for h in history:
+        if "loss" in h and "step" in h and h["step"] > prev:
+            total += float(h["loss"]) * (h["step"] - prev)
+            covered += h["step"] - prev
+            prev = h["step"]
+    return total / covered if covered else fallback
+
+
 @dataclass
 class TrainOutcome:
     """What a training run produced."""
@@ -270,9 +282,14 @@ def train(
     seconds = time.perf_counter() - t0
     if trainer.args.should_save:
         trainer.save_state()
+    train_loss = float(result.training_loss)
+    if resume_from is not None:
+        # Trainer's figure only averages the steps run since resuming; the restored log history
+        # covers the whole run, so a resumed run reports what the uninterrupted one would.
+        train_loss = _mean_logged_loss(trainer.state.log_history, train_loss)
     return TrainOutcome(
         global_step=int(result.global_step),
-        train_loss=float(result.training_loss),
+        train_loss=train_loss,
         resumed_from=resume_from,
         log_history=list(trainer.state.log_history),
         seconds=seconds,
