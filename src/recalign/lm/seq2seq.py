@@ -289,14 +289,16 @@ def score_answers(
     return answer_logprobs(model, prompts, answers, impl=causal_impl, chunk_size=chunk_size)
 
 
-def load_seq2seq(path: str):
+def load_seq2seq(path: str, dtype: torch.dtype = torch.float32):
     """A local encoder-decoder model directory (FLAN-T5 style): safetensors only, no remote code."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from recalign.errors import RecalignInputError
 
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as e:
         raise RecalignInputError(f"cannot load model: {str(e).splitlines()[0]}", source=path) from None

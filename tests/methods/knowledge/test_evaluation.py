@@ -94,7 +94,7 @@ def test_pruned_catalogue_search_matches_exhaustive_ranks(family):
     masked = full.copy()
     masked[list(exclude)] = -np.inf
     seen_ranks = set()
-    for target in range(0, len(CATALOGUE), 3):
+    for target in range(0, len(CATALOGUE), 5):
         m = masked.copy()
         m[target] = full[target]
         exact = int((m >= m[target]).sum())
@@ -107,7 +107,7 @@ def test_pruned_catalogue_search_matches_exhaustive_ranks(family):
                 scorer.encode_answer(CATALOGUE[target]),
                 exclude - {target},
                 k_max,
-                nodes_per_pass=4,
+                nodes_per_pass=8,
             )
             assert got == (exact if exact <= k_max else k_max + 1), (target, k_max, exact, got)
             assert cost > 0

@@ -121,6 +121,11 @@ class KnowledgeConfig:
     threads: int = cfg_field(
         0, "torch CPU threads (0: torch's default). On a shared CPU, 1 is often several times faster"
     )
+    dtype: str = cfg_field(
+        "auto",
+        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
+        "bfloat16; the LoRA adapter always trains in float32 (tiny models are always float32)",
+    )
     lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
     training: TrainingConfig = cfg_field(
         help="optimisation and checkpoints", default_factory=_default_training
@@ -135,6 +140,9 @@ class KnowledgeConfig:
         allocate(0, self.tasks, self.ratios)  # checks names, duplicates, counts and ratio values
         if self.threads < 0:
             raise RecalignInputError("must be >= 0", field="threads")
+        from recalign.lm.lora import resolve_dtype
+
+        resolve_dtype(self.dtype)
         if self.n_examples < 0:
             raise RecalignInputError("must be >= 0", field="n_examples")
         if self.history_len < 1:
@@ -211,18 +219,18 @@ def _tiny_model(kind: str, texts: list[str], hidden: int, out: Path, seed: int):
     return model, tok, str(base_dir)
 
 
-def load_base(name: str, texts: list[str], hidden: int, out: Path, seed: int):
+def load_base(name: str, texts: list[str], hidden: int, out: Path, seed: int, *, dtype: str = "float32"):
     """(model, tokenizer, base name recorded with the adapter) for any ``model`` value of the config."""
-    from recalign.lm.lora import load_lm
+    from recalign.lm.lora import load_lm, resolve_dtype
 
     if name in TINY_MODELS:
         return _tiny_model(name, texts, hidden, out, seed)
     if _is_seq2seq_dir(name):
         from recalign.lm.seq2seq import load_seq2seq
 
-        model, tok = load_seq2seq(name)
+        model, tok = load_seq2seq(name, dtype=resolve_dtype(dtype))
         return model, tok, name
-    model, tok, src = load_lm(name, merge=False, trainable=True)
+    model, tok, src = load_lm(name, merge=False, trainable=True, dtype=resolve_dtype(dtype))
     if src.adapter is not None:
         raise RecalignInputError("give a base model, not an adapter: knowledge training starts a new adapter")
     return model, tok, src.base
@@ -249,7 +257,7 @@ def run_knowledge(
     """Generate the task mixture, SFT a LoRA adapter on it, evaluate every requested task."""
     from recalign.lm.lora import attach_lora, count_trainable, save_adapter
     from recalign.lm.seq2seq import text_encoders
-    from recalign.methods import load_data, sample_examples
+    from recalign.methods import load_data, sample_examples, set_threads
     from recalign.methods.knowledge import evaluation as ev
     from recalign.methods.knowledge.mixer import allocate, mix
     from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
@@ -257,10 +265,7 @@ def run_knowledge(
     from recalign.training import find_resume_checkpoint, train
 
     cfg.validate()
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(output_dir)
     command = command if command is not None else current_command()
     method = cfg.method_name()
@@ -281,7 +286,7 @@ def run_knowledge(
     mixture = mix(train_tasks, cfg.tasks, cfg.ratios, budget, seed=cfg.seed)
 
     texts = [e.prompt + " " + e.answer for e in mixture] + train_tasks.titles
-    model, tok, base_name = load_base(cfg.model, texts, cfg.tiny_hidden, out, cfg.seed)
+    model, tok, base_name = load_base(cfg.model, texts, cfg.tiny_hidden, out, cfg.seed, dtype=cfg.dtype)
     import torch
 
     torch.manual_seed(cfg.training.seed)  # the adapter's initialisation follows the training seed
@@ -390,6 +395,8 @@ def run_knowledge(
             "train_loss": outcome.train_loss,
             "train_seconds": round(train_seconds, 2),
             "trainable_parameters": trainable,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
             "seed": cfg.seed,
             "command": command,
         },
