@@ -9,6 +9,8 @@ incomparable.
 
 Order used by :func:`preprocess` (and why):
 
+0. the genre (domain) filter, if configured, before everything: it decides which catalogue the run is
+   about, and k-core counts must be taken within that catalogue;
 1. ``rating_threshold`` first: it decides which events count as positive feedback at all;
 2. ``drop_duplicates`` next: repeated (user, item) events must not inflate k-core counts;
 3. ``k_core`` last, iterated to a fixed point (removing a user can push an item below the threshold
@@ -142,6 +144,62 @@ def rating_threshold(dataset: RecDataset, min_rating: float) -> tuple[RecDataset
     return _apply(dataset, keep, "rating_threshold", detail)
 
 
+def _item_genre_sets(dataset: RecDataset) -> list[set[str]]:
+    """Each catalogue item's genres as a set (``|``- or ``,``-separated text; missing -> empty set)."""
+    if "genres" not in dataset.items.columns:
+        raise RecalignInputError(
+            f"dataset '{dataset.name}' has no 'genres' column, so a genre (domain) filter cannot apply",
+            field="preprocess.item_genres_include",
+        )
+    out = []
+    for value in dataset.items["genres"].tolist():
+        text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+        out.append({g.strip() for g in text.replace(",", "|").split("|") if g.strip()})
+    return out
+
+
+def genre_filter(
+    dataset: RecDataset, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> tuple[RecDataset, FilterReport]:
+    """Keep interactions with items that carry *any* genre of ``include`` (if given) and *none* of
+    ``exclude`` (if given): one "domain" of a catalogue.
+
+    This is how recalign builds cross-domain settings from a single dataset (DMPO's "train on one
+    domain, evaluate on another"): ``include=G`` and ``exclude=G`` are genre-disjoint halves of the
+    catalogue -- every item goes to exactly one of them, by whether it carries any genre of ``G``. An
+    item carrying genres of both halves therefore belongs to the ``include`` half (the half named by
+    ``G``); an item without any genre belongs to the ``exclude`` half. The report's detail counts the
+    catalogue items of each kind, so nothing is dropped silently. Genre names are compared exactly.
+    """
+    include, exclude = [str(g) for g in include], [str(g) for g in exclude]
+    if not include and not exclude:
+        raise RecalignInputError("a genre filter needs include and/or exclude genres")
+    sets = _item_genre_sets(dataset)
+    known = set().union(*sets) if sets else set()
+    unknown = sorted(set(include + exclude) - known)
+    if unknown:
+        raise RecalignInputError(
+            f"unknown genre(s) {', '.join(map(repr, unknown))} (catalogue has: {', '.join(sorted(known))})",
+            field="preprocess.item_genres_include",
+        )
+    inc, exc = set(include), set(exclude)
+    item_ok = np.array([(not inc or bool(s & inc)) and not (s & exc) for s in sets], dtype=bool)
+    keep = item_ok[dataset.interactions["item_idx"].to_numpy()]
+    parts = []
+    if inc:
+        parts.append(f"items with any of {sorted(inc)}")
+    if exc:
+        parts.append(f"items with none of {sorted(exc)}")
+    n_both = sum(1 for s in sets if inc and exc and (s & inc) and (s & exc))
+    n_none = sum(1 for s in sets if not s)
+    detail = (
+        f"{' and '.join(parts)}: {int(item_ok.sum())} of {len(sets)} catalogue items kept"
+        + (f", {n_both} carrying both included and excluded genres removed" if n_both else "")
+        + (f", {n_none} items without genres" + (" removed" if inc else " kept") if n_none else "")
+    )
+    return _apply(dataset, keep, "genre_filter", detail)
+
+
 def truncate_history(history: Sequence[T] | np.ndarray, n: int = 10) -> Sequence[T] | np.ndarray:
     """The last ``n`` items of a chronological history (prompts show the 10 most recent by default).
 
@@ -166,6 +224,13 @@ class PreprocessConfig:
     min_rating: float | None = cfg_field(
         None, "keep only events rated at least this (implicit feedback); None keeps all"
     )
+    item_genres_include: list[str] = cfg_field(
+        [], "domain filter: keep only items carrying any of these genres (applied first; [] = off)"
+    )
+    item_genres_exclude: list[str] = cfg_field(
+        [],
+        "domain filter: drop items carrying any of these genres (exclude=G is the complement of include=G)",
+    )
 
     def validate(self) -> None:
         for name in ("kcore", "user_core", "item_core"):
@@ -185,10 +250,13 @@ class PreprocessConfig:
 def preprocess(
     dataset: RecDataset, cfg: PreprocessConfig | None = None
 ) -> tuple[RecDataset, list[FilterReport]]:
-    """Apply threshold → dedup → k-core as configured; returns the new dataset and one report per step run."""
+    """Apply genre (domain) filter → threshold → dedup → k-core as configured; returns the new dataset and one report per step run."""
     cfg = cfg or PreprocessConfig()
     cfg.validate()
     reports: list[FilterReport] = []
+    if cfg.item_genres_include or cfg.item_genres_exclude:
+        dataset, rep = genre_filter(dataset, cfg.item_genres_include, cfg.item_genres_exclude)
+        reports.append(rep)
     if cfg.min_rating is not None:
         dataset, rep = rating_threshold(dataset, cfg.min_rating)
         reports.append(rep)

@@ -77,6 +77,11 @@ class AlignConfig:
         "seed for drawing the training examples (default: seed); another value draws examples SFT did not train on",
     )
     max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
+    prompt: Literal["candidates", "pairwise"] = cfg_field(
+        "candidates",
+        "training prompt: candidates (the SFT candidate list) or pairwise (DMPO: the positive and its K "
+        "negatives as options A, B, ...; see recalign.methods.dmpo)",
+    )
     seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
     scoring_impl: Literal["packed", "kv"] = cfg_field("packed", "shared-prefix implementation")
     dtype: str = cfg_field(
@@ -183,6 +188,7 @@ def _check_resume_config(cfg: AlignConfig, path: Path) -> None:
         "n_train",
         "seed",
         "sample_seed",
+        "prompt",
         "lora",
     ):
         if old.get(key) != new.get(key):
@@ -228,6 +234,13 @@ def build_examples(
         scores=scores,
         prompts=prompts,
     )
+    if cfg.prompt == "pairwise":
+        # DMPO's prompt: the options are exactly the positive and its K drawn negatives (seeded order)
+        from recalign.methods.dmpo import preference_pairwise_prompts
+
+        pref.prompts = preference_pairwise_prompts(
+            data.dataset, frame, pref.rejected, seed=cfg.seed, max_history=cfg.max_history
+        )
     prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
     examples = [{"prompt": p, "answers": a} for p, a in zip(prompt_ids, answer_ids)]
     if cfg.reference == "precomputed":
@@ -319,6 +332,7 @@ def run_align(
             "loss": cfg.loss,
             "negatives": cfg.negatives,
             "strategy": cfg.strategy,
+            "prompt": cfg.prompt,
             "reference": cfg.reference,
             "dtype": str(dtype).replace("torch.", ""),
             "dataset": data.dataset.name,
