@@ -167,6 +167,8 @@ def test_prepare_from_yaml_with_dotted_overrides(tmp_path, capsys):
         "user_core": None,
         "item_core": None,
         "min_rating": None,
+        "item_genres_include": [],
+        "item_genres_exclude": [],
     }
     assert "drop_duplicates" not in out
 
