@@ -6,6 +6,7 @@ examples* (``training.max_steps x training.batch_size``); only the task mixture 
 - ``knowledge-rec``      retrieval, ranking, rating (1:1:1)
 - ``knowledge-rec+aux``  MIM, MLM, BPR, retrieval, ranking, rating (1:1:1:1:1:1)
 - ``knowledge-rec+mim`` / ``+mlm`` / ``+bpr``  one auxiliary task added (1:1:1:1) -- the ablation
+- ``zeroshot`` (only when listed in ``--variants``): the untrained model, same users and task prompts
 
 Each variant is evaluated on the same seeded test users (retrieval by exact full ranking of the
 catalogue, ranking on the shared 20 candidates, rating RMSE/MAE; the main two also on the shared
@@ -38,6 +39,51 @@ VARIANTS = {
 MAIN = ("rec", "rec+aux")
 
 
+def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
+    """The untrained base model on the same test users and task prompts: what the steps bought."""
+    import time
+
+    from recalign.evaluation.records import ResultRecord, write_records
+    from recalign.lm.lora import load_lm, resolve_dtype
+    from recalign.methods import sample_examples, set_threads
+    from recalign.methods.knowledge import evaluation as ev
+    from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
+
+    set_threads(cfg.threads)
+    model, tok, _ = load_lm(cfg.model, dtype=resolve_dtype(cfg.dtype))
+    tasks = KnowledgeTasks(data.dataset, data.split, TaskOptions(history_len=cfg.history_len, seed=cfg.seed))
+    scorer = ev.TaskScorer(model, tok, chunk_size=cfg.eval.chunk_size)
+    stage = data.split.stage(cfg.eval.stage)
+    records = []
+    for task in eval_tasks.strip("[]").split(","):
+        t0 = time.perf_counter()
+        if task == "ranking":
+            rows = sample_examples(stage, cfg.eval.n_users, cfg.seed, stage=cfg.eval.stage)
+            r = ev.evaluate_ranking(scorer, tasks, rows, cfg.eval.ks)
+        elif task == "rating":
+            rows = sample_examples(stage, cfg.eval.n_users_rating, cfg.seed, stage=cfg.eval.stage)
+            r = ev.evaluate_rating(scorer, tasks, rows)
+        else:
+            continue
+        records.append(
+            ResultRecord(
+                dataset=data.dataset.name,
+                split=data.split.name,
+                protocol=r.protocol,
+                method="zeroshot",
+                metrics=r.metrics,
+                n_examples=r.n_examples,
+                seed=cfg.seed,
+                seconds=round(time.perf_counter() - t0, 2),
+                command=command,
+                extra={"task": task, "model": cfg.model, "train_steps": 0},
+            )
+        )
+        print(f"zeroshot [{task}] {r.metrics}", flush=True)
+    write_records(run / "records.json", records)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "configs" / "knowledge_ml100k.yaml"))
@@ -64,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(base.data)
     records = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        tasks, ratios = VARIANTS[name]
+        tasks, ratios = VARIANTS.get(name, ([], []))
         run = Path(args.run_dir) / name
-        if (run / "records.json").is_file():
+        if name == "zeroshot" and not (run / "records.json").is_file():
+            records.extend(zeroshot(base, data, run, args.ablation_eval, command))
+        elif (run / "records.json").is_file():
             print(f"[{name}] already done, reusing {run}/records.json", flush=True)
             records.extend(read_records(run / "records.json"))
         else:
