@@ -97,9 +97,15 @@ def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list
     evaluated and recorded as method ``<variant>-ft<steps>``.
     """
     name, _, steps = spec.partition(":")
-    src = runs / f"{name}-holdout"
     records = []
     for n in [int(x) for x in steps.split(",") if x]:
+        # continue from the longest finished run shorter than n (the base run is 'ft<finetune.steps>')
+        done = sorted(
+            (int(d.name.rsplit("-ft", 1)[1]), d)
+            for d in runs.glob(f"{name}-holdout-ft*")
+            if (d / "model.safetensors").is_file() and int(d.name.rsplit("-ft", 1)[1]) < n
+        )
+        src = done[-1][1] if done else runs / f"{name}-holdout"
         over = [
             *VARIANTS[name],
             f"method={name}-ft{n}",
@@ -132,7 +138,6 @@ def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list
             )
             r.extra["run_dir"] = str(out)
         records.extend(recs)
-        src = out
     return records
 
 
