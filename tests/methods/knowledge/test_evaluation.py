@@ -77,9 +77,8 @@ def test_ranking_and_retrieval_ranks_from_known_scores(tiny):
     assert rank.metrics["AUC"] == pytest.approx(np.mean([(3 - r) / 2 for r in expected]))
 
 
-CATALOGUE = [
-    f"{w} {n} ({1950 + 7 * n % 50})" for w in ("Star", "Starman", "Heat", "Toy", "Babe") for n in range(8)
-]
+# titles sharing prefixes ("Star 1" / "Starman 1" / "Star 2"), as real catalogues do
+CATALOGUE = [f"{w} {n} ({1950 + 7 * n})" for w in ("Star", "Starman", "Heat", "Toy") for n in range(5)]
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
@@ -90,15 +89,15 @@ def test_pruned_catalogue_search_matches_exhaustive_ranks(family):
     trie = TitleTrie.from_titles(CATALOGUE, scorer.encode_answer)
     prompt = scorer.encode_prompt("History: Star 1 (1957). Answer:")
     full = scorer.score(["History: Star 1 (1957). Answer:"], [CATALOGUE])[0]
-    exclude = {1, 9}
+    exclude = {1, 7}
     masked = full.copy()
     masked[list(exclude)] = -np.inf
     seen_ranks = set()
-    for target in range(0, len(CATALOGUE), 5):
+    for target in range(0, len(CATALOGUE), 4):
         m = masked.copy()
         m[target] = full[target]
         exact = int((m >= m[target]).sum())
-        for k_max in (3, 10):
+        for k_max in (3, 8):
             got, cost = catalogue_rank(
                 scorer,
                 prompt,
@@ -107,9 +106,10 @@ def test_pruned_catalogue_search_matches_exhaustive_ranks(family):
                 scorer.encode_answer(CATALOGUE[target]),
                 exclude - {target},
                 k_max,
-                nodes_per_pass=8,
+                nodes_per_pass=64,
             )
             assert got == (exact if exact <= k_max else k_max + 1), (target, k_max, exact, got)
             assert cost > 0
         seen_ranks.add(exact)
-    assert len(seen_ranks) > 3  # the targets really are spread over the ranking
+    # both outcomes are exercised: ranks found exactly, and ranks known only to be beyond k_max
+    assert min(seen_ranks) <= 3 and max(seen_ranks) > 8, seen_ranks
