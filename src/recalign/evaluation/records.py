@@ -60,8 +60,15 @@ class ResultRecord:
         )
 
 
+#: Set by ``recalign.cli.main.main`` to the arguments it was given (so that a programmatic
+#: ``main([...])`` call records its own command, not the host process's argv).
+_CLI_ARGV: list[str] | None = None
+
+
 def current_command() -> str:
     """The command line of this process, shell-quoted, for the ``command`` field."""
+    if _CLI_ARGV is not None:
+        return " ".join(shlex.quote(a) for a in ["recalign", *_CLI_ARGV])
     argv = list(sys.argv)
     if argv and argv[0].endswith(("recalign", "__main__.py")):
         argv[0] = "recalign"
