@@ -28,7 +28,11 @@ peak RSS of the process during the variant's segments (model weights included) a
 allocates). Exactness: ``max_abs_diff`` between naive and shared scores, and whether the candidate
 rankings (``argsort`` of the 20 scores) are identical for every prompt.
 
-Run:  python benchmarks/scoring.py --output results/scoring_ml100k.json
+Run (as committed; ~45 min on 2 cores shared with other jobs, of which ~18 min for 8 naive prompts):
+    python benchmarks/scoring.py --n-prompts 64 --naive-prompts 8 --group 8 --threads 1 \
+        --output results/scoring_ml100k.json
+``--threads 1``: on a CPU loaded by other processes, two OpenMP threads spin-wait on each other and
+everything runs 5-10x slower; one thread is faster for every variant.
 """
 
 from __future__ import annotations

@@ -60,6 +60,17 @@ def test_shared_prefix_equals_naive(model_with_attn, tiny_tokenizer, impl, chunk
     assert got.sum[got.mask].unique().numel() == int(got.mask.sum())
 
 
+def test_kv_cache_budget_splits_passes(tiny_model, tiny_tokenizer, monkeypatch):
+    import recalign.lm.scoring as scoring
+
+    prompts, answers = random_batch(len(tiny_tokenizer), PROMPT_LENS, ANSWER_LENS, seed=9)
+    with torch.no_grad():
+        ref = naive_answer_logprobs(tiny_model, prompts, answers)
+        monkeypatch.setattr(scoring, "KV_CACHE_TOKENS", 50)  # 2 answer rows per pass (P_max = 23)
+        got = answer_logprobs(tiny_model, prompts, answers, impl="kv")
+    assert_close(got, ref)
+
+
 def test_naive_batching_does_not_change_values(tiny_model, tiny_tokenizer):
     prompts, answers = random_batch(len(tiny_tokenizer), PROMPT_LENS, ANSWER_LENS, seed=3)
     with torch.no_grad():

@@ -24,8 +24,11 @@ answer tokens. Two implementations, selected with ``impl``:
 ``"kv"``
     Run the prompts (right-padded batch), take their KV cache, expand it across each example's answers
     (``index_select`` per layer into a fresh ``DynamicCache``) and run all answers as one batch against
-    it, with a 4-D mask hiding the prompt padding. Memory grows with ``answers x prompt length x layers``;
-    ``chunk_size`` bounds how many answers share one expanded cache.
+    it, with a 4-D mask hiding the prompt padding. The expanded cache costs
+    ``answers x prompt length x layers`` memory, so answers are run in passes of at most
+    ``KV_CACHE_TOKENS // prompt length`` rows (the prompt itself still runs once). On CPU this is slower
+    than ``"packed"`` (the expansion is memory traffic); it avoids the ``T x T`` mask and suits very many
+    answers per prompt.
 
 Both are differentiable: gradients reach the parameters through the shared prompt once per example (not
 once per answer), which is what S-DPO/DMPO training with ``[B, 1+K]`` answers needs.
@@ -49,6 +52,10 @@ from transformers import DynamicCache
 IMPLS = ("packed", "kv")
 #: answer-token rows per LM-head matmul: bounds the [rows, vocab] logits tensor (2048 x 49k x 4 B = 400 MB).
 HEAD_CHUNK = 1024
+#: "kv": answer rows per pass are limited so that rows x prompt length <= this many cached positions
+#: (the expanded cache costs rows x (prompt + answer) x layers x 2 x kv_heads x head_dim floats:
+#: 16k positions = ~0.75 GB for SmolLM2's 30 layers).
+KV_CACHE_TOKENS = 16384
 
 
 @dataclass
@@ -320,10 +327,17 @@ def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tenso
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     last_prompt = prompt_hidden[torch.arange(b_n, device=device), torch.tensor(plens, device=device) - 1]
 
+    # one batch row per answer; rows are cut so that one expanded cache holds at most
+    # KV_CACHE_TOKENS prompt positions (rows x P_max) per layer
+    flat_all = [
+        (b, j) for rows in _packed_rows(prompts, answers, chunk_size) for b, s, e in rows for j in range(s, e)
+    ]
+    per_pass = max(1, KV_CACHE_TOKENS // p_max)
+    if chunk_size and chunk_size > 0:
+        per_pass = min(per_pass, int(chunk_size))
     out = []
-    for rows in _packed_rows(prompts, answers, chunk_size):
-        # flatten this pass's answers: one batch row per answer
-        flat = [(b, j) for b, start, end in rows for j in range(start, end)]
+    for start in range(0, len(flat_all), per_pass):
+        flat = flat_all[start : start + per_pass]
         lens_fed = [len(answers[b][j]) - 1 for b, j in flat]
         l_max = max(lens_fed)
         n = len(flat)
@@ -392,8 +406,9 @@ def answer_logprobs(
             (the result is padded to the largest count).
         impl: ``"packed"`` (tree-masked single sequence) or ``"kv"`` (expanded prompt cache).
         chunk_size: at most this many answers share one pass with their prompt (``None``: all). Bounds
-            memory when scoring a whole catalogue; ``"packed"`` recomputes the prompt once per chunk,
-            ``"kv"`` reuses its prompt cache.
+            memory when scoring a whole catalogue; ``"packed"`` recomputes the prompt once per chunk of
+            each example, ``"kv"`` reuses its prompt cache and runs at most this many answer rows per
+            pass (in any case at most ``KV_CACHE_TOKENS // prompt length``).
 
     Returns:
         :class:`AnswerScores` with ``sum`` ``[B, A_max]`` (differentiable unless under ``no_grad``).
