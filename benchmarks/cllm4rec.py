@@ -88,16 +88,16 @@ def run_variant(name: str, split: str, runs: Path, overrides: list[str], command
     return records
 
 
-def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list[ResultRecord]:
+def run_curve(spec: str, runs: Path, overrides: list[str], command: str, results: Path) -> None:
     """Longer fine-tuning of a finished holdout variant, as evidence of where more compute leads.
 
-    ``spec`` is ``variant:200,300``: the run directory of ``variant`` is copied (pretrained tables and
-    the fine-tuning checkpoint at its last step) and fine-tuning *continues* to 200, then 300 steps —
-    identical to uninterrupted runs of that length, because resumption is exact. Each point is
-    evaluated and recorded as method ``<variant>-ft<steps>``.
+    ``spec`` is ``variant:200,300``: for each length, the longest *finished* shorter run of that variant
+    (its base run, or an earlier point of the curve) is copied — pretrained tables and the fine-tuning
+    checkpoint at its last step — and fine-tuning *continues* to the new length, which equals an
+    uninterrupted run of that length because resumption is exact. A point interrupted midway resumes
+    from its own checkpoint. Each point is evaluated, merged into the results as ``<variant>-ft<steps>``.
     """
     name, _, steps = spec.partition(":")
-    records = []
     for n in [int(x) for x in steps.split(",") if x]:
         # continue from the longest finished run shorter than n (the base run is 'ft<finetune.steps>')
         done = sorted(
@@ -115,7 +115,10 @@ def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list
         ]
         cfg = load_config(CLLM4RecConfig, CONFIG, over)
         out = runs / f"{name}-holdout-ft{n}"
-        if not (out / "model.safetensors").is_file():
+        if (
+            not (out / "model.safetensors").is_file()
+            and not (out / "checkpoints" / "finetune" / "state.json").is_file()
+        ):
             out.mkdir(parents=True, exist_ok=True)
             for f in ("pretrain.safetensors", "pretrain_log.json"):
                 shutil.copy2(src / f, out / f)
@@ -137,12 +140,19 @@ def run_curve(spec: str, runs: Path, overrides: list[str], command: str) -> list
                 + " ".join(shlex.quote(o) for o in over)
             )
             r.extra["run_dir"] = str(out)
-        records.extend(recs)
-    return records
+        merge(results, recs)
 
 
-def run_baseline(name: str, dataset, split, command: str, sasrec_epochs: dict) -> list[ResultRecord]:
+def run_baseline(
+    name: str, dataset, split, command: str, sasrec_epochs: dict, results: Path
+) -> list[ResultRecord]:
     from recalign.baselines import make_baseline
+
+    if name == "sasrec" and split.name == "holdout" and "loo" not in sasrec_epochs and results.is_file():
+        # loo's SASRec already ran in an earlier invocation: reuse the epoch its early stopping chose
+        for r in read_records(results):
+            if (r.method, r.split) == ("sasrec", "loo") and "best_epoch" in r.extra:
+                sasrec_epochs["loo"] = int(r.extra["best_epoch"])
 
     over: dict = {} if name == "pop" else {"threads": 1}
     if name == "sasrec" and split.name == "holdout":
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         plan[k] = v.split(",")
     results, runs = Path(args.results), Path(args.runs)
     if args.curve:
-        merge(results, run_curve(args.curve, runs, args.overrides, command))
+        run_curve(args.curve, runs, args.overrides, command, results)
         return 0
     return _run(only, splits, plan, results, runs, args.overrides, command)
 
@@ -205,7 +215,7 @@ def _run(only, splits, plan, results, runs, overrides, command) -> int:
             if only and name not in only:
                 continue
             print(f"== {name} on {split}", flush=True)
-            merge(results, run_baseline(name, dataset, split_objs[split], command, sasrec_epochs))
+            merge(results, run_baseline(name, dataset, split_objs[split], command, sasrec_epochs, results))
     for name in VARIANTS:
         if only and name not in only:
             continue
