@@ -39,6 +39,7 @@ whose output exists is skipped on rerun, so an interrupted run resumes where it 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -210,6 +211,7 @@ def _summaries_stage(
     )
     write_jsonl(path, [r.to_dict() for r in recs])
     del model
+    gc.collect()  # the next stage loads its own copy; never hold two LMs at once
     return recs
 
 
@@ -404,6 +406,10 @@ def dpo_stage(
     }
     save_adapter_atomically(model, adapter_dir, base_model=cfg.model, extra={"dpo4rec": info})
     atomic_write_json(info_path, info)
+    # The trainer holds the model, its gradients and the optimizer state in reference cycles; free them
+    # before the next stage loads a fresh LM (on a shared machine this is gigabytes).
+    del model, outcome
+    gc.collect()
     return info
 
 
