@@ -72,10 +72,12 @@ def merge(path: Path, new: list[ResultRecord]) -> None:
         write_records(path, rows)
 
 
-def run_variant(name: str, split: str, runs: Path, overrides: list[str], command: str) -> list[ResultRecord]:
-    over = [*VARIANTS[name], f"method={name}", f"data.split={split}", *overrides]
+def run_variant(
+    name: str, split: str, runs: Path, overrides: list[str], command: str, suffix: str = ""
+) -> list[ResultRecord]:
+    over = [*VARIANTS[name], f"method={name}{suffix}", f"data.split={split}", *overrides]
     cfg = load_config(CLLM4RecConfig, CONFIG, over)
-    out = runs / f"{name}-{split}"
+    out = runs / f"{name}{suffix}-{split}"
     cli = f"recalign cllm4rec run --config {CONFIG} --output {out} " + " ".join(shlex.quote(o) for o in over)
     print(f"== {name} on {split}: {cli}", flush=True)
     pipeline.pretrain(cfg, out)
@@ -181,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "--variant-splits", default="cllm4rec:holdout,loo;*:holdout", help="which splits each variant runs on"
     )
     ap.add_argument(
+        "--suffix",
+        default="",
+        help="appended to variant method names and run dirs (e.g. -L30 with model.num_layers=null)",
+    )
+    ap.add_argument(
         "--curve",
         default="",
         help="variant:steps,... continue a finished holdout run's fine-tuning (evidence)",
@@ -199,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.curve:
         run_curve(args.curve, runs, args.overrides, command, results)
         return 0
-    return _run(only, splits, plan, results, runs, args.overrides, command)
+    return _run(only, splits, plan, results, runs, args.overrides, command, args.suffix)
 
 
-def _run(only, splits, plan, results, runs, overrides, command) -> int:
+def _run(only, splits, plan, results, runs, overrides, command, suffix="") -> int:
     from recalign.data.loaders import load_dataset
     from recalign.data.splits import build_split
 
@@ -221,7 +228,7 @@ def _run(only, splits, plan, results, runs, overrides, command) -> int:
             continue
         for split in plan.get(name, plan.get("*", [])):
             if split in splits:
-                merge(results, run_variant(name, split, runs, overrides, command))
+                merge(results, run_variant(name, split, runs, overrides, command, suffix))
     return 0
 
 
