@@ -7,9 +7,9 @@ examples with SmolLM2-135M-Instruct -- the work of candidate-ranking evaluation.
     The obvious way (and the S-DPO reference layout): each candidate appended to its prompt as its own
     sequence, full logits over every position, ``log_softmax``
     (:func:`recalign.lm.scoring.naive_answer_logprobs`); the 20 sequences of one prompt form one batch.
-    It is so slow on a 2-core CPU (~20 s per prompt) that ``--naive-prompts N`` can restrict it to the
-    first N prompts; exactness and speed-up are then computed on those prompts (over the interleaving
-    groups both variants ran), the other variants on all prompts.
+    It is so slow on a 2-core CPU (20-100+ s per prompt, depending on load) that ``--naive-prompts N``
+    restricts it to the first N prompts; exactness and speed-up are computed on those prompts, the
+    throughput of the other variants on all prompts.
 ``shared`` (``impl`` = ``packed`` and ``kv``)
     :func:`recalign.lm.scoring.answer_logprobs`: each prompt run once, all 20 answers attending to it,
     the LM head only at answer positions; ``--shared-batch`` prompts per forward pass.
@@ -18,15 +18,20 @@ examples with SmolLM2-135M-Instruct -- the work of candidate-ranking evaluation.
     ``--gen-batch``, at most 32 new tokens, stop at ``<|im_end|>``) and answer matching
     (:func:`recalign.lm.generation.generate_answers`).
 
-Fairness on a shared, busy CPU: all variants run in one process on the same token ids, *interleaved*
-group by group (``--group`` prompts: naive, packed, kv, generation, then the next group), so a burst of
-load from other processes hits every variant alike; ``seconds`` is the sum over groups. A small warm-up
-precedes timing. Memory: before each variant's segment the process's peak-RSS high-water mark is reset
-(``echo 5 > /proc/self/clear_refs``) and read back afterwards (``VmHWM``): ``peak_mb`` is the largest
-peak RSS of the process during the variant's segments (model weights included) and
-``peak_extra_mb`` the largest rise above the RSS at the segment's start (what the variant itself
-allocates). Exactness: ``max_abs_diff`` between naive and shared scores, and whether the candidate
-rankings (``argsort`` of the 20 scores) are identical for every prompt.
+Fairness on a shared, busy CPU (other jobs come and go, so the load changes by the minute): all
+variants run in one process on the same token ids. The speed-up is measured *paired*: for each of the
+first ``--naive-prompts`` prompts, the naive scoring and the shared-prefix scoring of that one prompt
+(packed, batch 1 -- a conservative setting, batching only helps ``shared``) run back to back, so both
+see the same load; ``speedup_vs_naive`` is the ratio of their summed times. Throughput rows (batched
+shared scoring with ``packed`` and ``kv``, and generation, on all prompts) run group by group
+(``--group`` prompts) after the paired measurements of that group; ``throughput_vs_naive`` compares
+seconds per prompt measured at different times and is therefore load-sensitive. A small warm-up
+precedes timing. Memory: before each segment the process's peak-RSS high-water mark is reset
+(``echo 5 > /proc/self/clear_refs``, after ``malloc_trim``) and read back afterwards (``VmHWM``):
+``peak_mb`` is the largest peak RSS during the variant's segments (model weights included) and
+``peak_extra_mb`` the largest rise above the RSS at a segment's start. Exactness: ``max_abs_diff``
+between naive and shared scores, and whether the candidate rankings (``argsort`` of the 20 scores)
+are identical for every prompt the naive variant scored.
 
 Run (as committed; ~45 min on 2 cores shared with other jobs, of which ~18 min for 8 naive prompts):
     python benchmarks/scoring.py --n-prompts 64 --naive-prompts 8 --group 8 --threads 1 \
@@ -111,7 +116,7 @@ class Meter:
         out = fn()
         dt = time.perf_counter() - t0
         self.seconds += dt
-        self.group_seconds[group] = dt
+        self.group_seconds[group] = self.group_seconds.get(group, 0.0) + dt
         self.n_prompts += n_prompts
         hwm = _status_kb("VmHWM") or 0
         self.peak_kb = max(self.peak_kb, hwm)
@@ -181,11 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             return naive_answer_logprobs(model, p_ids[lo:hi], a_ids[lo:hi]).sum.numpy()
 
-    def shared(lo: int, hi: int, impl: str) -> np.ndarray:
+    def shared(lo: int, hi: int, impl: str, batch: int | None = None) -> np.ndarray:
         out = []
+        batch = batch or args.shared_batch
         with torch.inference_mode():
-            for s in range(lo, hi, args.shared_batch):
-                e = min(hi, s + args.shared_batch)
+            for s in range(lo, hi, batch):
+                e = min(hi, s + batch)
                 out.append(answer_logprobs(model, p_ids[s:e], a_ids[s:e], impl=impl).sum.numpy())
         return np.concatenate(out)
 
@@ -206,18 +212,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_generation:
         generate_answers(model, tok, prompts[:1], max_new_tokens=2, progress=False)
 
-    meters = {"naive": Meter(), **{i: Meter() for i in impls}, "generation": Meter()}
-    scores = {"naive": [], **{i: [] for i in impls}}
+    meters = {"naive": Meter(), "paired": Meter(), **{i: Meter() for i in impls}, "generation": Meter()}
+    scores = {"naive": [], "paired": [], **{i: [] for i in impls}}
     answers: list[str] = []
     n = len(p_ids)
     n_naive = n if args.naive_prompts is None else min(n, args.naive_prompts)
-    if n_naive < n and n_naive % args.group:
-        ap.error("--naive-prompts must be a multiple of --group (speed is compared on whole groups)")
     for g, lo in enumerate(range(0, n, args.group)):
         hi = min(n, lo + args.group)
-        if lo < n_naive:
-            nh = min(hi, n_naive)
-            scores["naive"].append(meters["naive"].run(g, nh - lo, lambda lo=lo, nh=nh: naive(lo, nh)))
+        # the speed-up measurement: prompt by prompt, naive then shared (packed, batch 1) back to back,
+        # so that both see the same load from other processes
+        for i in range(lo, min(hi, n_naive)):
+            scores["naive"].append(meters["naive"].run(g, 1, lambda i=i: naive(i, i + 1)))
+            scores["paired"].append(meters["paired"].run(g, 1, lambda i=i: shared(i, i + 1, "packed", 1)))
+        # throughput: batched shared-prefix scoring and greedy generation on every prompt
         for impl in impls:
             scores[impl].append(
                 meters[impl].run(g, hi - lo, lambda lo=lo, hi=hi, impl=impl: shared(lo, hi, impl))
@@ -230,45 +237,65 @@ def main(argv: list[str] | None = None) -> None:
         )
     s = {k: np.concatenate(v) for k, v in scores.items()}
     ref_rank = np.argsort(-s["naive"], axis=1, kind="stable")
-    naive_groups = sorted(meters["naive"].group_seconds)  # whole groups (checked above)
 
     def quality(sc: np.ndarray) -> dict:
-        m = single_target_metrics(target_ranks(sc, target_cols), ks=(1, 5, 10), n_candidates=sc.shape[1])
+        m = single_target_metrics(
+            target_ranks(sc, target_cols[: len(sc)]), ks=(1, 5, 10), n_candidates=sc.shape[1]
+        )
         return {k: round(v, 4) for k, v in m.items()}
 
     def mb(kb: int) -> float:
         return round(kb / 1024, 1)
 
-    naive_common = sum(meters["naive"].group_seconds[g] for g in naive_groups)
+    def exactness(sc: np.ndarray) -> dict:
+        rank = np.argsort(-sc[:n_naive], axis=1, kind="stable")
+        return {
+            "max_abs_diff": float(np.abs(sc[:n_naive] - s["naive"]).max()),
+            "rankings_identical": bool((rank == ref_rank).all()),
+            "prompts_with_different_ranking": int((rank != ref_rank).any(axis=1).sum()),
+            "top1_identical": bool((rank[:, 0] == ref_rank[:, 0]).all()),
+        }
+
+    def timing(m: Meter) -> dict:
+        return {
+            "n_prompts": m.n_prompts,
+            "seconds": round(m.seconds, 2),
+            "seconds_per_prompt": round(m.seconds / m.n_prompts, 3),
+            "peak_mb": mb(m.peak_kb),
+            "peak_extra_mb": mb(m.extra_kb),
+        }
+
+    naive_per_prompt = meters["naive"].seconds / meters["naive"].n_prompts
     rows_out = [
         {
             "variant": "naive",
             "impl": "full-sequences",
-            "n_prompts": meters["naive"].n_prompts,
-            "seconds": round(meters["naive"].seconds, 2),
-            "seconds_per_prompt": round(meters["naive"].seconds / meters["naive"].n_prompts, 3),
-            "peak_mb": mb(meters["naive"].peak_kb),
-            "peak_extra_mb": mb(meters["naive"].extra_kb),
+            "batch": "the 20 sequences of one prompt",
+            **timing(meters["naive"]),
             "candidate_metrics": quality(s["naive"]),
-        }
+        },
+        {
+            "variant": "shared",
+            "impl": "packed",
+            "batch": 1,
+            "paired_with_naive": True,
+            **timing(meters["paired"]),
+            "speedup_vs_naive": round(meters["naive"].seconds / meters["paired"].seconds, 2),
+            **exactness(s["paired"]),
+        },
     ]
     for impl in impls:
-        rank = np.argsort(-s[impl][:n_naive], axis=1, kind="stable")
-        shared_common = sum(meters[impl].group_seconds[g] for g in naive_groups)
         rows_out.append(
             {
                 "variant": "shared",
                 "impl": impl,
-                "n_prompts": meters[impl].n_prompts,
-                "seconds": round(meters[impl].seconds, 2),
-                "seconds_per_prompt": round(meters[impl].seconds / meters[impl].n_prompts, 3),
-                "peak_mb": mb(meters[impl].peak_kb),
-                "peak_extra_mb": mb(meters[impl].extra_kb),
-                "speedup_vs_naive": round(naive_common / shared_common, 2),
-                "max_abs_diff": float(np.abs(s[impl][:n_naive] - s["naive"]).max()),
-                "rankings_identical": bool((rank == ref_rank).all()),
-                "prompts_with_different_ranking": int((rank != ref_rank).any(axis=1).sum()),
-                "top1_identical": bool((rank[:, 0] == ref_rank[:, 0]).all()),
+                "batch": args.shared_batch,
+                "paired_with_naive": False,
+                **timing(meters[impl]),
+                "throughput_vs_naive": round(
+                    naive_per_prompt / (meters[impl].seconds / meters[impl].n_prompts), 2
+                ),
+                **exactness(s[impl]),
                 "candidate_metrics": quality(s[impl]),
             }
         )
@@ -308,10 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "notes": (
-            "variants interleaved group by group in one process on a shared CPU; seconds summed over groups; "
-            "peak_mb = VmHWM after resetting it before each segment (model weights included); "
-            "speedup_vs_naive = naive seconds / shared seconds over the groups both variants ran; "
-            "exactness compared on the prompts the naive variant scored"
+            "one process on a CPU shared with other jobs; speedup_vs_naive: naive and shared (packed, "
+            "batch 1) run back to back prompt by prompt on the naive prompts (same load); "
+            "throughput_vs_naive: batched shared s/prompt over all prompts vs naive s/prompt (measured "
+            "at different times, so load-sensitive); exactness (max_abs_diff, rankings) on the naive "
+            "prompts; peak_mb = VmHWM after resetting it before each segment (model weights included)"
         ),
         "rows": rows_out,
     }
