@@ -64,6 +64,7 @@ def test_evaluate_writes_records(run, tmp_path):
         ("generation", "sft", 5),
     ]
     assert 0.0 <= records[0].metrics["HR@1"] <= 1.0 and "ValidRatio" in records[1].metrics
+    assert records[0].command.startswith("recalign evaluate --model ")  # the exact command, for results
     metrics = json.loads((dest / "metrics.json").read_text())
     assert metrics["run"]["n_test"] == 5
 

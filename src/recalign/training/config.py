@@ -95,7 +95,7 @@ class TrainingConfig:
             disable_tqdm=not self.progress,
             report_to="none",
             remove_unused_columns=False,  # the collator's keys (prompts, answers, ...) go to the objective
-            gradient_checkpointing=self.gradient_checkpointing,
+            activation_checkpointing=self.gradient_checkpointing,  # transformers 5 name
             dataloader_num_workers=self.num_workers,
             eval_strategy="no",
             # Explicit CPU when there is no accelerator: under `accelerate launch` / torchrun this is
