@@ -150,3 +150,21 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tok):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_finished_run_trains_no_further_step(tmp_path, tok):
+    """A run interrupted after its last checkpoint (e.g. while evaluating) whose ``max_steps`` ends
+    mid-epoch: transformers' loop would run one extra step on resume; the weights must come back as saved."""
+    examples = make_examples(tok)  # 16 examples, batch 4: 4 steps per epoch, max_steps=2 ends mid-epoch
+    run = cfg(max_steps=2, save_steps=2, lr_scheduler="constant")
+    done_model = fresh_model(tok)
+    done = train(done_model, examples, naive_nll, run, tmp_path)
+    again_model = fresh_model(tok)
+    run.resume = True
+    again = train(again_model, examples, naive_nll, run, tmp_path)
+    assert again.resumed_from is not None and again.resumed_from.name == "checkpoint-2"
+    assert again.global_step == 2
+    assert again.train_loss == pytest.approx(done.train_loss, rel=1e-6)
+    a, b = adapter_state(done_model), adapter_state(again_model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -113,6 +113,19 @@ class ObjectiveTrainer(Trainer):
                 self._diag_counts[k] = self._diag_counts.get(k, 0) + 1
         return (loss, {"logs": logs}) if return_outputs else loss
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's epoch, unless the run has already reached ``max_steps``.
+
+        Resumed from a checkpoint at ``max_steps`` that falls mid-epoch (a run interrupted after its
+        last checkpoint, e.g. while evaluating), transformers' loop runs one more optimiser step before
+        it checks the step limit. A finished run must come back unchanged: skip the epoch instead.
+        (A private hook of transformers 5; where it does not exist this override is simply unused.)
+        """
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """Items the objective's loss averages over, summed over the step's micro-batches and processes."""
         count = getattr(self.objective, "loss_items", None)
