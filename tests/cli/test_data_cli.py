@@ -147,6 +147,44 @@ def test_prepare_writes_split_config_and_reports_filtering(tmp_path, capsys):
     assert "lonely" not in set(users["user_id"])
 
 
+def test_dataset_name_option_names_the_dataset_and_old_spelling_is_refused(tmp_path, capsys):
+    """The loader option that names the dataset is ``dataset_name``. Its old spelling ``name`` collided
+    with the format name inside ``load_dataset`` (a TypeError traceback); it is now a one-line error."""
+    log = synthetic_csv(tmp_path)
+    base = ["data", "stats", "--dataset", "csv", "--path", str(log), "--json"]
+    code, out, err = run(capsys, *base, "--opt", "dataset_name=books")
+    assert code == 0, err
+    assert json.loads(out)["dataset"] == "books"
+    code, out, err = run(capsys, *base, "--opt", "name=books")
+    assert code == 2 and err.count("\n") == 1
+    assert "'name' is now called 'dataset_name'" in err and "Traceback" not in err
+    # the same through a YAML config of `data prepare` and through the Python API
+    conf = tmp_path / "prep.yaml"
+    conf.write_text(yaml.safe_dump({"dataset": "csv", "path": str(log), "options": {"name": "x"}}))
+    code, _, err = run(capsys, "data", "prepare", "--config", str(conf), "--output", str(tmp_path / "p"))
+    assert code == 2 and "dataset_name" in err
+    from recalign.data.loaders import load_dataset
+    from recalign.errors import RecalignInputError
+
+    with pytest.raises(RecalignInputError, match="dataset_name"):
+        load_dataset("csv", log, name="x")
+    assert load_dataset("csv", log, dataset_name="x").name == "x"
+
+
+def test_recbole_directory_with_several_files_is_chosen_by_dataset_name(tmp_path, capsys):
+    d = ml100k(tmp_path)
+    for n in ("a", "b"):
+        code, _, err = run(capsys, "data", "convert", "--dataset", "ml-100k", "--path", str(d),
+                           "--to", "recbole", "--output", str(tmp_path / "rb"), "--name", n)  # fmt: skip
+        assert code == 0, err
+    base = ["data", "stats", "--dataset", "recbole", "--path", str(tmp_path / "rb"), "--json"]
+    code, _, err = run(capsys, *base)
+    assert code == 2 and "pass dataset_name=" in err  # the error names the option that fixes it
+    code, out, err = run(capsys, *base, "--opt", "dataset_name=b")
+    assert code == 0, err
+    assert json.loads(out)["dataset"] == "b"
+
+
 def test_prepare_from_yaml_with_dotted_overrides(tmp_path, capsys):
     log = synthetic_csv(tmp_path)
     conf = tmp_path / "prep.yaml"

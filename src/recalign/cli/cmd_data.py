@@ -28,7 +28,7 @@ import pandas as pd
 
 from recalign.config import cfg_field, describe_config, load_config, parse_overrides, save_config
 from recalign.data.dataset import RecDataset
-from recalign.data.loaders.registry import DATASETS, _import_all, load_dataset
+from recalign.data.loaders.registry import DATASETS, _import_all, check_option_names, load_dataset
 from recalign.data.preprocess import FilterReport, PreprocessConfig, preprocess
 from recalign.data.splits import STAGES, Split, build_split
 from recalign.errors import RecalignInputError
@@ -40,7 +40,9 @@ class DataPrepareConfig:
 
     dataset: str = cfg_field("ml-100k", "dataset format name (ml-100k, ml-1m, amazon-2023, csv, ...)")
     path: str | None = cfg_field(None, "file or directory of the dataset; None uses the embedded ML-100K")
-    options: dict[str, Any] = cfg_field({}, "loader options, e.g. {user_col: uid, sep: ';'}")
+    options: dict[str, Any] = cfg_field(
+        {}, "loader options, e.g. {user_col: uid, sep: ';', dataset_name: books} (the name in results)"
+    )
     split: Literal["loo", "llara"] = cfg_field(
         "loo", "loo (last item test, second-last valid) or llara (8:1:1)"
     )
@@ -76,6 +78,7 @@ def load_with_options(
     """
     _import_all()
     options = _normalise_options(options or {})
+    check_option_names(options)
     name = "ml-100k-raw" if dataset == "ml-100k" and path is not None else dataset
     fn = DATASETS.get(name)
     if fn is not None and options:
@@ -157,7 +160,8 @@ def _add_source_args(p: argparse.ArgumentParser, default: str | None = "ml-100k"
         "--opt",
         action="append",
         metavar="KEY=VALUE",
-        help="loader option, repeatable (e.g. --opt user_col=uid --opt 'sep=\\t')",
+        help="loader option, repeatable (e.g. --opt user_col=uid --opt 'sep=\\t'; --opt dataset_name=NAME "
+        "sets the dataset's name in results)",
     )
 
 

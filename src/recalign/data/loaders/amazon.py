@@ -158,7 +158,7 @@ def load_amazon_2014(
     *,
     meta: str | Path | None = None,
     unknown_items: str = "title-from-id",
-    name: str | None = None,
+    dataset_name: str | None = None,
 ) -> RecDataset:
     """Amazon 2014: headerless ``user,item,rating,timestamp`` CSV + optional Python-literal metadata."""
     ratings, meta_path, _ = _find_files(path, meta, None)
@@ -178,7 +178,7 @@ def load_amazon_2014(
             "rating": t.numeric("rating").astype("float64"),
         }
     )
-    return _finish(name or _stem(ratings), inter, t, meta_path, "asin", True, unknown_items)
+    return _finish(dataset_name or _stem(ratings), inter, t, meta_path, "asin", True, unknown_items)
 
 
 @register("amazon-2023")
@@ -189,7 +189,7 @@ def load_amazon_2023(
     reviews: str | Path | None = None,
     unknown_items: str = "title-from-id",
     time_unit: str = "ms",
-    name: str | None = None,
+    dataset_name: str | None = None,
 ) -> RecDataset:
     """Amazon 2023: ``user_id,parent_asin,rating,timestamp`` CSV (ms) + optional JSONL metadata/reviews."""
     ratings, meta_path, reviews_path = _find_files(path, meta, reviews)
@@ -209,7 +209,7 @@ def load_amazon_2023(
     if reviews_path is not None:
         rev, notes = _reviews_frame(reviews_path, inter)
     return _finish(
-        name or _stem(ratings),
+        dataset_name or _stem(ratings),
         inter,
         t,
         meta_path,

@@ -45,7 +45,7 @@ def load_lastfm(
     untagged: str = "before-first-tag",
     weight_as_rating: bool = False,
     encoding: str = "utf-8",
-    name: str = "lastfm",
+    dataset_name: str = "lastfm",
 ) -> RecDataset:
     """LastFM hetrec-2k from a directory (or zip) holding the three files above."""
     if untagged not in ("before-first-tag", "drop"):
@@ -161,6 +161,6 @@ def load_lastfm(
     if weight_as_rating:
         inter["rating"] = inter["weight"].astype("float64")
     inter = inter.drop(columns="weight").reset_index(drop=True)
-    ds = RecDataset.from_frames(name, inter, catalogue, source=ua.source)
+    ds = RecDataset.from_frames(dataset_name, inter, catalogue, source=ua.source)
     ds.notes.extend(notes)
     return ds

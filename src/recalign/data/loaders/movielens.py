@@ -86,7 +86,7 @@ def _genre_flags(table: DelimitedTable) -> None:
 
 
 @register("ml-100k-raw")
-def load_ml100k_raw(path: str | Path, *, name: str = "ml-100k") -> RecDataset:
+def load_ml100k_raw(path: str | Path, *, dataset_name: str = "ml-100k") -> RecDataset:
     """MovieLens-100K from ``u.data`` + ``u.item`` (directory or the official zip)."""
     files = locate_files(path, ("u.data", "u.item"), "MovieLens-100K")
     data = DelimitedTable(
@@ -117,11 +117,11 @@ def load_ml100k_raw(path: str | Path, *, name: str = "ml-100k") -> RecDataset:
         }
     )
     check_known_items(data, inter["item"], pd.Index(catalogue["item"]), "u.item", data.source)
-    return RecDataset.from_frames(name, inter, catalogue, source=data.source)
+    return RecDataset.from_frames(dataset_name, inter, catalogue, source=data.source)
 
 
 @register("ml-1m")
-def load_ml1m(path: str | Path, *, name: str = "ml-1m") -> RecDataset:
+def load_ml1m(path: str | Path, *, dataset_name: str = "ml-1m") -> RecDataset:
     """MovieLens-1M from ``ratings.dat`` + ``movies.dat`` (directory or the official zip)."""
     files = locate_files(path, ("ratings.dat", "movies.dat"), "MovieLens-1M")
     data = DelimitedTable(
@@ -158,7 +158,7 @@ def load_ml1m(path: str | Path, *, name: str = "ml-1m") -> RecDataset:
         }
     )
     check_known_items(data, inter["item"], pd.Index(catalogue["item"]), "movies.dat", data.source)
-    return RecDataset.from_frames(name, inter, catalogue, source=data.source)
+    return RecDataset.from_frames(dataset_name, inter, catalogue, source=data.source)
 
 
 def _check_unique(table: DelimitedTable, col: str) -> None:

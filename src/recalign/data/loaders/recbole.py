@@ -124,7 +124,9 @@ def _resolve(path: str | Path, name: str | None) -> tuple[Path, Path | None]:
                 inter = cands[0]
             else:
                 raise RecalignInputError(
-                    f"several .inter files ({', '.join(c.name for c in cands)}); pass name=", source=p
+                    f"several .inter files ({', '.join(c.name for c in cands)}); pass dataset_name=<name> "
+                    "(--opt dataset_name=...)",
+                    source=p,
                 )
     else:
         raise RecalignInputError("no such file or directory", source=p)
@@ -136,7 +138,7 @@ def _resolve(path: str | Path, name: str | None) -> tuple[Path, Path | None]:
 def load_recbole(
     path: str | Path,
     *,
-    name: str | None = None,
+    dataset_name: str | None = None,
     user_field: str = "user_id",
     item_field: str = "item_id",
     time_field: str = "timestamp",
@@ -144,9 +146,13 @@ def load_recbole(
     title_field: str | None = None,
     unknown_items: str = "error",
 ) -> RecDataset:
-    """Read ``<name>.inter`` and, if present, ``<name>.item`` from a directory (or a ``.inter`` path)."""
+    """Read ``<name>.inter`` and, if present, ``<name>.item`` from a directory (or a ``.inter`` path).
+
+    ``dataset_name`` picks ``<dataset_name>.inter`` in a directory holding several and names the dataset
+    (default: the file's stem).
+    """
     check_unknown_items_option(unknown_items)
-    inter_path, item_path = _resolve(path, name)
+    inter_path, item_path = _resolve(path, dataset_name)
     af = _AtomicFile(inter_path, (user_field, item_field))
     t = af.table
     notes: list[str] = []
@@ -178,7 +184,7 @@ def load_recbole(
         if unknown_items == "error":
             check_known_items(t, inter["item"], pd.Index(catalogue["item"]), item_path.name, t.source)
     ds = RecDataset.from_frames(
-        name or inter_path.stem, inter, catalogue, source=t.source, unknown_items=unknown_items
+        dataset_name or inter_path.stem, inter, catalogue, source=t.source, unknown_items=unknown_items
     )
     ds.notes.extend(notes)
     return ds

@@ -45,8 +45,14 @@ def _import_all() -> None:
                 raise
 
 
-def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> RecDataset:
-    """Load a dataset by registered name (``ml-100k`` is the embedded default)."""
+def load_dataset(name: str, /, path: str | Path | None = None, **options: Any) -> RecDataset:
+    """Load a dataset by registered format name (``ml-100k`` is the embedded default).
+
+    ``options`` go to the loader. The name a dataset carries in results is the loader option
+    ``dataset_name`` (it used to be ``name``, which clashed with this function's first argument; that
+    spelling is refused with a message saying so).
+    """
+    check_option_names(options)
     _import_all()
     if path is None and name not in DATASETS and Path(name).exists():
         path, name = name, _guess_format(Path(name))
@@ -59,6 +65,21 @@ def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> R
     if name == "ml-100k" and path is not None:
         name = "ml-100k-raw"
     return DATASETS[name](path=path, **options) if path is not None else DATASETS[name](**options)
+
+
+def check_option_names(options: dict[str, Any]) -> None:
+    """Refuse the loader option ``name`` (renamed ``dataset_name``) with a one-line error.
+
+    ``name`` used to be how the CSV / Parquet / RecBole / Amazon / MovieLens / LastFM loaders were told
+    the dataset's name; through ``load_dataset`` (and so ``--opt name=...`` on the command line) it collided
+    with the format name and failed with a ``TypeError``.
+    """
+    if "name" in options:
+        raise RecalignInputError(
+            "loader option 'name' is now called 'dataset_name' (e.g. --opt dataset_name=books, or "
+            "options: {dataset_name: books} in YAML); 'name' clashed with the dataset format name",
+            field="options",
+        )
 
 
 def _guess_format(path: Path) -> str:

@@ -636,7 +636,7 @@ def load_csv(
     text_cols: list[str] | None = None,
     items_sep: str | None = None,
     unknown_items: str = "error",
-    name: str | None = None,
+    dataset_name: str | None = None,
 ) -> RecDataset:
     """A delimited interaction file with a column mapping.
 
@@ -652,6 +652,7 @@ def load_csv(
             (default: ``item_col``) with titles in ``title_col``; ``text_cols`` selects extra text
             fields (default: every other column).
         unknown_items: interacted items missing from the catalogue: ``error`` or ``title-from-id``.
+        dataset_name: the dataset's name in results (default: the file name without extensions).
     """
     check_unknown_items_option(unknown_items)
     if not header and columns is None:
@@ -691,7 +692,11 @@ def load_csv(
         if unknown_items == "error":
             check_known_items(t, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, t.source)
     return RecDataset.from_frames(
-        name or Path(path).name.split(".")[0], inter, cat, source=t.source, unknown_items=unknown_items
+        dataset_name or Path(path).name.split(".")[0],
+        inter,
+        cat,
+        source=t.source,
+        unknown_items=unknown_items,
     )
 
 
@@ -710,7 +715,7 @@ def load_parquet(
     text_cols: list[str] | None = None,
     items_sep: str = ",",
     unknown_items: str = "error",
-    name: str | None = None,
+    dataset_name: str | None = None,
 ) -> RecDataset:
     """A Parquet interaction file with the same column mapping as :func:`load_csv`.
 
@@ -757,5 +762,5 @@ def load_parquet(
         if unknown_items == "error":
             check_known_items(None, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, str(p))
     return RecDataset.from_frames(
-        name or p.name.split(".")[0], inter, cat, source=str(p), unknown_items=unknown_items
+        dataset_name or p.name.split(".")[0], inter, cat, source=str(p), unknown_items=unknown_items
     )
