@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,6 +71,19 @@ def test_tokenizer_without_pad_gets_eos_as_pad(tmp_path):
     assert loaded.pad_token == loaded.eos_token == "</s>"
 
 
+def test_cache_with_gguf_record_is_incomplete_and_record_is_stripped(tmp_path):
+    from recalign.lm.loading import _complete, _strip_quantization_record
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))
+    assert not _complete(tmp_path)  # an old cache is converted again
+    _strip_quantization_record(config)
+    assert json.loads(config.read_text()) == {"model_type": "llama"}
+    assert _complete(tmp_path)
+
+
 @pytest.mark.slow
 def test_embedded_smollm2():
     from recalign.lm.loading import smollm2_cache_dir
@@ -80,6 +95,8 @@ def test_embedded_smollm2():
     assert 134_000_000 < n_params < 135_000_000
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     assert (smollm2_cache_dir() / "model.safetensors").is_file()
+    # plain float weights: the cached config carries no GGUF quantisation record
+    assert "quantization_config" not in json.loads((smollm2_cache_dir() / "config.json").read_text())
     # the dequantised weights make a sensible LM: natural text is far more likely than uniform
     # (ln 49152 = 10.8 nats/token) and than the same tokens shuffled
     ids = tok("The capital of France is Paris. It is a large city with many museums.").input_ids

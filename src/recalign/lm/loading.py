@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -59,7 +60,29 @@ def smollm2_cache_dir() -> Path:
 
 
 def _complete(directory: Path) -> bool:
-    return (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+    """A finished conversion: weights, tokenizer, and a config without a GGUF quantisation record.
+
+    (Caches written before that record was stripped are converted again, once.)
+    """
+    config = directory / "config.json"
+    return (
+        (directory / "model.safetensors").is_file()
+        and (directory / "tokenizer.json").is_file()
+        and config.is_file()
+        and "quantization_config" not in json.loads(config.read_text())
+    )
+
+
+def _strip_quantization_record(config_path: Path) -> None:
+    """Remove ``quantization_config`` from a saved config.json.
+
+    ``save_pretrained`` writes back the GGUF record the config inherited from the GGUF file even after
+    the attribute is deleted; left in place it makes transformers announce on every load that it is
+    reading a packed GGUF checkpoint, although the cache holds plain float weights.
+    """
+    data = json.loads(config_path.read_text())
+    if data.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def convert_smollm2(target: Path | None = None) -> Path:
@@ -86,6 +109,7 @@ def convert_smollm2(target: Path | None = None) -> Path:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        _strip_quantization_record(tmp / "config.json")
         if target.exists() and not _complete(target):
             shutil.rmtree(target, ignore_errors=True)
         try:
