@@ -1,13 +1,11 @@
 """Training commands under ``accelerate launch`` with 2 CPU processes give the 1-process result.
 
 Covered: ``recalign sft``, ``recalign align`` (S-DPO, K=3) and ``recalign knowledge`` (MIM, BPR,
-retrieval, ranking mixture). All three run in ONE ``accelerate launch`` of
-tests/scale/_cli_sequence.py, which feeds each argument list to the CLI's ``main`` in turn (start-up
-and rendezvous paid once); the 1-process references run in the test process through the same
-``main``. Not covered: ``cllm4rec`` and ``baseline`` train with loops of their own, not through
-recalign.training, so under ``accelerate launch`` every process runs the whole job; ``dpo4rec``'s DPO
-step goes through recalign.training, but its summary generation and fused recommender run in every
-process.
+retrieval, ranking mixture on a tiny-llama built by the main process). All three run in ONE
+``accelerate launch`` of tests/scale/_cli_sequence.py, which feeds each argument list to the CLI's
+``main`` in turn (start-up and rendezvous paid once); the 1-process references run in the test process
+through the same ``main``. ``cllm4rec``, ``dpo4rec`` and ``baseline`` are covered by
+test_multiprocess_methods.py.
 
 The comparison keeps the *global* batch fixed: 1 process x batch 4 against 2 processes x batch 2
 (same examples per optimiser step, same data order: accelerate hands process k the k-th slice of
@@ -86,8 +84,9 @@ def _configs(root: Path, data: Path, model: Path) -> dict[str, Path]:
     knowledge = {k: v for k, v in common.items() if k not in ("n_train", "max_history", "eval")}
     knowledge.update(
         tasks=["mim", "bpr", "retrieval", "ranking"], ratios=[1, 1, 1, 1], history_len=4, dtype="float32",
-        # explicit: the default (max_steps x per-device batch) would give the 2-process run half the data
-        n_examples=16,
+        # built (tokenizer trained on the mixture, weights seeded) and saved by the main process only;
+        # the default mixture size, max_steps x the GLOBAL batch, is 16 in both runs
+        model="tiny-llama", tiny_hidden=32,
         eval={"tasks": ["ranking"], "n_users": 4},
     )  # fmt: skip
     paths["knowledge"].write_text(yaml.safe_dump(knowledge))
@@ -156,5 +155,11 @@ def test_sdpo_two_processes_match_one(runs):
 
 
 def test_knowledge_two_processes_match_one(runs):
-    """``recalign knowledge``: the multi-task mixture SFT, same checks."""
-    assert_two_match_one(runs / "knowledge-1proc", runs / "knowledge-2proc")
+    """``recalign knowledge``: the multi-task mixture SFT, same checks; the mixture is one pass at the
+    global batch (not per process), and only the main process wrote the tiny base model and results."""
+    one, two = runs / "knowledge-1proc", runs / "knowledge-2proc"
+    assert_two_match_one(one, two)
+    r1, r2 = (json.loads((d / "metrics.json").read_text())["run"] for d in (one, two))
+    assert r1["n_train"] == r2["n_train"] == 16 and r1["task_counts"] == r2["task_counts"]
+    assert (two / "base" / "model.safetensors").is_file()
+    assert len(json.loads((two / "records.json").read_text())["records"]) == 1  # written once

@@ -131,8 +131,10 @@ def test_method_names_and_budget():
     c = cfg(["ranking"], [1])
     c.training.max_steps, c.training.batch_size, c.training.grad_accum = 5, 4, 2
     assert c.budget() == 40
+    # batch_size is per process: the default budget is one pass at the global batch
+    assert c.budget(world_size=2) == 80
     c.n_examples = 7
-    assert c.budget() == 7
+    assert c.budget() == c.budget(world_size=2) == 7
     with pytest.raises(RecalignInputError, match="train_candidates"):
         cfg(["ranking"], [1], train_candidates=1).validate()
     assert torch.get_num_threads() >= 1

@@ -3,9 +3,10 @@
 1. Data: dataset + split through the shared data path (:func:`recalign.methods.load_data`).
 2. Tasks: a mixture of auxiliary tasks (MIM, MLM, BPR) and recommendation tasks (retrieval, ranking,
    rating) written from the split's *training stage* (:mod:`.tasks`), in exact per-task counts for a
-   fixed example budget (:mod:`.mixer`). The budget defaults to ``max_steps x batch_size x grad_accum``
-   so that every optimiser step sees fresh examples and two task mixtures trained for the same number of
-   steps have seen the same number of examples: the comparison the paper's ablation needs.
+   fixed example budget (:mod:`.mixer`). The budget defaults to ``max_steps x global batch`` (per-device
+   ``batch_size x grad_accum x processes``) so that every optimiser step sees fresh examples and two task
+   mixtures trained for the same number of steps have seen the same number of examples: the comparison
+   the paper's ablation needs.
 3. Training: LoRA SFT through the project's one training path (:func:`recalign.training.train` with
    :class:`recalign.methods.sft.SFTObjective`: answer-token NLL, shared-prefix scoring), for decoder-only
    models and for encoder-decoder (FLAN-T5 family) models alike — the scorer dispatches on the family.
@@ -25,6 +26,12 @@ Outputs in the run directory::
 Models: ``"smollm2"`` (embedded), a local decoder-only or encoder-decoder model directory, or
 ``"tiny-llama"`` / ``"tiny-t5"``: a tiny randomly initialised model with a BPE tokenizer trained on the
 run's own texts (tests and smoke runs).
+
+Several processes (``accelerate launch``): every process builds the same mixture from the config (a pure
+function of the seed and the *global* budget; checked to be identical on every process), the Trainer
+gives each process its slice of every global batch, and only the main process writes files (config,
+tiny base model, adapter, results) and evaluates. A tiny model is built and saved by the main process
+and loaded from there by the others, so all start from the same weights and tokenizer.
 """
 
 from __future__ import annotations
@@ -108,7 +115,9 @@ class KnowledgeConfig:
     tasks: list[str] = cfg_field(list(ALL_TASKS), f"training tasks, from {', '.join(ALL_TASKS)}")
     ratios: list[float] = cfg_field([1.0] * len(ALL_TASKS), "mixing ratio of each task (same order as tasks)")
     n_examples: int = cfg_field(
-        0, "training examples in the mixture; 0: max_steps x batch_size x grad_accum (one pass)"
+        0,
+        "training examples in the mixture; 0: max_steps x batch_size x grad_accum x processes (one pass "
+        "at the global batch)",
     )
     history_len: int = cfg_field(10, "history items shown in task prompts (most recent)")
     train_candidates: int = cfg_field(
@@ -160,12 +169,19 @@ class KnowledgeConfig:
         self.training.validate()
         self.eval.validate()
 
-    def budget(self) -> int:
+    def budget(self, world_size: int | None = None) -> int:
+        """Examples in the mixture: ``n_examples``, or one pass of ``max_steps`` at the global batch
+        (``batch_size`` is per process, so the global batch counts the launched processes)."""
         if self.n_examples > 0:
             return self.n_examples
         if self.training.max_steps <= 0:
             raise RecalignInputError("set n_examples, or training.max_steps to derive it", field="n_examples")
-        return self.training.max_steps * self.training.batch_size * self.training.grad_accum
+        if world_size is None:
+            from recalign.training import distributed
+
+            world_size = distributed.world_size()
+        t = self.training
+        return t.max_steps * t.batch_size * t.grad_accum * world_size
 
     def method_name(self) -> str:
         """``knowledge-rec`` (recommendation tasks only), ``knowledge-rec+aux`` (all three auxiliary
@@ -220,11 +236,19 @@ def _tiny_model(kind: str, texts: list[str], hidden: int, out: Path, seed: int):
 
 
 def load_base(name: str, texts: list[str], hidden: int, out: Path, seed: int, *, dtype: str = "float32"):
-    """(model, tokenizer, base name recorded with the adapter) for any ``model`` value of the config."""
+    """(model, tokenizer, base name recorded with the adapter) for any ``model`` value of the config.
+
+    A tiny model is built and saved by the main process; in a multi-process run the others wait and
+    load the saved copy (one writer, and every process holds the same weights and tokenizer).
+    """
     from recalign.lm.lora import load_lm, resolve_dtype
+    from recalign.training import distributed
 
     if name in TINY_MODELS:
-        return _tiny_model(name, texts, hidden, out, seed)
+        with distributed.main_first():
+            if distributed.is_main():
+                return _tiny_model(name, texts, hidden, out, seed)
+        return load_base(str(out / "base"), texts, hidden, out, seed, dtype="float32")
     if _is_seq2seq_dir(name):
         from recalign.lm.seq2seq import load_seq2seq
 
@@ -271,8 +295,13 @@ def run_knowledge(
     method = cfg.method_name()
     ckpt_dir = out / "checkpoints"
     find_resume_checkpoint(ckpt_dir, cfg.training.resume)  # fail fast on another run's checkpoints
+    from recalign.training import distributed
+
+    distributed.init()
+    main_process = distributed.is_main()
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if main_process:
+        save_config(cfg, out / "config.yaml")
 
     data = data or load_data(cfg.data)
     dataset, split = data.dataset, data.split
@@ -284,6 +313,8 @@ def run_knowledge(
     budget = cfg.budget()
     counts = allocate(budget, cfg.tasks, cfg.ratios)
     mixture = mix(train_tasks, cfg.tasks, cfg.ratios, budget, seed=cfg.seed)
+    # one mixture for the whole run: each process trains on its slice of every global batch of it
+    distributed.check_same(distributed.digest([(e.prompt, e.answer) for e in mixture]), "the task mixture")
 
     texts = [e.prompt + " " + e.answer for e in mixture] + train_tasks.titles
     model, tok, base_name = load_base(cfg.model, texts, cfg.tiny_hidden, out, cfg.seed, dtype=cfg.dtype)
@@ -292,7 +323,7 @@ def run_knowledge(
     torch.manual_seed(cfg.training.seed)  # the adapter's initialisation follows the training seed
     model = attach_lora(model, _lora_for(model, cfg.lora))
     trainable, total = count_trainable(model)
-    if progress:
+    if progress and main_process:
         print(
             f"knowledge [{method}]: {len(mixture)} examples {counts}, model {cfg.model} "
             f"({trainable:,} trainable of {total:,} parameters)",
@@ -302,6 +333,10 @@ def run_knowledge(
     examples = [{"prompt": enc_prompt(e.prompt), "answers": [enc_answer(e.answer)]} for e in mixture]
     t0 = time.perf_counter()
     outcome = train(model, examples, SFTObjective(cfg.scoring_impl), cfg.training, ckpt_dir)
+    if not outcome.trainer.args.should_save:
+        # another process of a distributed run: the main process saves, evaluates and writes results
+        return KnowledgeResult(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
+                               outcome.train_loss, counts, outcome.log_history)  # fmt: skip
     adapter_dir = save_adapter(
         model,
         out / "adapter",
