@@ -140,6 +140,28 @@ def test_pairwise_accuracy_matches_naive_scoring(env):
     assert full.metrics["n_pairs"] == 8
 
 
+def test_pairwise_accuracy_uses_the_seq2seq_tokenisation_for_encoder_decoders(env):
+    """A T5-family model is scored on encoder source / decoder target ids (no BOS, EOS-terminated), as
+    its candidate-ranking protocol is, not on the causal prompt rule."""
+    from recalign.lm.seq2seq import build_tiny_t5, encode_source, encode_target, naive_seq2seq_answer_logprobs
+
+    tok = _lm_tiny.tiny_tokenizer()
+    model = build_tiny_t5(tok, seed=1).eval()
+    data = _data(env)
+    test = data.split.stage("test").head(2).reset_index(drop=True)
+    res = pairwise_accuracy(model, tok, data.dataset, test, seed=0, max_history=4, max_pairs=2)
+    titles = display_titles(data.dataset)
+    for k, it in enumerate(res.items):
+        with torch.no_grad():
+            s = naive_seq2seq_answer_logprobs(
+                model,
+                [encode_source(tok, it.prompt)],
+                [[encode_target(tok, titles[it.target]), encode_target(tok, titles[it.negative])]],
+            ).sum[0]
+        assert res.target_scores[k] == pytest.approx(s[0].item(), abs=1e-4)
+        assert res.negative_scores[k] == pytest.approx(s[1].item(), abs=1e-4)
+
+
 # ---------------------------------------------------------------------- genre domains
 GENRE_LOG = [  # (user, item, timestamp)
     ("u1", "m1", 1), ("u1", "m2", 2), ("u1", "m3", 3),

@@ -1,13 +1,15 @@
 """``recalign evaluate``: score any saved language model on any dataset split.
 
     recalign evaluate --model DIR_OR_NAME --dataset ml-100k --split llara [--n-test 200]
-                      [--protocols candidates,generation] --output DIR
+                      [--protocols candidates,generation,pairwise] [--max-pairs 1] --output DIR
 
 ``--model`` is a base model (``smollm2``, a local HF directory), an adapter directory, or a run
 directory of ``recalign sft`` / ``align`` (its adapter is applied to the base it names). The test
 examples are the ``--n-test`` rows drawn with ``--seed`` (the same rows every recipe evaluates on);
 ``--seed`` also seeds the split's candidate sets. Writes ``records.json`` (quality-results shape) and
-``metrics.json`` into ``--output``. A thin layer over
+``metrics.json`` into ``--output``. ``pairwise`` is DMPO's protocol (:mod:`recalign.methods.dmpo`): the
+target against ``--max-pairs`` negative candidates per example, each pair in its own "A or B" prompt;
+``PairAcc`` is the fraction of pairs where the target's answer scores higher. A thin layer over
 :func:`recalign.methods.zeroshot.evaluate_saved_model`.
 """
 
@@ -40,7 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protocols",
         default="candidates,generation",
-        help="comma-separated: candidates, generation, full (slow) (default candidates,generation)",
+        help="comma-separated: candidates, generation, full (slow), pairwise (DMPO's A-or-B prompt) "
+        "(default candidates,generation)",
+    )
+    p.add_argument(
+        "--max-pairs",
+        type=int,
+        default=1,
+        help="pairwise: negative candidates paired with the target per example (0 = all; default 1)",
     )
     p.add_argument("--method", default=None, help="method name in the records (default: from the adapter)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
@@ -71,6 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         stage=args.stage,
+        max_pairs=args.max_pairs,
     )
     data_cfg = DataPrepareConfig(
         dataset=args.dataset,
@@ -94,7 +104,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     for r in records:
         shown = ", ".join(
-            f"{k}={v:.4f}" for k, v in r.metrics.items() if k.startswith(("HR@1", "NDCG@10", "Valid"))
+            f"{k}={v:.4f}"
+            for k, v in r.metrics.items()
+            if k.startswith(("HR@1", "NDCG@10", "Valid", "PairAcc"))
         )
         print(f"{r.method} [{r.protocol}] n={r.n_examples}: {shown}")
     print(f"records: {args.output}/records.json")

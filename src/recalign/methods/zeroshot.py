@@ -12,6 +12,10 @@ in the same shape as the classical baselines' and render in the same report.
   and over valid answers (LLaRA's), and ValidRatio.
 - ``full``: every catalogue title scored against a candidate-free prompt (expensive: ~n_items answers
   per example); full-ranking metrics with seen items excluded.
+- ``pairwise``: DMPO's pairwise-ranking prompt ("rank the likelihood of the user watching A and B"),
+  one prompt per (target, negative candidate) pair, ``max_pairs`` negatives per example
+  (:func:`recalign.methods.dmpo.pairwise_accuracy`); ``PairAcc`` (ties count one half), its
+  per-example mean, and ``n_pairs``.
 
 Zero-shot is simply :func:`evaluate_lm` on the base model with ``method="zeroshot"``.
 """
@@ -31,7 +35,7 @@ from recalign.evaluation.records import ResultRecord, write_records
 from recalign.io import atomic_write_json
 from recalign.methods import PreparedData, load_data, sample_examples
 
-LM_PROTOCOLS = ("candidates", "generation", "full")
+LM_PROTOCOLS = ("candidates", "generation", "full", "pairwise")
 
 
 @dataclass
@@ -42,7 +46,8 @@ class EvalConfig:
         200, "test examples, sampled with the run's seed (0 or less: the whole test stage)"
     )
     protocols: list[str] = cfg_field(
-        ["candidates", "generation"], "protocols to run: candidates, generation, full (slow)"
+        ["candidates", "generation"],
+        "protocols to run: candidates, generation, full (slow), pairwise (DMPO's A-or-B prompt)",
     )
     batch_size: int = cfg_field(8, "examples per forward pass when scoring / generating")
     max_new_tokens: int = cfg_field(32, "generation length limit (titles are ~10-20 tokens)")
@@ -50,6 +55,11 @@ class EvalConfig:
         False, "rank candidates by mean instead of summed answer-token log-prob"
     )
     stage: str = cfg_field("test", "which split stage to evaluate on: test or valid")
+    max_pairs: int = cfg_field(
+        1,
+        "pairwise protocol: negative candidates paired with the target per example, drawn with the seed "
+        "(0: all candidates - 1; DMPO's setting is one pair)",
+    )
 
     def validate(self) -> None:
         bad = [p for p in self.protocols if p not in LM_PROTOCOLS]
@@ -61,6 +71,8 @@ class EvalConfig:
             raise RecalignInputError("must be >= 1", field="eval.batch_size/max_new_tokens")
         if self.stage not in ("test", "valid"):
             raise RecalignInputError(f"must be test or valid, got {self.stage!r}", field="eval.stage")
+        if self.max_pairs < 0:
+            raise RecalignInputError(f"must be >= 0, got {self.max_pairs}", field="eval.max_pairs")
 
 
 def metric_keys_flat(records: list[ResultRecord]) -> dict[str, float]:
@@ -119,6 +131,15 @@ def evaluate_lm(
             metrics = evaluate_candidates(rec, examples, batch_size=max(len(examples), 1))
         elif protocol == "full":
             metrics = evaluate_full(rec, examples, batch_size=max(len(examples), 1))
+        elif protocol == "pairwise":
+            from recalign.methods.dmpo import pairwise_accuracy
+
+            pair = pairwise_accuracy(
+                model, tokenizer, dataset, examples, seed=seed, max_history=max_history,
+                max_pairs=cfg.max_pairs, batch_size=cfg.batch_size, length_normalize=cfg.length_normalize,
+            )  # fmt: skip
+            metrics = dict(pair.metrics)
+            info["max_pairs"] = cfg.max_pairs
         else:
             gen = evaluate_generation(
                 model,
@@ -147,7 +168,9 @@ def evaluate_lm(
         )
         if progress:
             shown = ", ".join(
-                f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("HR@1", "Valid", "NDCG@10"))
+                f"{k}={v:.4f}"
+                for k, v in metrics.items()
+                if k.startswith(("HR@1", "Valid", "NDCG@10", "PairAcc"))
             )
             print(f"{method} [{protocol}] {shown}", flush=True)
     return records
