@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import _lm_tiny  # noqa: E402
@@ -115,7 +116,50 @@ def test_recommend_rejects_unknown_title(run, capsys):
     assert "\n" not in err
 
 
+def test_evaluate_pairwise_protocol_writes_a_record(run, tmp_path):
+    """``--protocols pairwise``: DMPO's A-or-B prompt per (target, negative) pair, as a record; the
+    numbers are exactly the API's on the same model, rows, prompt seed and history length."""
+    _, data, _, _, out = run
+    dest = tmp_path / "eval"
+    code = main(
+        ["evaluate", "--model", str(out), "--dataset", "ml-100k", "--path", str(data), "--split", "llara",
+         "--candidates", "5", "--n-test", "3", "--protocols", "candidates,pairwise", "--max-pairs", "2",
+         "--output", str(dest)]
+    )  # fmt: skip
+    assert code == 0
+    records = read_records(dest / "records.json")
+    assert [(r.protocol, r.method, r.n_examples) for r in records] == [
+        ("candidates", "sft", 3),
+        ("pairwise", "sft", 3),
+    ]
+    pair = records[1]
+    assert pair.metrics["n_pairs"] == 6 and pair.extra["max_pairs"] == 2
+    assert 0.0 <= pair.metrics["PairAcc"] <= 1.0
+    assert (
+        json.loads((dest / "metrics.json").read_text())["metrics"]["pairwise/PairAcc"]
+        == pair.metrics["PairAcc"]
+    )
+
+    from recalign.cli.cmd_data import DataPrepareConfig
+    from recalign.lm.lora import load_lm
+    from recalign.methods import load_data, sample_examples
+    from recalign.methods.dmpo import pairwise_accuracy
+
+    model, tok, _ = load_lm(out, dtype="auto")
+    prepared = load_data(DataPrepareConfig(dataset="ml-100k", path=str(data), split="llara", candidates=5))
+    test = sample_examples(prepared.split.stage("test"), 3, 0, stage="test")
+    direct = pairwise_accuracy(model, tok, prepared.dataset, test, seed=0, max_history=4, max_pairs=2)
+    assert pair.metrics == pytest.approx(direct.metrics, abs=1e-6)
+    # an unknown protocol is a one-line input error naming the choices
+    assert main(["evaluate", "--model", str(out), "--dataset", "ml-100k", "--path", str(data),
+                 "--protocols", "pairwize", "--output", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
 def test_quickstart_runs_stages_on_shared_examples_and_resumes(run, tmp_path, capsys):
+    import math
+
+    from safetensors.torch import load_file
+
     _, data, model, _, _ = run
     out = tmp_path / "qs"
     results = tmp_path / "results.json"
@@ -123,6 +167,8 @@ def test_quickstart_runs_stages_on_shared_examples_and_resumes(run, tmp_path, ca
         "quickstart", "--output", str(out), "--results", str(results), f"model={model}", "dtype=float32",
         f"data.path={data}", "data.candidates=5", "baselines=[pop]", "n_train=8", "max_history=4",
         "training.max_steps=1", "training.batch_size=4", "training.warmup_steps=0", "training.progress=false",
+        "sdpo.n_train=8", "sdpo.training.max_steps=1", "sdpo.training.batch_size=4",
+        "sdpo.training.warmup_steps=0", "sdpo.training.learning_rate=0.01", "sdpo.training.progress=false",
         "eval.n_test=4", "eval.protocols=[candidates,generation]", "eval.max_new_tokens=4",
     ]  # fmt: skip
     assert main(args) == 0
@@ -134,16 +180,50 @@ def test_quickstart_runs_stages_on_shared_examples_and_resumes(run, tmp_path, ca
         ("zeroshot", "generation"),
         ("sft", "candidates"),
         ("sft", "generation"),
+        ("sdpo", "candidates"),
+        ("sdpo", "generation"),
     ]
     assert {r.n_examples for r in records} == {4}  # every method on the same test rows
+    assert {r.seed for r in records} == {0}
     assert all(r.command == records[0].command for r in records)
-    assert "| pop" in table and "| sft" in table
+    assert "| pop" in table and "| sft" in table and "| sdpo" in table
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # sdpo: a new adapter trained on top of the SFT model (which is merged in and is the reference)
+    sft_w = load_file(out / "sft" / "adapter" / "adapter_model.safetensors")
+    sdpo_w = load_file(out / "sdpo" / "adapter" / "adapter_model.safetensors")
+    assert sft_w.keys() == sdpo_w.keys()
+    assert any(not torch.equal(sft_w[k], sdpo_w[k]) for k in sft_w)
+    assert all(sdpo_w[k].abs().sum() > 0 for k in sdpo_w if "lora_B" in k)  # it trained (B starts at 0)
+    meta = json.loads((out / "sdpo" / "metrics.json").read_text())["run"]
+    assert meta["start_model"] == str(out / "sft") and meta["loss"] == "sdpo" and meta["negatives"] == 3
+    assert meta["train_steps"] == 1 and meta["n_test"] == 4
+    # step 0: the fresh adapter is the identity, every implicit reward is 0, so the loss is log(1 + K)
+    assert meta["train_loss"] == pytest.approx(math.log(4), abs=1e-3)
+    assert json.loads((out / "stages" / "sdpo.json").read_text())["artifacts"] == {"sdpo": str(out / "sdpo")}
+
     # a second run into the same directory needs --resume, which reads finished stages back
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
-    before = (out / "stages" / "sft.json").read_text()
+    before = {s: (out / "stages" / f"{s}.json").read_text() for s in ("sft", "sdpo")}
+    sdpo_metrics = (out / "sdpo" / "metrics.json").read_text()
     assert main([*args, "--resume"]) == 0
-    assert "finished earlier" in capsys.readouterr().out
-    assert (out / "stages" / "sft.json").read_text() == before
+    shown = capsys.readouterr().out
+    assert "stage sft: finished earlier" in shown and "stage sdpo: finished earlier" in shown
+    assert {s: (out / "stages" / f"{s}.json").read_text() for s in ("sft", "sdpo")} == before
+    assert (out / "sdpo" / "metrics.json").read_text() == sdpo_metrics  # not recomputed
+
+    # an alignment interrupted after its last checkpoint: --resume continues from that checkpoint
+    # (no new step) and gives the same records as the uninterrupted run
+    (out / "stages" / "sdpo.json").unlink()
+    (out / "sdpo" / "metrics.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    meta = json.loads((out / "sdpo" / "metrics.json").read_text())["run"]
+    assert meta["resumed_from"] and Path(meta["resumed_from"]).name == "checkpoint-1"
+    assert meta["train_steps"] == 1
+    again = [r for r in read_records(results) if r.method == "sdpo"]
+    first = [r for r in records if r.method == "sdpo"]
+    assert [r.protocol for r in again] == [r.protocol for r in first]
+    for a, b in zip(again, first):
+        assert a.metrics == pytest.approx(b.metrics, nan_ok=True)

@@ -1,4 +1,4 @@
-"""``recalign quickstart``: the README demo -- zero-shot and SFT SmolLM2 next to popularity and SASRec.
+"""``recalign quickstart``: the README demo -- zero-shot, SFT and S-DPO SmolLM2 next to popularity and SASRec.
 
     recalign quickstart --output runs/quickstart [--config configs/quickstart.yaml] [--resume]
                         [--results results/sft_ml100k.json] [key.sub=value ...]
@@ -6,8 +6,8 @@
 Prepares ML-100K (llara split), evaluates every stage on the same test examples and candidates, prints
 the Markdown comparison table and writes ``report.md``, ``report.png``, ``results.json`` (quality-results
 shape) and ``timing.json`` into ``--output``. Sized to finish in about 20 minutes on a 2-core CPU.
-``--resume`` continues an interrupted run (finished stages are read back, SFT resumes from its last
-checkpoint). A thin layer over :func:`recalign.methods.quickstart.run_quickstart`.
+``--resume`` continues an interrupted run (finished stages are read back, SFT and S-DPO training resume
+from their last checkpoint). A thin layer over :func:`recalign.methods.quickstart.run_quickstart`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from recalign.config import describe_config, load_config, parse_overrides
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quickstart",
-        help="demo: zero-shot + few-shot SFT SmolLM2 vs popularity and SASRec on ML-100K",
+        help="demo: zero-shot, few-shot SFT and S-DPO SmolLM2 vs popularity and SASRec on ML-100K",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--output", default="runs/quickstart", help="run directory (default runs/quickstart)")

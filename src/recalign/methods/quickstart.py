@@ -5,20 +5,26 @@ exactly those examples and candidate sets:
 
 ``baselines``  popularity and SASRec (the baselines package), trained on the split's full training data;
 ``zeroshot``   SmolLM2-135M-Instruct as is (candidate scoring + greedy generation);
-``sft``        SmolLM2 after few-shot LoRA SFT on ``n_train`` training examples (:mod:`recalign.methods.sft`).
+``sft``        SmolLM2 after few-shot LoRA SFT on ``n_train`` training examples (:mod:`recalign.methods.sft`);
+``sdpo``       the SFT model after S-DPO alignment (:func:`recalign.methods.align.run_align`): the SFT
+               adapter (``ctx.artifacts["sft"]``) is merged in and is the reference, a fresh LoRA adapter is
+               trained with ``sdpo.negatives`` negatives per positive drawn from the prompt's candidates,
+               then evaluated like the other LM stages (records with method ``sdpo``).
 
 It then renders the comparison (Markdown table + PNG plot, :mod:`recalign.evaluation.report`) and writes
 every record, in the committed quality-results shape, to ``results.json`` (and to ``results`` if set).
 
-Stages are pluggable: :func:`register_stage` adds one (the preference recipe adds ``sdpo``, which
-starts from the SFT adapter found in ``ctx.artifacts["sft"]``), and ``stages`` in the config chooses
-which run, in order. Each finished stage's records and artifacts are saved under ``stages/NAME.json``;
-with ``--resume`` finished stages are read back instead of recomputed and an interrupted SFT continues
-from its last checkpoint. Without ``--resume`` an output directory holding a previous run is refused.
+Stages are pluggable: :func:`register_stage` adds one (a stage may use what earlier ones left in
+``ctx.artifacts``, as ``sdpo`` starts from the SFT run directory in ``ctx.artifacts["sft"]``), and
+``stages`` in the config chooses which run, in order. Each finished stage's records and artifacts are
+saved under ``stages/NAME.json``; with ``--resume`` finished stages are read back instead of recomputed
+and an interrupted SFT or S-DPO training continues from its last checkpoint. Without ``--resume`` an
+output directory holding a previous run is refused.
 
-Budget (2-core CPU): the default sizes (256 training examples, 24 optimiser steps of 8, 200 test
-examples) are chosen so the whole run fits in about 20 minutes; shared-prefix scoring keeps the
-evaluation of 20 candidates per example to about one prompt-length forward pass.
+Budget (2-core CPU): the default sizes (256 SFT examples, 24 optimiser steps of 8; 16 S-DPO steps of 4
+prompts x 4 answers; 200 test examples) are chosen so the whole run fits in about 20 minutes;
+shared-prefix scoring keeps the evaluation of 20 candidates per example to about one prompt-length
+forward pass, and S-DPO training to one pass per prompt for all 1 + K answers.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -57,9 +63,49 @@ def _lora() -> LoRAConfig:
     return LoRAConfig(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj"])
 
 
+def _sdpo_training() -> TrainingConfig:
+    return TrainingConfig(
+        learning_rate=5e-4, max_steps=16, batch_size=4, warmup_steps=2, save_steps=4, logging_steps=2
+    )
+
+
+@dataclass
+class QuickstartSDPOConfig:
+    """The ``sdpo`` stage: S-DPO on the SFT stage's model (:class:`~recalign.methods.align.AlignConfig`)."""
+
+    negatives: int = cfg_field(3, "K, negatives per positive (S-DPO's scripts use 3)")
+    beta: float = cfg_field(1.0, "temperature beta of the implicit reward (S-DPO's scripts use 1)")
+    strategy: Literal["random", "popularity", "hard"] = cfg_field(
+        "random",
+        "negatives: the prompt's random distractors, popularity-weighted, or hard (SFT model's top wrong ones)",
+    )
+    n_train: int = cfg_field(
+        64, "preference examples (each 1 positive + K negatives) sampled from the train stage with seed"
+    )
+    reference: Literal["precomputed", "adapter-disabled"] = cfg_field(
+        "precomputed", "reference log-probs: cached once from the SFT model, or a per-step adapter-off pass"
+    )
+    lora: LoRAConfig = cfg_field(
+        help="the new LoRA adapter trained on top of the merged SFT model", default_factory=_lora
+    )
+    training: TrainingConfig = cfg_field(help="S-DPO optimisation", default_factory=_sdpo_training)
+
+    def validate(self) -> None:
+        if self.negatives < 1:
+            raise RecalignInputError(f"must be >= 1, got {self.negatives}", field="sdpo.negatives")
+        if self.beta <= 0:
+            raise RecalignInputError(f"must be > 0, got {self.beta}", field="sdpo.beta")
+        if self.n_train < 1:
+            raise RecalignInputError(f"must be >= 1, got {self.n_train}", field="sdpo.n_train")
+        if not self.lora.enabled:
+            raise RecalignInputError("S-DPO trains an adapter; must be true", field="sdpo.lora.enabled")
+        self.lora.validate()
+        self.training.validate()
+
+
 @dataclass
 class QuickstartConfig:
-    """``recalign quickstart``: zero-shot and SFT SmolLM2 next to popularity and SASRec on one split."""
+    """``recalign quickstart``: zero-shot, SFT and S-DPO SmolLM2 next to popularity and SASRec on one split."""
 
     model: str = cfg_field("smollm2", "base language model (embedded SmolLM2-135M-Instruct by default)")
     dtype: str = cfg_field(
@@ -71,7 +117,8 @@ class QuickstartConfig:
     )
     data: DataPrepareConfig = cfg_field(help="dataset and split", default_factory=_data)
     stages: list[str] = cfg_field(
-        ["baselines", "zeroshot", "sft"], "stages to run, in order (registered: see register_stage)"
+        ["baselines", "zeroshot", "sft", "sdpo"],
+        "stages to run, in order (built in: baselines, zeroshot, sft, sdpo; sdpo needs sft before it)",
     )
     baselines: list[str] = cfg_field(["pop", "sasrec"], "classical baselines of the 'baselines' stage")
     baseline_overrides: dict[str, dict[str, Any]] = cfg_field(
@@ -83,6 +130,10 @@ class QuickstartConfig:
     seed: int = cfg_field(0, "seed of example sampling and prompt phrasing")
     lora: LoRAConfig = cfg_field(help="LoRA adapter of the SFT stage", default_factory=_lora)
     training: TrainingConfig = cfg_field(help="SFT optimisation", default_factory=_training)
+    sdpo: QuickstartSDPOConfig = cfg_field(
+        help="the sdpo stage: S-DPO alignment starting from the SFT stage's model",
+        default_factory=QuickstartSDPOConfig,
+    )
     eval: EvalConfig = cfg_field(
         help="test examples and protocols shared by every stage", default_factory=EvalConfig
     )
@@ -99,12 +150,22 @@ class QuickstartConfig:
             )
         if self.n_train < 1:
             raise RecalignInputError("must be >= 1", field="n_train")
+        if "sdpo" in self.stages and "sft" not in self.stages[: self.stages.index("sdpo")]:
+            raise RecalignInputError(
+                "the sdpo stage starts from the SFT model: list sft before sdpo", field="stages"
+            )
+        if "sdpo" in self.stages and self.data.candidates - 1 < self.sdpo.negatives:
+            raise RecalignInputError(
+                f"{self.sdpo.negatives} negatives need at least {self.sdpo.negatives + 1} candidates",
+                field="sdpo.negatives",
+            )
         if self.threads < 0:
             raise RecalignInputError("must be >= 0", field="threads")
         resolve_dtype(self.dtype)
         self.data.validate()
         self.lora.validate()
         self.training.validate()
+        self.sdpo.validate()
         self.eval.validate()
 
 
@@ -230,10 +291,57 @@ def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
     return res.records
 
 
+def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
+    """S-DPO from the SFT stage's run directory (merged in: the reference), through ``run_align``."""
+    import copy
+
+    from recalign.methods.align import AlignConfig, run_align
+
+    c, s = ctx.cfg, ctx.cfg.sdpo
+    start = ctx.artifacts.get("sft")
+    if not start:
+        raise RecalignInputError(
+            "the sdpo stage starts from the SFT model: run the sft stage before it", field="stages"
+        )
+    training = copy.deepcopy(s.training)
+    training.resume = ctx.resume
+    training.progress = ctx.progress
+    align_cfg = AlignConfig(
+        model=str(start),
+        loss="sdpo",
+        negatives=s.negatives,
+        strategy=s.strategy,
+        beta=s.beta,
+        reference=s.reference,
+        method="sdpo",
+        data=c.data,
+        n_train=s.n_train,
+        max_history=c.max_history,
+        prompt="candidates",
+        seed=c.seed,
+        dtype=c.dtype,
+        threads=c.threads,
+        lora=s.lora,
+        training=training,
+        eval=c.eval,
+    )
+    res = run_align(
+        align_cfg,
+        ctx.stage_dir("sdpo"),
+        data=ctx.data,
+        test_examples=ctx.test_examples,
+        command=ctx.command,
+        progress=ctx.progress,
+    )
+    ctx.artifacts["sdpo"] = str(res.output_dir)
+    return res.records
+
+
 def _register_builtin() -> None:
     STAGES.setdefault("baselines", stage_baselines)
     STAGES.setdefault("zeroshot", stage_zeroshot)
     STAGES.setdefault("sft", stage_sft)
+    STAGES.setdefault("sdpo", stage_sdpo)
 
 
 _register_builtin()

@@ -1,0 +1,94 @@
+"""The quickstart's ``sdpo`` stage and config, without a model: defaults, validation and the wiring into
+``run_align``. The stage end to end on a tiny Llama (records, adapter, step-0 loss, resume) is tested
+through the CLI in tests/cli/test_lm_cli.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recalign.config import config_to_dict, load_config
+from recalign.errors import RecalignInputError
+from recalign.methods import quickstart as qs
+from recalign.methods.quickstart import QuickstartConfig, QuickstartContext, QuickstartSDPOConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_run_sdpo_after_sft_and_every_field_has_help():
+    cfg = QuickstartConfig()
+    assert cfg.stages == ["baselines", "zeroshot", "sft", "sdpo"]
+    s = cfg.sdpo
+    assert (s.negatives, s.beta, s.strategy, s.reference) == (3, 1.0, "random", "precomputed")
+    assert (s.training.max_steps, s.training.batch_size, s.training.learning_rate) == (16, 4, 5e-4)
+    for f in dataclasses.fields(QuickstartSDPOConfig):
+        assert f.metadata.get("help"), f.name
+    cfg.validate()
+
+
+def test_shipped_config_matches_the_defaults_for_stages_and_sdpo():
+    cfg = load_config(QuickstartConfig, REPO / "configs" / "quickstart.yaml")
+    assert cfg.stages == QuickstartConfig().stages
+    assert config_to_dict(cfg.sdpo) == config_to_dict(QuickstartSDPOConfig())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[baselines,sdpo]"], "list sft before sdpo"),
+        (["stages=[sdpo,sft]"], "list sft before sdpo"),
+        (["data.candidates=3"], "3 negatives need at least 4 candidates"),
+        (["sdpo.beta=0"], "must be > 0"),
+        (["sdpo.negatives=0"], "must be >= 1"),
+        (["sdpo.training.batch_size=0"], "must be >= 1"),
+        (["sdpo.lora.enabled=false"], "S-DPO trains an adapter"),
+    ],
+)
+def test_invalid_sdpo_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(RecalignInputError, match=message):
+        load_config(QuickstartConfig, overrides=overrides)
+
+
+def test_without_sdpo_the_candidate_count_is_not_constrained():
+    load_config(QuickstartConfig, overrides=["stages=[baselines,sft]", "data.candidates=3"])
+
+
+def _ctx(tmp_path, resume: bool) -> QuickstartContext:
+    cfg = load_config(
+        QuickstartConfig, overrides=["seed=7", "max_history=5", "sdpo.beta=0.5", "dtype=float32"]
+    )
+    data = object()  # the stage hands the prepared data through untouched
+    test = pd.DataFrame({"user": [1, 2], "position": [3, 4]})
+    return QuickstartContext(cfg=cfg, output_dir=tmp_path, data=data, test_examples=test, command="cmd",
+                             resume=resume, progress=False)  # fmt: skip
+
+
+def test_stage_hands_the_sft_run_and_shared_rows_to_run_align(tmp_path, monkeypatch):
+    import recalign.methods.align as align
+
+    seen = {}
+
+    def fake_run_align(cfg, output_dir, *, data, test_examples, command, progress):
+        seen.update(cfg=cfg, out=output_dir, data=data, test=test_examples, command=command)
+        return align.AlignResult(Path(output_dir), Path(output_dir) / "adapter", ["record"], {}, 16, 1.0, 0.1)
+
+    monkeypatch.setattr(align, "run_align", fake_run_align)
+    ctx = _ctx(tmp_path, resume=True)
+    ctx.artifacts["sft"] = str(tmp_path / "sft")
+    assert qs.stage_sdpo(ctx) == ["record"]
+    cfg = seen["cfg"]
+    assert cfg.model == str(tmp_path / "sft") and cfg.loss == "sdpo" and cfg.method_name() == "sdpo"
+    assert (cfg.negatives, cfg.beta, cfg.seed, cfg.max_history, cfg.dtype) == (3, 0.5, 7, 5, "float32")
+    assert cfg.training.resume is True and cfg.training.progress is False
+    assert ctx.cfg.sdpo.training.resume is False  # the stage's config is copied, not changed
+    assert cfg.eval is ctx.cfg.eval and cfg.data is ctx.cfg.data
+    assert seen["test"] is ctx.test_examples and seen["data"] is ctx.data and seen["command"] == "cmd"
+    assert seen["out"] == tmp_path / "sdpo" and ctx.artifacts["sdpo"] == str(tmp_path / "sdpo")
+
+
+def test_stage_without_an_sft_run_is_an_input_error(tmp_path):
+    with pytest.raises(RecalignInputError, match="run the sft stage before it"):
+        qs.stage_sdpo(_ctx(tmp_path, resume=False))
