@@ -16,6 +16,10 @@ filters); either way the split is checked against the dataset. Writes to ``--out
 
 ``--seed`` seeds the candidate sets of a split built here and is the model's seed unless the YAML file
 or a ``seed=`` override sets one.
+
+The baselines train in one process (small models with loops of their own; a 2-core laptop trains SASRec
+on ML-100K in minutes). Launched with several processes (``accelerate launch``), only the main process
+runs; the others say so on stderr and exit with code 0, so nothing is computed or written twice.
 """
 
 from __future__ import annotations
@@ -139,6 +143,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise RecalignInputError("--output DIR is required", source="command line")
+    from recalign.training import distributed
+
+    if not distributed.is_main():
+        print(
+            f"recalign baseline: process {distributed.rank()} of {distributed.world_size()} exits; "
+            "baselines train in the main process only",
+            file=sys.stderr,
+        )
+        return 0
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     overrides = list(args.overrides)
     yaml_seed = args.config is not None and "seed" in read_yaml(args.config)

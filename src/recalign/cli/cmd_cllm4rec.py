@@ -10,6 +10,9 @@ last checkpoint) and refuses a ``DIR`` that holds a run with different training 
 resolved config is saved as ``DIR/config.yaml``; evaluation writes ``DIR/metrics.json`` and
 ``DIR/records.json``. ``--help-config`` lists every field. The work is done by
 :mod:`recalign.methods.cllm4rec.pipeline`, importable as a Python API.
+
+Under ``accelerate launch`` the two training stages run data-parallel (``batch_size`` and
+``content_batch_size`` are per process) and ``evaluate`` runs on the main process.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     import torch
 
     from recalign.methods.cllm4rec import pipeline
+    from recalign.training import distributed
 
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else max(1, min(2, os.cpu_count() or 1)))
     stages = ("pretrain", "finetune", "evaluate") if args.stage == "run" else (args.stage,)
@@ -72,6 +76,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
                 print(f"{r.method} {r.split}/{r.protocol} (n={r.n_examples}): {shown}")
         else:
             res = getattr(pipeline, stage)(cfg, args.output)
-            if res is not None:
+            if res is not None and distributed.is_main():
                 print(f"{stage}: {res.steps} steps in {res.seconds:.0f}s -> {args.output}")
     return 0

@@ -9,6 +9,9 @@ Rerunning the same command with the same ``--output`` resumes: finished stages a
 interrupted summary-generation stage continues from its last finished batch, and an interrupted DPO
 round continues from its last checkpoint. The command is a thin layer over
 :func:`recalign.methods.dpo4rec.recipe.run_dpo4rec`.
+
+Under ``accelerate launch`` the DPO rounds train on every process (``dpo.training.batch_size`` per
+process); sampling, rewards, the fused recommender and evaluation run on the main process.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def cmd_dpo4rec(args: argparse.Namespace) -> int:
     from recalign.methods.dpo4rec.recipe import run_dpo4rec
 
     result = run_dpo4rec(cfg, args.output)
+    if not result.metrics:  # another process of an `accelerate launch` run: the main one reports
+        return 0
     for rec in result.records:
         m = rec.metrics
         print(

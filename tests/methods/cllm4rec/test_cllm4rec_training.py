@@ -3,14 +3,16 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from recalign.errors import RecalignInputError
 from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
 from recalign.methods.cllm4rec.documents import collate_lm, content_corpus, content_documents
 from recalign.methods.cllm4rec.protocol import evaluate_multi_target
 from recalign.methods.cllm4rec.recommender import CLLM4RecRecommender
-from recalign.methods.cllm4rec.training import TrainingData, _schedule, run_stage
+from recalign.methods.cllm4rec.training import TrainingData, _loss_items, _schedule, _shard, run_stage
 
 
 def _data(tok, dataset, split):
@@ -96,6 +98,34 @@ def test_resume_equals_uninterrupted_run(make_model, make_config, dataset, split
     assert rest.seconds >= meta["seconds"] > 0  # time is cumulative over the interruption
     for name, t in full.id_state().items():
         assert torch.allclose(t, resumed.id_state()[name], atol=1e-6), name
+
+    # a resumed run must keep the global batch (batch size x processes) the checkpoint was written with
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["global_batch"] == [cfg.pretrain.batch_size, cfg.pretrain.content_batch_size]
+    other = make_config(pretrain__collab_steps=4, pretrain__checkpoint_every=3, pretrain__batch_size=2)
+    model, tok = make_model(other)
+    with pytest.raises(RecalignInputError, match="global batch"):
+        run_stage(model, _data(tok, dataset, split), other, "pretrain", tmp_path)
+
+
+def test_shards_of_a_global_batch_cover_it_once_and_weight_the_mean_by_items(dataset, split, make_model):
+    """Data parallelism: contiguous slices (the last may be short or empty) and, for the LM losses, each
+    slice's share of the global mean is weighted by its target tokens, not by its documents."""
+    docs = list(range(5))
+    assert [_shard(docs, r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [_shard(docs[:1], r, 2) for r in range(2)] == [[0], []]
+    assert _shard(docs, 0, 1) is docs
+    model, tok = make_model()
+    batch = content_documents(tok, content_corpus(dataset), 40, seed=0, epoch=0)[:6]
+    assert len({len(d.targets) for d in batch}) > 1  # slices of different token counts
+    whole = model.content_lm_loss(collate_lm(batch, tok.pad_id))
+    shares = []
+    for r in range(2):
+        part = _shard(batch, r, 2)
+        local = model.content_lm_loss(collate_lm(part, tok.pad_id))
+        shares.append(local * (_loss_items(part, False) / _loss_items(batch, False)))
+    assert torch.allclose(sum(shares), whole, atol=1e-5)
+    assert _loss_items(batch, True) == 6  # the recommendation loss averages over users
 
 
 def test_full_ranking_excludes_seen_items(make_model, make_config, dataset, split):

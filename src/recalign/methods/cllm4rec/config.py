@@ -47,8 +47,10 @@ class PretrainConfig:
     content_ratio: int = cfg_field(
         1, "content-LM steps after each collaborative step (0 = no content LM, the 'no-content' ablation)"
     )
-    batch_size: int = cfg_field(16, "collaborative documents per step")
-    content_batch_size: int = cfg_field(16, "content documents per step")
+    batch_size: int = cfg_field(
+        16, "collaborative documents per step and process (global batch: this x processes)"
+    )
+    content_batch_size: int = cfg_field(16, "content documents per step and process")
     max_items: int = cfg_field(30, "items per collaborative document (a random sub-list per epoch)")
     docs_per_user: int = cfg_field(1, "collaborative documents per user and epoch (disjoint sub-lists)")
     max_text_tokens: int = cfg_field(40, "word tokens kept of each review / description")
@@ -65,7 +67,7 @@ class PretrainConfig:
 class FinetuneConfig:
     steps: int = cfg_field(60, "optimiser steps of the recommendation (masked-history) objective")
     content_ratio: int = cfg_field(0, "content-LM steps after each recommendation step (0 = none)")
-    batch_size: int = cfg_field(16, "users per step")
+    batch_size: int = cfg_field(16, "users per step and process (global batch: this x processes)")
     max_items: int = cfg_field(
         50, "history items per prompt (random sub-history in training, most recent at inference)"
     )

@@ -218,7 +218,7 @@ def collate_lm(docs: list[Document], pad_id: int) -> dict:
         "attention_mask": mask,
         "pred_pos": torch.tensor(pred, dtype=torch.long).reshape(-1, 2),
         "targets": torch.tensor(targets, dtype=torch.long),
-        **_ids_in(docs),
+        **ids_in(docs),
     }
 
 
@@ -238,11 +238,11 @@ def collate_rec(docs: list[Document], pad_id: int) -> dict:
         "attention_mask": mask,
         "target_rows": torch.tensor(rows, dtype=torch.long),
         "targets": torch.tensor(targets, dtype=torch.long),
-        **_ids_in(docs),
+        **ids_in(docs),
     }
 
 
-def _ids_in(docs: list[Document]) -> dict:
+def ids_in(docs: list[Document]) -> dict:
     users = sorted({d.user for d in docs if d.user >= 0})
     items = sorted({i for d in docs for i in d.items})
     return {"users": torch.tensor(users, dtype=torch.long), "items": torch.tensor(items, dtype=torch.long)}

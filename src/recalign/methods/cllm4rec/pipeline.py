@@ -12,6 +12,11 @@ Run directory layout::
     records.json            {"records": [...]} in the shared quality shape
 
 Every stage resumes: a finished stage is skipped, an interrupted one continues from its checkpoint.
+
+Under ``accelerate launch`` (several processes) ``pretrain`` and ``finetune`` train data-parallel (see
+:mod:`.training`); only the main process writes into the run directory, and every stage ends with a
+barrier so that the next one (possibly in another command) finds the files. ``evaluate`` runs on the
+main process only (one forward pass per user: cheap next to training); the other processes return at once.
 """
 
 from __future__ import annotations
@@ -59,7 +64,10 @@ def load_data(cfg: CLLM4RecConfig) -> tuple[RecDataset, Split]:
 
 
 def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
-    """Create ``output``, refuse it if it holds a run with different training settings, save the config."""
+    """Create ``output``, refuse it if it holds a run with different training settings, save the config
+    (every process checks; the main process writes)."""
+    from recalign.training import distributed
+
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     saved_path = out / "config.yaml"
@@ -73,7 +81,8 @@ def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
                     "(or the same settings to resume)",
                     source=saved_path,
                 )
-    save_config(cfg, saved_path)
+    if distributed.is_main():
+        save_config(cfg, saved_path)
     return out
 
 
@@ -99,10 +108,14 @@ def _train(
     base_tokenizer=None,
     stop_after: int | None = None,
 ) -> StageResult | None:
+    from recalign.training import distributed
+
+    distributed.init()
     out = prepare_dir(cfg, output, stage)
     final = out / ("pretrain.safetensors" if stage == "pretrain" else "model.safetensors")
-    if final.is_file():
-        print(f"{stage}: already complete in {out} ({final.name}); nothing to do")
+    if final.is_file():  # the same answer on every process: only training writes it, and all take part
+        if distributed.is_main():
+            print(f"{stage}: already complete in {out} ({final.name}); nothing to do")
         return None
     dataset, split = load_data(cfg)
     model, tok = _model(cfg, dataset, backbone, base_tokenizer)
@@ -123,12 +136,13 @@ def _train(
         stop_after=stop_after,
         log_fn=_progress_logger(out),
     )
-    if result.completed:
+    if result.completed and distributed.is_main():
         model.save_tables(final)
         atomic_write_json(
             out / f"{stage}_log.json",
             {"stage": stage, "steps": result.steps, "seconds": result.seconds, "log": result.log},
         )
+    distributed.barrier()  # the tables are on disk before any process starts the next stage
     return result
 
 
@@ -215,8 +229,15 @@ def evaluate_recommender(
 def evaluate(
     cfg: CLLM4RecConfig, output: str | Path, backbone=None, base_tokenizer=None
 ) -> list[ResultRecord]:
-    """Score the fine-tuned tables on the split's test (or valid) stage; write metrics.json + records.json."""
+    """Score the fine-tuned tables on the split's test (or valid) stage; write metrics.json + records.json.
+
+    In a multi-process run only the main process evaluates; the others return no records.
+    """
+    from recalign.training import distributed
+
     out = prepare_dir(cfg, output, "evaluate")
+    if not distributed.is_main():
+        return []
     dataset, split = load_data(cfg)
     rec = load_recommender(cfg, out, dataset, backbone, base_tokenizer)
     train_seconds = 0.0

@@ -17,6 +17,18 @@ the step counter. The backbone has no dropout (eval mode), so the computation is
 When the content side has no user documents (no reviews: item descriptions only), the content user
 table is never trained, and regularising collaborative users towards its random rows would only add
 noise; the regulariser then covers items only.
+
+**Several processes** (``accelerate launch``, see :mod:`recalign.training.distributed`): data
+parallelism as DDP does it, written out because the loop alternates two sides with an optimiser each
+(DDP and the Trainer assume one optimiser over one set of trainable parameters, synchronised on every
+backward). ``batch_size`` is per process, as everywhere in recalign: a step's *global* batch holds
+``batch_size x processes`` documents, the same documents a single process with that batch size would
+take, and each process runs the backbone on its contiguous slice of it. Every process computes its
+slice's share of the global mean (``local mean x local items / global items``: target tokens for the
+LM losses, users for the recommendation loss), the regulariser is added once (by the main process,
+over the IDs of the whole global batch), and the side's gradients are summed over processes before
+every process takes the same Adam step. So N processes x batch B give the update of 1 process x batch
+N·B, up to float rounding (tested). Only the main process writes checkpoints, tables and logs.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
+from recalign.errors import RecalignInputError
 from recalign.methods.cllm4rec.checkpoint import load_checkpoint, save_checkpoint
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.documents import (
@@ -41,6 +54,7 @@ from recalign.methods.cllm4rec.documents import (
     collate_rec,
     content_corpus,
     content_documents,
+    ids_in,
     rec_documents,
 )
 from recalign.methods.cllm4rec.model import CLLM4RecModel
@@ -111,6 +125,20 @@ def _schedule(step: int, ratio: int) -> tuple[int, int]:
     return 1, step - n_main_before
 
 
+def _shard(docs: list[Document], rank: int, world: int) -> list[Document]:
+    """This process's contiguous slice of a global batch (the first processes take one more when the
+    batch does not divide evenly; a process may get none at the end of an epoch)."""
+    if world == 1:
+        return docs
+    size = -(-len(docs) // world)
+    return docs[rank * size : (rank + 1) * size]
+
+
+def _loss_items(docs: list[Document], per_document: bool) -> int:
+    """What a loss averages over: documents (recommendation loss: users) or target tokens (LM losses)."""
+    return len(docs) if per_document else sum(len(d.targets) for d in docs)
+
+
 def run_stage(
     model: CLLM4RecModel,
     data: TrainingData,
@@ -127,13 +155,18 @@ def run_stage(
             process were killed there; used by tests of resumption and for budgeted runs.
         log_fn: called with every step's record (e.g. to append to a progress log file).
     """
+    from recalign.training import distributed
+
+    distributed.init()
+    world, rank = distributed.world_size(), distributed.rank()
+    main_process = rank == 0
     tok, seed = data.tokenizer, cfg.seed
     if stage == "pretrain":
         sc = cfg.pretrain
         main_steps, ratio, lam = sc.collab_steps, sc.content_ratio, sc.mutual_lambda
         main = _Stream(
             lambda e: collab_documents(tok, data.sequences, sc.max_items, seed, e, sc.docs_per_user),
-            sc.batch_size,
+            sc.batch_size * world,
         )
         main_loss, content_bs, lr, every = (
             model.collab_lm_loss,
@@ -146,7 +179,8 @@ def run_stage(
         fc = cfg.finetune
         main_steps, ratio, lam = fc.steps, fc.content_ratio, fc.mutual_lambda
         main = _Stream(
-            lambda e: rec_documents(tok, data.sequences, fc.max_items, fc.mask_ratio, seed, e), fc.batch_size
+            lambda e: rec_documents(tok, data.sequences, fc.max_items, fc.mask_ratio, seed, e),
+            fc.batch_size * world,
         )
         main_loss, content_bs, lr, every = (
             model.rec_loss,
@@ -158,10 +192,16 @@ def run_stage(
     total = main_steps * (1 + ratio)
     cache: dict = {}
     content = (
-        _Stream(lambda e: content_documents(tok, data.corpus, max_text, seed, e, cache), content_bs)
+        _Stream(lambda e: content_documents(tok, data.corpus, max_text, seed, e, cache), content_bs * world)
         if ratio
         else None
     )
+    if world > 1:  # every process must walk the same document streams
+        distributed.check_same(
+            distributed.digest([s.tolist() for s in data.sequences], data.corpus, main.batch(0)),
+            "the CLLM4Rec training data",
+        )
+    global_batch = [main.batch_size, content.batch_size if content is not None else 0]
     optimizers = {
         "collab": torch.optim.Adam(model.side_parameters("collab"), lr=lr),
         "content": torch.optim.Adam(model.side_parameters("content"), lr=lr),
@@ -175,14 +215,22 @@ def run_stage(
         if meta is not None:
             if meta.get("stage") != stage:
                 raise ValueError(f"{ckpt} holds a '{meta.get('stage')}' checkpoint, not '{stage}'")
+            saved = meta.get("global_batch", global_batch)
+            if saved != global_batch:
+                raise RecalignInputError(
+                    f"checkpoint was written with global batches {saved} (batch size x processes), this "
+                    f"run has {global_batch}; resume with the same global batch",
+                    source=ckpt,
+                )
             start, log = int(meta["step"]), list(meta.get("log", []))
             seconds_before = float(meta.get("seconds", 0.0))
 
     t0 = time.time()
 
     def checkpoint(step: int) -> None:
-        if ckpt is not None:
-            info = {"stage": stage, "total": total, "seconds": seconds_before + time.time() - t0, "log": log}
+        if ckpt is not None and main_process:
+            info = {"stage": stage, "total": total, "seconds": seconds_before + time.time() - t0, "log": log,
+                    "global_batch": global_batch, "world_size": world}  # fmt: skip
             save_checkpoint(ckpt, model, optimizers, step, info)
 
     model.train()
@@ -191,7 +239,7 @@ def run_stage(
         range(start, end),
         desc=f"cllm4rec {stage}",
         unit="step",
-        disable=not cfg.progress,
+        disable=not (cfg.progress and main_process),
         initial=start,
         total=total,
     )
@@ -199,22 +247,37 @@ def run_stage(
         kind, k = _schedule(step, ratio)
         if kind == 0:
             docs, side, name = main.batch(k), "collab", ("collab" if stage == "pretrain" else "rec")
-            batch = collate_main(docs, tok.pad_id)
-            lm = main_loss(batch)
+            collate, loss_fn, per_doc = collate_main, main_loss, stage == "finetune"
         else:
             docs, side, name = content.batch(k), "content", "content"
-            batch = collate_lm(docs, tok.pad_id)
-            lm = model.content_lm_loss(batch)
-        users = batch["users"] if reg_users else batch["users"][:0]
-        reg = model.mutual_regulariser(side, users, batch["items"], lam)
-        loss = lm + reg
+            collate, loss_fn, per_doc = collate_lm, model.content_lm_loss, False
+        local = _shard(docs, rank, world)
+        n_local = _loss_items(local, per_doc)
+        if n_local:
+            lm = loss_fn(collate(local, tok.pad_id))
+            if world > 1:  # this slice's share of the global batch's mean
+                lm = lm * (n_local / _loss_items(docs, per_doc))
+        else:  # nothing of this global batch is left for this process
+            lm = model.collab_item.weight.new_zeros(())
+        ids = ids_in(docs)  # the regulariser covers the IDs of the whole global batch
+        users = ids["users"] if reg_users else ids["users"][:0]
+        reg = model.mutual_regulariser(side, users, ids["items"], lam)
+        loss = lm + reg if main_process else lm  # the regulariser's gradient is added once
         opt = optimizers[side]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
+        lm_value = lm.detach().reshape(1).clone()
+        if world > 1:
+            params = model.side_parameters(side)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum_([*(p.grad for p in params), lm_value])
         opt.step()
-        rec = {"step": step + 1, "kind": name, "loss": lm.item(), "reg": reg.item()}
+        rec = {"step": step + 1, "kind": name, "loss": lm_value.item(), "reg": reg.item()}
         log.append(rec)
-        if log_fn is not None:
+        if log_fn is not None and main_process:
             log_fn(rec)
         bar.set_postfix({name: f"{rec['loss']:.3f}", "reg": f"{rec['reg']:.3f}"})
         if every and (step + 1) % every == 0 and step + 1 < end:

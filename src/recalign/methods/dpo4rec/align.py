@@ -106,12 +106,16 @@ def dpo_on_pairs(
 
     ``resume`` continues from the last checkpoint in ``checkpoint_dir`` when there is one (the recipe
     only reruns a DPO stage whose inputs are unchanged, so continuing is always right there).
+
+    Under ``accelerate launch`` every process calls it with the same pairs; the Trainer gives each its
+    slice of every global batch (``cfg.training.batch_size`` per process).
     """
-    from recalign.training import train
+    from recalign.training import distributed, train
 
     examples = pair_examples(tokenizer, pairs)
     if cfg.reference == "cache":
-        with adapter_disabled(model):
+        # several processes: the main one computes and writes the cache, the others then read it
+        with adapter_disabled(model), distributed.main_first():
             ref = precompute_reference_logprobs(
                 model, tokenizer, _PairData(pairs), reference_cache_dir, impl=cfg.impl, progress=progress
             )

@@ -34,6 +34,15 @@ whose output exists is skipped on rerun, so an interrupted run resumes where it 
 ``timings.json``                       seconds per stage, accumulated over (resumed) invocations
 ``metrics.json``, ``records.json``     everything measured; quality-shaped result records
 ====================================  =========================================================
+
+Several processes (``accelerate launch``): the DPO rounds train data-parallel through the shared
+Trainer (``dpo.training.batch_size`` is per process, as in ``recalign align``; the global batch is it x
+processes). Everything else -- data, SASRec, summary generation, the fusion reward models, rewards,
+pairs, the test evaluation and every file of the run directory -- happens on the main process only:
+these stages are cheap next to DPO on the recommenders' scale (SASRec, a fusion layer), or, for
+generation, sampling that is seeded per batch and would need its own sharding to be split. The other
+processes wait (no timeout that matters) and take part in each DPO round with the pairs the main process
+sends them, then exit once the last round is done.
 """
 
 from __future__ import annotations
@@ -93,8 +102,8 @@ def _comparable(cfg_dict: dict) -> dict:
     return d
 
 
-def check_or_save_config(cfg: DPO4RecConfig, out: Path) -> None:
-    """Save the resolved config; refuse to resume a directory written with a different one."""
+def check_or_save_config(cfg: DPO4RecConfig, out: Path, *, save: bool = True) -> None:
+    """Save the resolved config (if ``save``); refuse to resume a directory written with a different one."""
     import yaml
 
     path = out / "config.yaml"
@@ -112,7 +121,8 @@ def check_or_save_config(cfg: DPO4RecConfig, out: Path) -> None:
                 "use another output directory",
                 source=out,
             )
-    save_config(cfg, path)
+    if save:
+        save_config(cfg, path)
 
 
 def select_users(split: Split, n_users: int, seed: int, n_folds: int) -> dict[int, int]:
@@ -170,8 +180,12 @@ def _load_lm(cfg: DPO4RecConfig, adapter: Path | None, *, trainable: bool = Fals
 
     model, tok = load_model(cfg.model)
     if trainable:
-        model = load_adapter(model, adapter, trainable=True) if adapter else attach_lora(model, cfg.dpo.lora)
-        return model, tok
+        if adapter:
+            return load_adapter(model, adapter, trainable=True), tok
+        import torch
+
+        torch.manual_seed(cfg.dpo.training.seed)  # the same initial adapter in every process and run
+        return attach_lora(model, cfg.dpo.lora), tok
     if adapter is not None:
         model = merge_adapter(load_adapter(model, adapter))
     model.eval()
@@ -375,11 +389,18 @@ def dpo_stage(
     reference_cache: Path,
     progress: bool,
 ) -> dict:
-    """One DPO round; returns its summary (also written as ``adapter_dir/dpo_info.json``)."""
-    from recalign.methods.dpo4rec.align import dpo_on_pairs, save_adapter_atomically
+    """One DPO round; returns its summary (also written as ``adapter_dir/dpo_info.json``).
 
+    In a multi-process run every process calls it with the same arguments (see :func:`_follow`); the
+    main process alone decides whether the round is already done, and alone writes the adapter.
+    """
+    from recalign.methods.dpo4rec.align import dpo_on_pairs, save_adapter_atomically
+    from recalign.training import distributed
+
+    main_process = distributed.is_main()
+    progress = progress and main_process
     info_path = adapter_dir / "dpo_info.json"
-    if info_path.is_file():
+    if main_process and info_path.is_file():
         return json.loads(info_path.read_text(encoding="utf-8"))
     _log(f"DPO on {len(pairs)} pairs -> {adapter_dir}", progress)
     model, tok = _load_lm(cfg, previous, trainable=True)
@@ -403,9 +424,11 @@ def dpo_stage(
         "first_log": logs[0] if logs else None,
         "last_log": logs[-1] if logs else None,
         "continued_from": str(previous) if previous else None,
+        "processes": distributed.world_size(),
     }
-    save_adapter_atomically(model, adapter_dir, base_model=cfg.model, extra={"dpo4rec": info})
-    atomic_write_json(info_path, info)
+    if main_process:
+        save_adapter_atomically(model, adapter_dir, base_model=cfg.model, extra={"dpo4rec": info})
+        atomic_write_json(info_path, info)
     # The trainer holds the model, its gradients and the optimizer state in reference cycles; free them
     # before the next stage loads a fresh LM (on a shared machine this is gigabytes).
     del model, outcome
@@ -446,6 +469,25 @@ def _previous_seconds(out: Path) -> dict[str, float]:
     return {}
 
 
+def _follow(cfg: DPO4RecConfig, out: Path) -> None:
+    """A non-main process of a distributed run: take part in every DPO round the main process announces
+    (``None`` means there is no round left)."""
+    from recalign.training import distributed
+
+    while (job := distributed.broadcast(None)) is not None:
+        pairs = [SummaryPair(**p) for p in job["pairs"]]
+        previous = Path(job["previous"]) if job["previous"] else None
+        dpo_stage(
+            cfg,
+            pairs,
+            previous,
+            out / job["adapter_dir"],
+            out / job["checkpoint_dir"],
+            out / "reference_cache",
+            progress=False,
+        )
+
+
 @dataclasses.dataclass
 class DPO4RecResult:
     metrics: dict
@@ -469,11 +511,18 @@ def run_dpo4rec(
         load_data: optional ``cfg -> (dataset, split)`` (tests pass small in-memory data); by default the
             dataset is loaded, filtered and split as ``recalign data prepare`` would.
     """
+    from recalign.training import distributed
+
     cfg.validate()
     out = Path(output)
+    distributed.init()
     out.mkdir(parents=True, exist_ok=True)
     progress = cfg.progress
-    check_or_save_config(cfg, out)
+    check_or_save_config(cfg, out, save=distributed.is_main())
+    if not distributed.is_main():
+        with torch_threads(cfg.threads):
+            _follow(cfg, out)
+        return DPO4RecResult(metrics={}, records=[], output=out)
     # Stage timings accumulate across invocations (a resumed run reports the time its stages really
     # took, not just the time of the last, mostly-skipping invocation).
     seconds = _previous_seconds(out)
@@ -574,6 +623,15 @@ def run_dpo4rec(
             t0 = time.perf_counter()
             next_adapter = out / "adapters" / f"iter{t + 1}"
             if pairs:
+                if not (next_adapter / "dpo_info.json").is_file():  # the other processes train with us
+                    distributed.broadcast(
+                        {
+                            "pairs": [p.to_dict() for p in pairs],
+                            "previous": str(adapter) if adapter else None,
+                            "adapter_dir": str(next_adapter.relative_to(out)),
+                            "checkpoint_dir": f"dpo/iter{t + 1}",
+                        }
+                    )
                 dpo_info[t + 1] = dpo_stage(
                     cfg,
                     pairs,
@@ -601,6 +659,7 @@ def run_dpo4rec(
             )
             mark("summaries", t0)
 
+        distributed.broadcast(None)  # no DPO round left: the other processes are done
         # ---- test: one summary per user from the unaligned and the aligned LM
         test_requests = build_requests(
             dataset,
