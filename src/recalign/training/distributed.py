@@ -141,7 +141,8 @@ def check_same(value: str, what: str) -> None:
 
 
 def all_reduce_sum_(tensors: list) -> None:
-    """Sum ``tensors`` over the processes, in place, on the default group (one flat buffer, one call)."""
+    """Sum ``tensors`` over the processes, in place (one flat buffer, one call). CPU tensors go through
+    the gloo coordination group, so this also works when the default group is NCCL (GPU machines)."""
     if not is_distributed() or not tensors:
         return
     import torch
@@ -149,7 +150,7 @@ def all_reduce_sum_(tensors: list) -> None:
 
     init()
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=_wait_group if flat.device.type == "cpu" else None)
     offset = 0
     for t in tensors:
         n = t.numel()
