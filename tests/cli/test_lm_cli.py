@@ -68,6 +68,21 @@ def test_evaluate_writes_records(run, tmp_path):
     assert records[0].command.startswith("recalign evaluate --model ")  # the exact command, for results
     metrics = json.loads((dest / "metrics.json").read_text())
     assert metrics["run"]["n_test"] == 5
+    # candidates + generation shared one pass per prompt; --no-joint gives the same records separately
+    assert all("joint" in r.extra for r in records)
+    sep = tmp_path / "eval-separate"
+    code = main(
+        ["evaluate", "--model", str(out), "--dataset", "ml-100k", "--path", str(data), "--split", "llara",
+         "--candidates", "5", "--n-test", "5", "--protocols", "candidates,generation",
+         "--max-new-tokens", "4", "--no-joint", "--output", str(sep)]
+    )  # fmt: skip
+    assert code == 0
+    separate = read_records(sep / "records.json")
+    assert not any("joint" in r.extra for r in separate)
+    for a, b in zip(records, separate):
+        assert a.protocol == b.protocol
+        assert json.dumps(a.metrics) == json.dumps(b.metrics)  # NaN-safe exact comparison
+        assert a.extra.get("answers_sample") == b.extra.get("answers_sample")
 
 
 def test_recommend_ranks_k_titles(run, capsys):

@@ -1,7 +1,7 @@
 """``recalign evaluate``: score any saved language model on any dataset split.
 
     recalign evaluate --model DIR_OR_NAME --dataset ml-100k --split llara [--n-test 200]
-                      [--protocols candidates,generation,pairwise] [--max-pairs 1] --output DIR
+                      [--protocols candidates,generation,pairwise] [--max-pairs 1] [--no-joint] --output DIR
 
 ``--model`` is a base model (``smollm2``, a local HF directory), an adapter directory, or a run
 directory of ``recalign sft`` / ``align`` (its adapter is applied to the base it names). The test
@@ -9,7 +9,9 @@ examples are the ``--n-test`` rows drawn with ``--seed`` (the same rows every re
 ``--seed`` also seeds the split's candidate sets. Writes ``records.json`` (quality-results shape) and
 ``metrics.json`` into ``--output``. ``pairwise`` is DMPO's protocol (:mod:`recalign.methods.dmpo`): the
 target against ``--max-pairs`` negative candidates per example, each pair in its own "A or B" prompt;
-``PairAcc`` is the fraction of pairs where the target's answer scores higher. A thin layer over
+``PairAcc`` is the fraction of pairs where the target's answer scores higher. ``candidates`` and
+``generation`` together share one pass over each prompt (:mod:`recalign.lm.joint`; ``--no-joint`` runs
+them separately, e.g. to compare timings). A thin layer over
 :func:`recalign.methods.zeroshot.evaluate_saved_model`.
 """
 
@@ -55,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length limit (default 32)")
     p.add_argument(
+        "--no-joint",
+        action="store_true",
+        help="run candidates and generation as two separate passes over each prompt (default: one pass "
+        "serves both, for decoder-only models; same results, less compute)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
@@ -81,6 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         stage=args.stage,
         max_pairs=args.max_pairs,
+        joint=not args.no_joint,
     )
     data_cfg = DataPrepareConfig(
         dataset=args.dataset,

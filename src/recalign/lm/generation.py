@@ -9,6 +9,10 @@ new tokens without special tokens, stripped.
 :func:`evaluate_generation` runs it over a split's examples and scores the answers with
 :mod:`recalign.evaluation.generation` (exactly-one-candidate matching; HR@1 over all examples and over
 valid ones, and ValidRatio).
+
+When candidate scoring runs on the same prompts too, :mod:`recalign.lm.joint` produces the same answers
+from the scoring pass's KV cache instead of a second prefill (``evaluate_lm`` does this by default);
+:func:`decode_answer` and :func:`generation_result` are shared by both paths.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ def _pad_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0  # pragma: no cover
+
+
+def decode_answer(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
+    """The answer text of generated ``ids``: up to (excluding) the first stop id, special tokens dropped,
+    stripped. Shared with the joint scoring + generation path (:mod:`recalign.lm.joint`)."""
+    ids = list(ids)
+    cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
 
 
 def generate_answers(
@@ -107,9 +119,7 @@ def generate_answers(
                     **sampling,
                 )
             new = generated if seq2seq else generated[:, width:]
-            for row in new.tolist():
-                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-                out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            out.extend(decode_answer(tokenizer, row, stops) for row in new.tolist())
     finally:
         if was_training:
             model.train()
@@ -140,11 +150,8 @@ def evaluate_generation(
     max_new_tokens: int = 32,
     progress: bool = True,
 ) -> GenerationResult:
-    """Generate an answer per example, match it to the candidates, and compute generation metrics.
-
-    The target column is the first candidate with the target's title (consistent with
-    :func:`~recalign.evaluation.generation.match_answer` for duplicate titles).
-    """
+    """Generate an answer per example, match it to the candidates, and compute generation metrics
+    (:func:`generation_result`)."""
     t0 = time.perf_counter()
     prompt_examples = examples_to_prompts(dataset, examples, seed=seed, max_history=max_history)
     answers = generate_answers(
@@ -155,6 +162,16 @@ def evaluate_generation(
         max_new_tokens=max_new_tokens,
         progress=progress,
     )
+    return generation_result(answers, prompt_examples, t0)
+
+
+def generation_result(
+    answers: list[str], prompt_examples: list[PromptExample], t0: float
+) -> GenerationResult:
+    """Match ``answers`` to their examples' candidates and compute the generation metrics; ``seconds``
+    runs from ``t0`` (a ``time.perf_counter()`` value) to now. The target column is the first candidate
+    with the target's title (consistent with :func:`~recalign.evaluation.generation.match_answer` for
+    duplicate titles)."""
     matches = [match_answer(a, ex.candidates) for a, ex in zip(answers, prompt_examples)]
     target_cols = [ex.candidates.index(ex.target) for ex in prompt_examples]
     metrics = generation_metrics(matches, target_cols)

@@ -15,11 +15,18 @@ so the same ranking metrics as for classical baselines apply; the generation pro
 per example (~17k for ML-100K, several seconds per example for SmolLM2 on a CPU). Fine for tiny models
 and small catalogues; for anything larger use candidate ranking.
 
+:meth:`LMRecommender.score_and_generate` serves both evaluation protocols from one pass over each prompt
+(:mod:`recalign.lm.joint`): the candidate scores of :meth:`score_candidates` and the greedy answers of
+:func:`recalign.lm.generation.generate_answers`, for the same prompts, in the same batches.
+
 ``fit`` is a no-op: LM training lives in the training recipes (SFT, S-DPO, DMPO, ...), which produce the
 model this class wraps.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -29,12 +36,14 @@ from tqdm.auto import tqdm
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
 from recalign.lm.prompts import (
+    PromptExample,
     PromptTemplate,
     build_open_prompt,
     display_titles,
     encode_answer,
     encode_prompt,
     examples_to_prompts,
+    stop_token_ids,
 )
 from recalign.lm.scoring import answer_logprobs
 
@@ -42,6 +51,22 @@ from recalign.lm.scoring import answer_logprobs
 def _is_seq2seq(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(base.config, "is_encoder_decoder", False))
+
+
+@dataclass
+class JointResult:
+    """Candidate scores and greedy answers from :meth:`LMRecommender.score_and_generate`.
+
+    ``scores``: ``[n, C]`` as :meth:`LMRecommender.score_candidates` returns them. ``answers``: as
+    :func:`~recalign.lm.generation.generate_answers` returns them. ``seconds``: ``prepare`` (prompts and
+    tokenisation), ``shared_forward`` (the one packed pass per batch), ``scoring`` (LM head over answer
+    tokens), ``decoding`` (greedy loop from the cache) and ``total``.
+    """
+
+    scores: np.ndarray
+    answers: list[str]
+    prompts: list[PromptExample] = field(repr=False)
+    seconds: dict[str, float]
 
 
 class LMRecommender:
@@ -127,6 +152,70 @@ class LMRecommender:
             scores = self._score(p_ids, a_ids, chunk_size=None)
             out[start : start + len(chunk), : scores.shape[1]] = scores
         return out
+
+    def score_and_generate(self, examples: pd.DataFrame, *, max_new_tokens: int = 32) -> JointResult:
+        """Candidate scores *and* greedy answers with each prompt run through the model once.
+
+        Same prompts, batches and numbers as :meth:`score_candidates` plus
+        :func:`~recalign.lm.generation.generate_answers` (``batch_size`` prompts per pass), for
+        decoder-only models that :func:`recalign.lm.joint.joint_unsupported` accepts (raises otherwise).
+        """
+        from recalign.lm.generation import _pad_id, decode_answer
+        from recalign.lm.joint import joint_unsupported, score_and_generate
+
+        reason = joint_unsupported(self.model, max_new_tokens=max_new_tokens)
+        if reason:
+            raise ValueError(f"joint scoring + generation not available: {reason}")
+        t0 = time.perf_counter()
+        prompts = examples_to_prompts(
+            self.dataset,
+            examples,
+            seed=self.seed,
+            max_history=self.max_history,
+            template=self.template,
+            item_fields=self.item_fields,
+        )
+        cands = [np.asarray(c, dtype=np.int64) for c in examples["candidates"]]
+        n_c = max((len(c) for c in cands), default=0)
+        out = np.full((len(prompts), n_c), -np.inf)
+        titles = self.title_ids()
+        stops = stop_token_ids(self.tokenizer)
+        pad = _pad_id(self.tokenizer)
+        seconds = {
+            "prepare": time.perf_counter() - t0,
+            "shared_forward": 0.0,
+            "scoring": 0.0,
+            "decoding": 0.0,
+        }
+        answers: list[str] = []
+        batches = range(0, len(prompts), self.batch_size)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in tqdm(
+                batches, desc=f"{self.name}: scoring + generating", disable=not self._show(len(batches))
+            ):
+                t1 = time.perf_counter()
+                chunk = prompts[start : start + self.batch_size]
+                p_ids = [encode_prompt(self.tokenizer, ex.prompt) for ex in chunk]
+                a_ids = [[titles[int(i)] for i in c] for c in cands[start : start + self.batch_size]]
+                seconds["prepare"] += time.perf_counter() - t1
+                with torch.inference_mode():
+                    res = score_and_generate(
+                        self.model, p_ids, a_ids, stop_ids=stops, max_new_tokens=max_new_tokens, pad_id=pad
+                    )
+                    s = res.scores.select(self.length_normalize).float().cpu().numpy().astype(np.float64)
+                out[start : start + len(chunk), : s.shape[1]] = s
+                t2 = time.perf_counter()
+                answers.extend(decode_answer(self.tokenizer, g, stops) for g in res.generated)
+                seconds["shared_forward"] += res.forward_seconds
+                seconds["scoring"] += res.scoring_seconds
+                seconds["decoding"] += res.decode_seconds + (time.perf_counter() - t2)
+        finally:
+            if was_training:
+                self.model.train()
+        seconds["total"] = time.perf_counter() - t0
+        return JointResult(scores=out, answers=answers, prompts=prompts, seconds=seconds)
 
     def score_all(self, examples: pd.DataFrame) -> np.ndarray:
         """``[n, n_items]`` log-prob of every catalogue title given a candidate-free prompt (expensive)."""

@@ -232,11 +232,25 @@ def _packed_rows(
     return passes
 
 
-def _packed_pass(
-    model, decoder, head, prompts, answers, rows: list[tuple[int, int, int]], dtype, device
-) -> list[tuple[int, int, torch.Tensor]]:
+@dataclass
+class PackedBatch:
+    """The inputs of one packed forward pass and where to read each answer's log-probs from it."""
+
+    input_ids: torch.Tensor  # [n, T]
+    position_ids: torch.Tensor  # [n, T]
+    mask: torch.Tensor  # [n, 1, T, T] additive (0 / finfo.min)
+    #: per answer: (example b, answer j, row, hidden positions predicting its tokens, target ids)
+    gathers: list[tuple[int, int, int, list[int], list[int]]]
+
+
+def packed_batch(prompts, answers, rows: list[tuple[int, int, int]], dtype, device) -> PackedBatch:
+    """Build the tree-masked packed rows (``prompt + a_1[:-1] + a_2[:-1] + ...``) of one forward pass.
+
+    Each row starts with its whole prompt at positions ``0..len(prompt)-1`` (the joint evaluation path,
+    :mod:`recalign.lm.joint`, relies on this: the first ``len(prompt)`` cache entries of a row are the
+    prompt's exact KV).
+    """
     seqs, pos, seg = [], [], []
-    # per answer: (b, j, row, hidden positions predicting its tokens, target ids)
     gathers: list[tuple[int, int, int, list[int], list[int]]] = []
     for r, (b, start, end) in enumerate(rows):
         p = list(prompts[b])
@@ -271,21 +285,38 @@ def _packed_pass(
     allowed = allowed | ((seg_q == -1) & (idx[None, :, None] == idx[None, None, :]))
     mask = torch.zeros(n, 1, t_max, t_max, dtype=dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    return PackedBatch(input_ids, position_ids, mask, gathers)
+
+
+def packed_scores(
+    model, head, hidden: torch.Tensor, batch: PackedBatch
+) -> list[tuple[int, int, torch.Tensor]]:
+    """Per-answer summed log-probs ``(b, j, value)`` from the hidden states of a packed pass."""
+    device = hidden.device
     flat_rows, flat_pos, targets, owner = [], [], [], []
-    for k, (_, _, r, hpos, a) in enumerate(gathers):
+    for k, (_, _, r, hpos, a) in enumerate(batch.gathers):
         flat_rows.extend([r] * len(hpos))
         flat_pos.extend(hpos)
         targets.extend(a)
         owner.extend([k] * len(a))
+    if not batch.gathers:
+        return []
     h = hidden[torch.tensor(flat_rows, device=device), torch.tensor(flat_pos, device=device)]
     tok_lp = _token_logprobs(model, head, h, torch.tensor(targets, device=device))
-    sums = torch.zeros(len(gathers), device=device, dtype=tok_lp.dtype).index_add(
+    sums = torch.zeros(len(batch.gathers), device=device, dtype=tok_lp.dtype).index_add(
         0, torch.tensor(owner, device=device), tok_lp
     )
-    return [(b, j, sums[k]) for k, (b, j, _, _, _) in enumerate(gathers)]
+    return [(b, j, sums[k]) for k, (b, j, _, _, _) in enumerate(batch.gathers)]
+
+
+def _packed_pass(
+    model, decoder, head, prompts, answers, rows: list[tuple[int, int, int]], dtype, device
+) -> list[tuple[int, int, torch.Tensor]]:
+    batch = packed_batch(prompts, answers, rows, dtype, device)
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.mask, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state
+    return packed_scores(model, head, hidden, batch)
 
 
 def _check_attn_impl(model) -> None:
