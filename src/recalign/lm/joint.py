@@ -28,10 +28,13 @@ passes compute the same thing for the prompt positions, so this module does it o
 Greedy decoding here is what ``model.generate(do_sample=False)`` does with recalign's settings (no
 repetition penalty or other logits processors: :func:`joint_unsupported` refuses models whose generation
 config asks for one, and the caller falls back to the separate path). The answers are the same as
-``generate_answers``' up to float rounding: both see identical inputs and positions, but the matmuls are
-shaped differently (``generate`` left-pads the prompts), so a near-tie between two tokens could in
-principle resolve differently -- tested identical in float32 on tiny models; the benchmark
-(``benchmarks/eval_joint.py``) counts any difference on real ones.
+``generate_answers``' up to float rounding: both see identical inputs and positions, but the kernels
+see differently shaped inputs (``generate`` left-pads the prompts), so a near-tie between two tokens
+could in principle resolve differently. In float32: identical (tested on tiny models). In bfloat16 on
+a CPU with AMX, ``generate``'s left padding itself changes the rounding -- its answer for a prompt
+depends on which prompts share its batch (tiny Llama, 48 ML-100K prompts: batch 8 vs batch 1 differ on
+14) -- while this path reproduced the unpadded (batch-1) ``generate`` answer on all 48, in batches of 8
+or 1. ``benchmarks/eval_joint.py`` classifies every difference on real models this way.
 
 Only decoder-only models with full attention in every layer and an ``eager``/``sdpa`` attention kernel
 (custom 4-D masks) qualify; encoder-decoders (their shared prefix is the encoder pass anyway), sliding-

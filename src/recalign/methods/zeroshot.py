@@ -21,7 +21,9 @@ When both ``candidates`` and ``generation`` are requested for a decoder-only mod
 over each prompt (:meth:`recalign.lm.recommender.LMRecommender.score_and_generate`, ``EvalConfig.joint``):
 the prompt (~440 tokens for SmolLM2's chat template) was otherwise run twice per example -- packed with
 the candidate titles for scoring, then again as the prefill of ``generate`` -- which is ~40% of the
-evaluation's cost on a CPU. The records are the same (same scores, same answers, same metrics); the
+evaluation's cost on a CPU. The records are the same (same scores, same answers, same metrics; in
+bfloat16 the answers can differ where batched ``generate``'s left padding changes the rounding, see
+:mod:`recalign.lm.joint` -- the joint answer is the unpadded one); the
 shared forward is counted in the ``candidates`` record's ``seconds``, the ``generation`` record counts
 only the greedy decode from its cache and the matching, and both carry the split in ``extra["joint"]``.
 Encoder-decoders, models :func:`recalign.lm.joint.joint_unsupported` refuses, and single-protocol runs
