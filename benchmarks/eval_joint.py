@@ -36,9 +36,11 @@ from both the batched and the unpadded ``generate`` answer (listing the prompts)
 is a check as well as a measurement. ``answers_identical`` reports the plain comparison with the
 batched separate path.
 
-Run (as the lead does; not run on SmolLM2 by the helper who wrote it):
+Run (not yet run on SmolLM2: the helper who wrote it used tiny models only):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/eval_joint.py --model smollm2 \\
         --n-prompts 64 --threads 1 --output results/eval_joint.json
+and with ``--dtype auto`` (bfloat16 on an AMX CPU, what ``configs/quickstart.yaml`` uses) for the
+quickstart's timing; write that one to another ``--output``.
 """
 
 from __future__ import annotations
