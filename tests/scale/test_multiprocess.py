@@ -111,7 +111,7 @@ def runs(tmp_path_factory):
         "--main_process_port", str(free_port()), str(Path(__file__).parent / "_cli_sequence.py"),
         json.dumps(sequence),
     ]  # fmt: skip
-    run(launch)
+    (root / "launch.log").write_text(run(launch).stdout)
     return root
 
 
@@ -152,6 +152,10 @@ def test_sdpo_two_processes_match_one(runs):
     assert d1 and d1.keys() == d2.keys()
     for k in d1:
         assert d1[k] == pytest.approx(d2[k], rel=RTOL, abs=ATOL), k
+    # the reference log-probs were computed once (by the main process) and read by the other
+    log = (runs / "launch.log").read_text()
+    assert log.count("align: reference log-probs cached in") == 1
+    assert log.count("align: reference log-probs loaded from") == 1
 
 
 def test_knowledge_two_processes_match_one(runs):

@@ -11,7 +11,8 @@ The recipe reads as setup → train → save → evaluate:
    and titles SFT trained on (:mod:`recalign.methods.preference_data`).
 3. **Reference log-probs.** ``precomputed`` (default): every (prompt, answer) is scored once with the
    start model through shared-prefix scoring and cached as safetensors, keyed on model weights and
-   token ids (:mod:`recalign.lm.reference`); training then runs no reference pass at all.
+   token ids (:mod:`recalign.lm.reference`); training then runs no reference pass at all. Under
+   ``accelerate launch`` the main process computes and writes the cache, the others then read it.
    ``adapter-disabled``: a no-grad pass per step with the LoRA adapter switched off.
 4. **Training.** One shared-prefix pass per example scores all 1+K answers
    (:func:`recalign.lm.scoring.answer_logprobs`), the loss is one of the pure functions of
@@ -244,10 +245,14 @@ def build_examples(
     prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
     examples = [{"prompt": p, "answers": a} for p, a in zip(prompt_ids, answer_ids)]
     if cfg.reference == "precomputed":
-        ref = cached_reference_logprobs(
-            model, prompt_ids, answer_ids, cache_dir, batch_size=cfg.eval.batch_size,
-            impl=cfg.scoring_impl, progress=progress,
-        )  # fmt: skip
+        from recalign.training import distributed
+
+        # several processes: the main one computes and writes the cache, the others then read it
+        with distributed.main_first():
+            ref = cached_reference_logprobs(
+                model, prompt_ids, answer_ids, cache_dir, batch_size=cfg.eval.batch_size,
+                impl=cfg.scoring_impl, progress=progress,
+            )  # fmt: skip
         if progress:
             print(
                 f"align: reference log-probs {'loaded from' if ref.from_cache else 'cached in'} {ref.path}",
@@ -269,12 +274,13 @@ def run_align(
 ) -> AlignResult:
     """Align the start model with the configured preference loss and evaluate it."""
     from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
-    from recalign.training import find_resume_checkpoint, train
+    from recalign.training import distributed, find_resume_checkpoint, train
 
     cfg.validate()
     out = Path(output_dir)
     command = command if command is not None else current_command()
     find_resume_checkpoint(out / "checkpoints", cfg.training.resume)
+    distributed.init()  # joins the process group under accelerate launch (a no-op for one process)
     if cfg.training.resume:
         _check_resume_config(cfg, out / "config.yaml")
     out.mkdir(parents=True, exist_ok=True)
