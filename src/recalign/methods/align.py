@@ -25,7 +25,7 @@ The recipe reads as setup → train → save → evaluate:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,20 +33,23 @@ import pandas as pd
 import torch
 
 from recalign.cli.cmd_data import DataPrepareConfig
-from recalign.config import cfg_field, config_to_dict, read_yaml, save_config
+from recalign.config import cfg_field
 from recalign.errors import RecalignInputError
-from recalign.evaluation.records import ResultRecord, current_command, write_records
+from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
-from recalign.methods.zeroshot import EvalConfig, evaluate_lm, metric_keys_flat
+from recalign.methods.lm_recipe import (
+    LMRunResult,
+    evaluate_trained,
+    llara_data,
+    open_run_dir,
+    validate_lm_recipe,
+)
+from recalign.methods.zeroshot import EvalConfig, metric_keys_flat
 from recalign.training.config import TrainingConfig
 
 LossName = Literal["dpo", "sdpo", "dmpo"]
-
-
-def _default_data() -> DataPrepareConfig:
-    return DataPrepareConfig(split="llara")
 
 
 def _default_training() -> TrainingConfig:
@@ -71,7 +74,7 @@ class AlignConfig:
         "precomputed", "reference log-probs: cached once per data+model, or a per-step adapter-off pass"
     )
     method: str = cfg_field("", "method name in result records (default: dpo, sdpo-k3, dmpo-k3, ...)")
-    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=_default_data)
+    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
     n_train: int = cfg_field(128, "training examples (each with 1+K answers) sampled from the train stage")
     sample_seed: int | None = cfg_field(
         None,
@@ -111,19 +114,9 @@ class AlignConfig:
             )
         if self.beta <= 0:
             raise RecalignInputError(f"must be > 0, got {self.beta}", field="beta")
-        if self.threads < 0:
-            raise RecalignInputError("must be >= 0", field="threads")
-        resolve_dtype(self.dtype)
         if self.n_train < 1:
             raise RecalignInputError(f"must be >= 1, got {self.n_train}", field="n_train")
-        if not self.lora.enabled:
-            raise RecalignInputError(
-                "alignment trains an adapter; lora.enabled must be true", field="lora.enabled"
-            )
-        self.data.validate()
-        self.lora.validate()
-        self.training.validate()
-        self.eval.validate()
+        validate_lm_recipe(self, "alignment trains an adapter; lora.enabled must be true")
 
     def method_name(self) -> str:
         if self.method:
@@ -163,40 +156,14 @@ class PreferenceObjective:
 
 
 @dataclass
-class AlignResult:
-    output_dir: Path
-    adapter_dir: Path
-    records: list[ResultRecord]
-    metrics: dict
-    train_steps: int
-    train_loss: float
-    train_seconds: float
-    resumed_from: str | None = None
-    log_history: list[dict] = field(default_factory=list, repr=False)
+class AlignResult(LMRunResult):
+    """What :func:`run_align` returns."""
 
 
-def _check_resume_config(cfg: AlignConfig, path: Path) -> None:
-    if not path.is_file():
-        return
-    old, new = read_yaml(path), config_to_dict(cfg)
-    for key in (
-        "model",
-        "loss",
-        "negatives",
-        "strategy",
-        "beta",
-        "data",
-        "n_train",
-        "seed",
-        "sample_seed",
-        "prompt",
-        "lora",
-    ):
-        if old.get(key) != new.get(key):
-            raise RecalignInputError(
-                f"'{key}' differs from the run being resumed ({old.get(key)!r} vs {new.get(key)!r})",
-                source=path,
-            )
+#: Settings a resumed alignment run must share with the run it continues.
+RESUME_KEYS = (
+    "model", "loss", "negatives", "strategy", "beta", "data", "n_train", "seed", "sample_seed", "prompt", "lora",
+)  # fmt: skip
 
 
 def training_frame(cfg: AlignConfig, data: PreparedData) -> pd.DataFrame:
@@ -274,17 +241,13 @@ def run_align(
 ) -> AlignResult:
     """Align the start model with the configured preference loss and evaluate it."""
     from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
-    from recalign.training import distributed, find_resume_checkpoint, train
+    from recalign.training import distributed, train
 
     cfg.validate()
     out = Path(output_dir)
     command = command if command is not None else current_command()
-    find_resume_checkpoint(out / "checkpoints", cfg.training.resume)
+    ckpt_dir = open_run_dir(cfg, out, same_on_resume=RESUME_KEYS)
     distributed.init()  # joins the process group under accelerate launch (a no-op for one process)
-    if cfg.training.resume:
-        _check_resume_config(cfg, out / "config.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     method = cfg.method_name()
 
     data = data or load_data(cfg.data)
@@ -304,10 +267,9 @@ def run_align(
             flush=True,
         )
     objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight, cfg.scoring_impl)
-    outcome = train(model, examples, objective, cfg.training, out / "checkpoints")
+    outcome = train(model, examples, objective, cfg.training, ckpt_dir)
     if not outcome.trainer.args.should_save:
-        return AlignResult(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
-                           outcome.train_loss, outcome.seconds)  # fmt: skip
+        return AlignResult.other_process(out, outcome)
     # The adapter sits on the start model (itself possibly base + SFT adapter): record it as the base,
     # so `load_lm(out)` rebuilds base -> SFT merged -> this adapter.
     start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
@@ -316,20 +278,12 @@ def run_align(
         extra={"method": method, "seed": cfg.seed, "max_history": cfg.max_history, "loss": cfg.loss},
     )  # fmt: skip
     last = next((h for h in reversed(outcome.log_history) if "rewards/accuracies" in h), {})
-    records: list[ResultRecord] = []
-    if cfg.eval.n_test != 0:
-        if test_examples is None:
-            test_examples = sample_examples(
-                data.split.stage(cfg.eval.stage), cfg.eval.n_test, cfg.seed, stage=cfg.eval.stage
-            )
-        model = model.merge_and_unload()
-        records = evaluate_lm(
-            model, tok, data.dataset, test_examples, method=method, split_name=data.split.name, cfg=cfg.eval,
-            seed=cfg.seed, max_history=cfg.max_history, command=command, progress=progress,
-            extra={"model": str(out), "start": cfg.model, "n_train": len(frame), "train_steps": outcome.global_step,
-                   "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta},
-        )  # fmt: skip
-        write_records(out / "records.json", records)
+    records, test_examples = evaluate_trained(
+        model, tok, cfg, data, out, method=method, test_examples=test_examples, command=command,
+        progress=progress,
+        extra={"model": str(out), "start": cfg.model, "n_train": len(frame), "train_steps": outcome.global_step,
+               "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta},
+    )  # fmt: skip
     metrics = {
         "metrics": metric_keys_flat(records),
         "run": {
@@ -357,6 +311,4 @@ def run_align(
         },
     }
     atomic_write_json(out / "metrics.json", metrics)
-    return AlignResult(out, adapter_dir, records, metrics, outcome.global_step, outcome.train_loss,
-                       outcome.seconds, str(outcome.resumed_from) if outcome.resumed_from else None,
-                       outcome.log_history)  # fmt: skip
+    return AlignResult.of(out, outcome, adapter_dir, records, metrics)

@@ -28,25 +28,28 @@ without it, a run directory that already holds checkpoints is refused (one-line 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from recalign.cli.cmd_data import DataPrepareConfig
-from recalign.config import cfg_field, config_to_dict, read_yaml, save_config
+from recalign.config import cfg_field
 from recalign.errors import RecalignInputError
-from recalign.evaluation.records import ResultRecord, current_command, write_records
+from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
-from recalign.methods.zeroshot import EvalConfig, evaluate_lm, metric_keys_flat
+from recalign.methods.lm_recipe import (
+    LMRunResult,
+    evaluate_trained,
+    llara_data,
+    open_run_dir,
+    validate_lm_recipe,
+)
+from recalign.methods.zeroshot import EvalConfig, metric_keys_flat
 from recalign.training.config import TrainingConfig
-
-
-def _default_data() -> DataPrepareConfig:
-    return DataPrepareConfig(split="llara")
 
 
 def _default_training() -> TrainingConfig:
@@ -61,7 +64,7 @@ class SFTConfig:
         "smollm2", "base model: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir"
     )
     method: str = cfg_field("sft", "method name written into result records")
-    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=_default_data)
+    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
     n_train: int = cfg_field(256, "training examples sampled from the train stage (<= 0: all of them)")
     max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
     seed: int = cfg_field(
@@ -88,17 +91,7 @@ class SFTConfig:
             raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
         if self.max_history < 1:
             raise RecalignInputError("must be >= 1", field="max_history")
-        if self.threads < 0:
-            raise RecalignInputError("must be >= 0", field="threads")
-        resolve_dtype(self.dtype)
-        if not self.lora.enabled:
-            raise RecalignInputError(
-                "SFT trains an adapter; use `recalign evaluate` for zero-shot", field="lora.enabled"
-            )
-        self.data.validate()
-        self.lora.validate()
-        self.training.validate()
-        self.eval.validate()
+        validate_lm_recipe(self, "SFT trains an adapter; use `recalign evaluate` for zero-shot")
 
 
 class SFTObjective:
@@ -139,31 +132,12 @@ def sft_examples(tokenizer, dataset, frame: pd.DataFrame, seed: int, max_history
 
 
 @dataclass
-class SFTResult:
-    output_dir: Path
-    adapter_dir: Path
-    records: list[ResultRecord]
-    metrics: dict
-    train_steps: int
-    train_loss: float
-    train_seconds: float
-    resumed_from: str | None = None
-    log_history: list[dict] = field(default_factory=list, repr=False)
+class SFTResult(LMRunResult):
+    """What :func:`run_sft` returns."""
 
 
-def _check_config_matches(cfg: SFTConfig, path: Path) -> None:
-    """On resume, warn when the saved config's training-relevant parts differ from the current one."""
-    if not path.is_file():
-        return
-    old = read_yaml(path)
-    new = config_to_dict(cfg)
-    for key in ("model", "data", "n_train", "seed", "lora", "max_history"):
-        if old.get(key) != new.get(key):
-            raise RecalignInputError(
-                f"'{key}' differs from the run being resumed ({old.get(key)!r} vs {new.get(key)!r}); "
-                "resume with the same settings or use another --output",
-                source=path,
-            )
+#: Settings a resumed SFT run must share with the run it continues.
+RESUME_KEYS = ("model", "data", "n_train", "seed", "lora", "max_history")
 
 
 def run_sft(
@@ -184,18 +158,13 @@ def run_sft(
         command: the command line recorded in results (default: this process's argv).
     """
     from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
-    from recalign.training import find_resume_checkpoint, train
+    from recalign.training import train
 
     cfg.validate()
     out = Path(output_dir)
     command = command if command is not None else current_command()
-    ckpt_dir = out / "checkpoints"
     # Fail fast (before loading anything) if the directory holds another run's checkpoints.
-    find_resume_checkpoint(ckpt_dir, cfg.training.resume)
-    if cfg.training.resume:
-        _check_config_matches(cfg, out / "config.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    ckpt_dir = open_run_dir(cfg, out, same_on_resume=RESUME_KEYS)
 
     data = data or load_data(cfg.data)
     split_name = data.split.name
@@ -221,8 +190,7 @@ def run_sft(
     if not outcome.trainer.args.should_save:
         # Another process of a distributed run (accelerate launch): the main process alone saves the
         # adapter, evaluates and writes the results.
-        return SFTResult(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
-                         outcome.train_loss, outcome.seconds)  # fmt: skip
+        return SFTResult.other_process(out, outcome)
     adapter_dir = save_adapter(
         model,
         out / "adapter",
@@ -230,33 +198,12 @@ def run_sft(
         extra={"method": cfg.method, "seed": cfg.seed, "max_history": cfg.max_history},
     )
 
-    records: list[ResultRecord] = []
-    if cfg.eval.n_test != 0:
-        if test_examples is None:
-            test_examples = sample_examples(
-                data.split.stage(cfg.eval.stage), cfg.eval.n_test, cfg.seed, stage=cfg.eval.stage
-            )
-        model = model.merge_and_unload()  # adapter already saved; merged weights score faster
-        records = evaluate_lm(
-            model,
-            tok,
-            data.dataset,
-            test_examples,
-            method=cfg.method,
-            split_name=split_name,
-            cfg=cfg.eval,
-            seed=cfg.seed,
-            max_history=cfg.max_history,
-            command=command,
-            progress=progress,
-            extra={
-                "model": str(out),
-                "n_train": len(train_frame),
-                "train_steps": outcome.global_step,
-                "dtype": str(dtype).replace("torch.", ""),
-            },
-        )
-        write_records(out / "records.json", records)
+    records, test_examples = evaluate_trained(
+        model, tok, cfg, data, out, method=cfg.method, test_examples=test_examples, command=command,
+        progress=progress,
+        extra={"model": str(out), "n_train": len(train_frame), "train_steps": outcome.global_step,
+               "dtype": str(dtype).replace("torch.", "")},
+    )  # fmt: skip
     metrics = {
         "metrics": metric_keys_flat(records),
         "run": {
@@ -279,14 +226,4 @@ def run_sft(
         },
     }
     atomic_write_json(out / "metrics.json", metrics)
-    return SFTResult(
-        output_dir=out,
-        adapter_dir=adapter_dir,
-        records=records,
-        metrics=metrics,
-        train_steps=outcome.global_step,
-        train_loss=outcome.train_loss,
-        train_seconds=outcome.seconds,
-        resumed_from=str(outcome.resumed_from) if outcome.resumed_from else None,
-        log_history=outcome.log_history,
-    )
+    return SFTResult.of(out, outcome, adapter_dir, records, metrics)

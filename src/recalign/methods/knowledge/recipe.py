@@ -45,12 +45,13 @@ from typing import Literal
 import pandas as pd
 
 from recalign.cli.cmd_data import DataPrepareConfig
-from recalign.config import cfg_field, save_config
+from recalign.config import cfg_field
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, current_command, write_records
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig
 from recalign.methods.knowledge.templates import ALL_TASKS, AUX_TASKS, REC_TASKS
+from recalign.methods.lm_recipe import open_run_dir, validate_lm_recipe
 from recalign.training.config import TrainingConfig
 
 EVAL_TASKS = ("retrieval", "ranking", "rating", "next_item", "generation")
@@ -147,11 +148,6 @@ class KnowledgeConfig:
         from recalign.methods.knowledge.mixer import allocate
 
         allocate(0, self.tasks, self.ratios)  # checks names, duplicates, counts and ratio values
-        if self.threads < 0:
-            raise RecalignInputError("must be >= 0", field="threads")
-        from recalign.lm.lora import resolve_dtype
-
-        resolve_dtype(self.dtype)
         if self.n_examples < 0:
             raise RecalignInputError("must be >= 0", field="n_examples")
         if self.history_len < 1:
@@ -162,12 +158,7 @@ class KnowledgeConfig:
             raise RecalignInputError("must be in (0, 1]", field="mlm_rate")
         if self.scoring_impl not in ("packed", "kv"):
             raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
-        if not self.lora.enabled:
-            raise RecalignInputError("knowledge alignment trains an adapter", field="lora.enabled")
-        self.data.validate()
-        self.lora.validate()
-        self.training.validate()
-        self.eval.validate()
+        validate_lm_recipe(self, "knowledge alignment trains an adapter")
 
     def budget(self, world_size: int | None = None) -> int:
         """Examples in the mixture: ``n_examples``, or one pass of ``max_steps`` at the global batch
@@ -286,22 +277,16 @@ def run_knowledge(
     from recalign.methods.knowledge.mixer import allocate, mix
     from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
     from recalign.methods.sft import SFTObjective
-    from recalign.training import find_resume_checkpoint, train
+    from recalign.training import distributed, train
 
     cfg.validate()
     set_threads(cfg.threads)
     out = Path(output_dir)
     command = command if command is not None else current_command()
     method = cfg.method_name()
-    ckpt_dir = out / "checkpoints"
-    find_resume_checkpoint(ckpt_dir, cfg.training.resume)  # fail fast on another run's checkpoints
-    from recalign.training import distributed
-
+    ckpt_dir = open_run_dir(cfg, out)
     distributed.init()
     main_process = distributed.is_main()
-    out.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        save_config(cfg, out / "config.yaml")
 
     data = data or load_data(cfg.data)
     dataset, split = data.dataset, data.split

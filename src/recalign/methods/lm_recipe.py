@@ -1,0 +1,157 @@
+"""What the LM training recipes (SFT, preference alignment, knowledge alignment) share around training.
+
+- :func:`validate_lm_recipe`: the checks of the fields every LM training config has (``threads``,
+  ``dtype``, an enabled ``lora`` adapter) and of its nested ``data`` / ``lora`` / ``training`` / ``eval``
+  configs, run after the recipe's own checks;
+- :func:`open_run_dir`: refuse a run directory holding another run's checkpoints (unless resuming, and
+  then only with the same training-relevant settings), create it and save the resolved ``config.yaml``;
+- :func:`evaluate_trained`: after training, the shared next-item evaluation on the seeded test rows,
+  written as ``records.json``;
+- :class:`LMRunResult`: what :func:`~recalign.methods.sft.run_sft` and
+  :func:`~recalign.methods.align.run_align` return.
+
+Field declarations stay with each recipe: their defaults and help strings differ per recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from recalign.cli.cmd_data import DataPrepareConfig
+from recalign.config import config_to_dict, read_yaml, save_config
+from recalign.errors import RecalignInputError
+from recalign.evaluation.records import ResultRecord, write_records
+from recalign.methods import PreparedData, sample_examples
+
+
+def llara_data() -> DataPrepareConfig:
+    """Default data of the candidate-prompt recipes: the configured dataset with the LLaRA split."""
+    return DataPrepareConfig(split="llara")
+
+
+def validate_lm_recipe(cfg: Any, adapter_problem: str) -> None:
+    """Check ``threads >= 0``, a known ``dtype`` and ``lora.enabled`` (else ``adapter_problem``, the
+    one-line error), then validate the nested ``data``, ``lora``, ``training`` and ``eval`` configs."""
+    from recalign.lm.lora import resolve_dtype
+
+    if cfg.threads < 0:
+        raise RecalignInputError("must be >= 0", field="threads")
+    resolve_dtype(cfg.dtype)
+    if not cfg.lora.enabled:
+        raise RecalignInputError(adapter_problem, field="lora.enabled")
+    cfg.data.validate()
+    cfg.lora.validate()
+    cfg.training.validate()
+    cfg.eval.validate()
+
+
+def check_resume_config(cfg: Any, path: Path, keys: Sequence[str]) -> None:
+    """On resume, refuse a saved config (``path``) whose ``keys`` differ from the current config's."""
+    if not path.is_file():
+        return
+    old, new = read_yaml(path), config_to_dict(cfg)
+    for key in keys:
+        if old.get(key) != new.get(key):
+            raise RecalignInputError(
+                f"'{key}' differs from the run being resumed ({old.get(key)!r} vs {new.get(key)!r}); "
+                "resume with the same settings or use another --output",
+                source=path,
+            )
+
+
+def open_run_dir(cfg: Any, out: Path, same_on_resume: Sequence[str] = ()) -> Path:
+    """Prepare a recipe's run directory before anything is loaded; returns its checkpoint directory.
+
+    A directory that already holds checkpoints is refused unless ``cfg.training.resume`` (one-line
+    error); on resume, the ``same_on_resume`` keys of the saved ``config.yaml`` must equal the current
+    ones. The resolved config is then written as ``config.yaml`` (by the main process alone under
+    ``accelerate launch``).
+    """
+    from recalign.training import distributed, find_resume_checkpoint
+
+    ckpt_dir = out / "checkpoints"
+    find_resume_checkpoint(ckpt_dir, cfg.training.resume)  # fail fast on another run's checkpoints
+    if cfg.training.resume and same_on_resume:
+        check_resume_config(cfg, out / "config.yaml", same_on_resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        save_config(cfg, out / "config.yaml")
+    return ckpt_dir
+
+
+def evaluate_trained(
+    model,
+    tok,
+    cfg: Any,
+    data: PreparedData,
+    out: Path,
+    *,
+    method: str,
+    test_examples: pd.DataFrame | None,
+    command: str,
+    progress: bool,
+    extra: dict,
+) -> tuple[list[ResultRecord], pd.DataFrame | None]:
+    """The shared next-item evaluation of a trained adapter (already saved), written to ``records.json``.
+
+    Skipped when ``cfg.eval.n_test == 0``. The test rows default to ``eval.n_test`` rows of
+    ``eval.stage`` drawn with ``cfg.seed``; the adapter is merged first (merged weights score faster).
+    Returns the records and the test rows.
+    """
+    from recalign.methods.zeroshot import evaluate_lm
+
+    if cfg.eval.n_test == 0:
+        return [], test_examples
+    if test_examples is None:
+        test_examples = sample_examples(
+            data.split.stage(cfg.eval.stage), cfg.eval.n_test, cfg.seed, stage=cfg.eval.stage
+        )
+    model = model.merge_and_unload()
+    records = evaluate_lm(
+        model, tok, data.dataset, test_examples, method=method, split_name=data.split.name, cfg=cfg.eval,
+        seed=cfg.seed, max_history=cfg.max_history, command=command, progress=progress, extra=extra,
+    )  # fmt: skip
+    write_records(out / "records.json", records)
+    return records, test_examples
+
+
+@dataclass
+class LMRunResult:
+    """A finished LM training run: its directory, adapter, records and ``metrics.json`` content."""
+
+    output_dir: Path
+    adapter_dir: Path
+    records: list[ResultRecord]
+    metrics: dict
+    train_steps: int
+    train_loss: float
+    train_seconds: float
+    resumed_from: str | None = None
+    log_history: list[dict] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, out: Path, outcome, adapter_dir: Path, records: list[ResultRecord], metrics: dict):
+        """From the training outcome (:func:`recalign.training.train`) and what the run wrote."""
+        return cls(
+            output_dir=out,
+            adapter_dir=adapter_dir,
+            records=records,
+            metrics=metrics,
+            train_steps=outcome.global_step,
+            train_loss=outcome.train_loss,
+            train_seconds=outcome.seconds,
+            resumed_from=str(outcome.resumed_from) if outcome.resumed_from else None,
+            log_history=outcome.log_history,
+        )
+
+    @classmethod
+    def other_process(cls, out: Path, outcome):
+        """What a non-main process of a distributed run returns: it trained, but the main process alone
+        saves the adapter, evaluates and writes the results."""
+        return cls(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
+                   outcome.train_loss, outcome.seconds)  # fmt: skip
