@@ -34,13 +34,17 @@ again alone (``generate_answers`` with batch 1, no padding) and the difference i
 writes the JSON first and then exits with status 1 if any ranking differs or any joint answer differs
 from both the batched and the unpadded ``generate`` answer (listing the prompts), so a run that passes
 is a check as well as a measurement. ``answers_identical`` reports the plain comparison with the
-batched separate path.
+batched separate path. That strict check applies in float32 only: in bfloat16 the joint path's prompt
+keys/values come from a longer (packed) sequence, so the matmuls are blocked differently and round
+differently, and a greedy decode that meets a near-tie can take another branch than either ``generate``
+call (SmolLM2, 32 prompts: 3 such answers). Those are listed, not treated as errors; rankings must still
+be identical.
 
-Run (not yet run on SmolLM2: the helper who wrote it used tiny models only):
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/eval_joint.py --model smollm2 \\
-        --n-prompts 64 --threads 1 --output results/eval_joint.json
-and with ``--dtype auto`` (bfloat16 on an AMX CPU, what ``configs/quickstart.yaml`` uses) for the
-quickstart's timing; write that one to another ``--output``.
+Run (as committed, on the 2-core CPU beside another job):
+    python benchmarks/eval_joint.py --model smollm2 --n-prompts 32 --threads 1 --dtype auto \\
+        --output results/eval_joint.json           # the quickstart's dtype: timing
+    python benchmarks/eval_joint.py --model smollm2 --n-prompts 32 --threads 1 \\
+        --output results/eval_joint_fp32.json      # float32: the strict exactness check
 """
 
 from __future__ import annotations
@@ -252,7 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(answer_diff) - len(joint_errors)} of them are the unpadded generate answer",
             file=sys.stderr,
         )
-    if rank_diff or joint_errors:
+    strict = payload["dtype"] == "float32"
+    if joint_errors and not strict:
+        print(
+            f"note: {len(joint_errors)} joint answers differ from both generate answers: {payload['dtype']} "
+            "rounding (the strict answer check is float32-only)",
+            file=sys.stderr,
+        )
+    if rank_diff or (strict and joint_errors):
         for i in joint_errors[:10]:
             print(f"prompt {i}: separate {a_sep[i]!r} != joint {a_joint[i]!r}", file=sys.stderr)
         print(
