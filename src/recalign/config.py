@@ -160,7 +160,7 @@ def _from_field_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if isinstance(value, dict) and dataclasses.is_dataclass(tp) and factory is not dataclasses.MISSING:
         base = factory()
         if dataclasses.is_dataclass(base):
-            return _deep_merge(config_to_dict(base), value)
+            return deep_merge(config_to_dict(base), value)
     return value
 
 
@@ -194,11 +194,12 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return out
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``, nested mappings merged key by key (neither is modified)."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -243,7 +244,7 @@ def load_config(
     if over:
         # Validate override keys separately so that an error names the command line, not the file.
         _check_keys(cls, over, "command line")
-        data = _deep_merge(data, over)
+        data = deep_merge(data, over)
     return _from_dict(cls, data, source or ("command line" if over else None))
 
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from recalign.config import describe_config, load_config
-from recalign.errors import RecalignInputError
+from recalign.cli.common import add_config_arguments, config_from_args
 
 STAGES = ("pretrain", "finetune", "evaluate", "run")
 
@@ -38,24 +37,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     }
     for stage in STAGES:
         sp = sub.add_parser(stage, help=helps[stage])
-        sp.add_argument("--config", default=None, help="YAML file with CLLM4RecConfig fields")
-        sp.add_argument("--output", default=None, help="run directory (checkpoints, tables, metrics)")
-        sp.add_argument("--help-config", action="store_true", help="list every config field and exit")
-        sp.add_argument(
-            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. pretrain.lr=0.01"
-        )
+        add_config_arguments(
+            sp, "CLLM4RecConfig",
+            output_help="run directory (checkpoints, tables, metrics)",
+            overrides_example="pretrain.lr=0.01",
+        )  # fmt: skip
         sp.set_defaults(func=cmd_stage, stage=stage)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from recalign.methods.cllm4rec.config import CLLM4RecConfig
 
-    if args.help_config:
-        print("\n".join(describe_config(CLLM4RecConfig)))
+    cfg = config_from_args(CLLM4RecConfig, args)
+    if cfg is None:
         return 0
-    if not args.output:
-        raise RecalignInputError("--output DIR is required", source="command line")
-    cfg = load_config(CLLM4RecConfig, args.config, args.overrides)
 
     import torch
 

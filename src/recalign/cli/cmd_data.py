@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from recalign.config import cfg_field, describe_config, load_config, parse_overrides, save_config
+from recalign.config import cfg_field, deep_merge, describe_config, load_config, parse_overrides, save_config
 from recalign.data.dataset import RecDataset
 from recalign.data.loaders.registry import DATASETS, _import_all, check_option_names, load_dataset
 from recalign.data.preprocess import FilterReport, PreprocessConfig, preprocess
@@ -243,15 +243,8 @@ def _prepare_config(args: argparse.Namespace) -> DataPrepareConfig:
     if pre:
         flags["preprocess"] = pre
     dotted = parse_overrides(args.overrides)
-    merged = _merge(flags, dotted)
+    merged = deep_merge(flags, dotted)
     return load_config(DataPrepareConfig, args.config, merged)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

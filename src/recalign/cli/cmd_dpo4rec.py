@@ -18,8 +18,16 @@ from __future__ import annotations
 
 import argparse
 
-from recalign.config import describe_config, load_config, parse_overrides
-from recalign.errors import RecalignInputError
+from recalign.cli.common import add_config_arguments, config_from_args
+from recalign.config import deep_merge, load_config, parse_overrides
+
+
+def _shortcuts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--samples", type=int, default=None, help="N: summaries sampled per user (summary.samples)"
+    )
+    p.add_argument("--iterations", type=int, default=None, help="T: sample/reward/DPO rounds (iterations)")
+    p.add_argument("--users", type=int, default=None, help="users taking part, 0 = all (users)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,28 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="DPO4Rec: LM preference summaries, rewarded by a summary-augmented SASRec, aligned with DPO",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--config", default=None, help="YAML file with DPO4RecConfig fields")
-    p.add_argument("--output", default=None, help="run directory (required; rerun to resume)")
-    p.add_argument(
-        "--samples", type=int, default=None, help="N: summaries sampled per user (summary.samples)"
-    )
-    p.add_argument("--iterations", type=int, default=None, help="T: sample/reward/DPO rounds (iterations)")
-    p.add_argument("--users", type=int, default=None, help="users taking part, 0 = all (users)")
-    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. dpo.beta=0.2")
+    add_config_arguments(
+        p, "DPO4RecConfig",
+        output_help="run directory (required; rerun to resume)",
+        shortcuts=_shortcuts,
+        overrides_example="dpo.beta=0.2",
+    )  # fmt: skip
     p.set_defaults(func=cmd_dpo4rec)
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def build_config(args: argparse.Namespace):
-    from recalign.methods.dpo4rec.config import DPO4RecConfig
-
+def _overrides(args: argparse.Namespace) -> dict:
+    """The shortcut flags, then the dotted overrides (which win)."""
     flags: dict = {}
     if args.samples is not None:
         flags["summary"] = {"samples": args.samples}
@@ -57,18 +54,22 @@ def build_config(args: argparse.Namespace):
         flags["iterations"] = args.iterations
     if args.users is not None:
         flags["users"] = args.users
-    return load_config(DPO4RecConfig, args.config, _merge(flags, parse_overrides(args.overrides)))
+    return deep_merge(flags, parse_overrides(args.overrides))
+
+
+def build_config(args: argparse.Namespace):
+    """The config of parsed arguments (``config``, ``samples``, ``iterations``, ``users``, ``overrides``)."""
+    from recalign.methods.dpo4rec.config import DPO4RecConfig
+
+    return load_config(DPO4RecConfig, args.config, _overrides(args))
 
 
 def cmd_dpo4rec(args: argparse.Namespace) -> int:
     from recalign.methods.dpo4rec.config import DPO4RecConfig
 
-    if args.help_config:
-        print("\n".join(describe_config(DPO4RecConfig)))
+    cfg = config_from_args(DPO4RecConfig, args, _overrides(args))
+    if cfg is None:
         return 0
-    if not args.output:
-        raise RecalignInputError("an output directory is required (--output DIR)")
-    cfg = build_config(args)
     from recalign.methods.dpo4rec.recipe import run_dpo4rec
 
     result = run_dpo4rec(cfg, args.output)

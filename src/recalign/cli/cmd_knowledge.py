@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from recalign.config import describe_config, load_config, parse_overrides
+from recalign.cli.common import add_config_arguments, config_from_args
+from recalign.config import parse_overrides
 from recalign.errors import RecalignInputError
 
 
@@ -24,13 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tasks", default=None, help="comma-separated tasks, e.g. mim,bpr,retrieval,ranking")
     p.add_argument("--ratios", default=None, help="comma-separated mixing ratios, one per task, e.g. 1,1,2,2")
-    p.add_argument("--config", default=None, help="YAML file with KnowledgeConfig fields")
-    p.add_argument("--output", default=None, help="run directory (adapter, checkpoints, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=20"
-    )
+    add_config_arguments(
+        p, "KnowledgeConfig",
+        output_help="run directory (adapter, checkpoints, metrics)",
+        resume_help="continue from the last checkpoint in --output",
+        overrides_example="training.max_steps=20",
+    )  # fmt: skip
     p.set_defaults(func=cmd_knowledge)
 
 
@@ -41,14 +41,8 @@ def _csv(raw: str, what: str) -> list[str]:
     return items
 
 
-def cmd_knowledge(args: argparse.Namespace) -> int:
-    from recalign.methods.knowledge.recipe import KnowledgeConfig
-
-    if args.help_config:
-        print("\n".join(describe_config(KnowledgeConfig)))
-        return 0
-    if not args.output:
-        raise RecalignInputError("--output DIR is required", source="command line")
+def _overrides(args: argparse.Namespace) -> dict:
+    """The dotted overrides, then ``--tasks`` / ``--ratios`` (which win; equal ratios by default)."""
     over = parse_overrides(args.overrides)
     if args.tasks is not None:
         over["tasks"] = _csv(args.tasks, "tasks")
@@ -56,10 +50,15 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
             over["ratios"] = [1.0] * len(over["tasks"])
     if args.ratios is not None:
         over["ratios"] = _csv(args.ratios, "ratios")
-    if args.resume:
-        over.setdefault("training", {})["resume"] = True
-    cfg = load_config(KnowledgeConfig, args.config, over)
+    return over
 
+
+def cmd_knowledge(args: argparse.Namespace) -> int:
+    from recalign.methods.knowledge.recipe import KnowledgeConfig
+
+    cfg = config_from_args(KnowledgeConfig, args, _overrides(args), resume=args.resume)
+    if cfg is None:
+        return 0
     from recalign.methods.knowledge.recipe import run_knowledge
 
     result = run_knowledge(cfg, args.output)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from recalign.config import describe_config, load_config, parse_overrides
+from recalign.cli.common import config_from_args
+from recalign.config import parse_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,13 +37,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from recalign.evaluation.records import current_command
     from recalign.methods.quickstart import QuickstartConfig, run_quickstart
 
-    if args.help_config:
-        print("\n".join(describe_config(QuickstartConfig)))
-        return 0
     overrides = parse_overrides(args.overrides)
     if args.results:
         overrides["results"] = args.results
-    cfg = load_config(QuickstartConfig, args.config, overrides)
+    # --resume is run_quickstart's: finished stages are read back, training stages continue
+    cfg = config_from_args(QuickstartConfig, args, overrides)
+    if cfg is None:
+        return 0
     res = run_quickstart(cfg, args.output, resume=args.resume, command=current_command())
     print()
     print(res.table)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from recalign.config import describe_config, load_config
-from recalign.errors import RecalignInputError
+from recalign.cli.common import add_config_arguments, config_from_args, print_training_summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,36 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="few-shot LoRA SFT of an LM on next-item prompts, then evaluation",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--config", default=None, help="YAML file with SFTConfig fields")
-    p.add_argument("--output", default=None, help="run directory (adapter, config, metrics, checkpoints)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint in DIR (training.resume)"
-    )
-    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=20"
-    )
+    add_config_arguments(
+        p, "SFTConfig",
+        output_help="run directory (adapter, config, metrics, checkpoints)",
+        resume_help="continue from the last checkpoint in DIR (training.resume)",
+        overrides_example="training.max_steps=20",
+    )  # fmt: skip
     p.set_defaults(func=cmd_sft)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from recalign.methods.sft import SFTConfig, run_sft
 
-    if args.help_config:
-        print("\n".join(describe_config(SFTConfig)))
+    cfg = config_from_args(SFTConfig, args, resume=args.resume)
+    if cfg is None:
         return 0
-    cfg = load_config(SFTConfig, args.config, args.overrides)
-    if args.resume:
-        cfg.training.resume = True
-    if not args.output:
-        raise RecalignInputError("--output DIR is required", source="command line")
-    res = run_sft(cfg, args.output)
-    print(
-        f"sft: {res.train_steps} steps, train loss {res.train_loss:.4f}, {res.train_seconds:.0f} s"
-        + (f" (resumed from {res.resumed_from})" if res.resumed_from else "")
-    )
-    for k, v in res.metrics["metrics"].items():
-        if k.endswith(("HR@1", "NDCG@10", "ValidRatio", "HR@1 (valid)")):
-            print(f"  {k}: {v:.4f}")
-    print(f"adapter: {res.adapter_dir}")
+    print_training_summary("sft", run_sft(cfg, args.output))
     return 0
