@@ -45,12 +45,9 @@ from recalign.evaluation.records import ResultRecord, write_records
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
+from recalign.methods.lm_recipe import llara_data
 from recalign.methods.zeroshot import EvalConfig
 from recalign.training.config import TrainingConfig
-
-
-def _data() -> DataPrepareConfig:
-    return DataPrepareConfig(split="llara")
 
 
 def _training() -> TrainingConfig:
@@ -115,7 +112,7 @@ class QuickstartConfig:
         0,
         "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
     )
-    data: DataPrepareConfig = cfg_field(help="dataset and split", default_factory=_data)
+    data: DataPrepareConfig = cfg_field(help="dataset and split", default_factory=llara_data)
     stages: list[str] = cfg_field(
         ["baselines", "zeroshot", "sft", "sdpo"],
         "stages to run, in order (built in: baselines, zeroshot, sft, sdpo; sdpo needs sft before it)",
@@ -257,15 +254,30 @@ def stage_zeroshot(ctx: QuickstartContext) -> list[ResultRecord]:
     )
 
 
-def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
+def _stage_training(ctx: QuickstartContext, training: TrainingConfig) -> TrainingConfig:
+    """A copy of a training stage's optimisation settings, resuming and showing progress as the run does."""
     import copy
 
+    training = copy.deepcopy(training)
+    training.resume = ctx.resume
+    training.progress = ctx.progress
+    return training
+
+
+def _run_training_stage(ctx: QuickstartContext, name: str, run: Callable, cfg: Any) -> list[ResultRecord]:
+    """``run`` (``run_sft`` / ``run_align``) on the shared data and test rows into ``stages``' directory
+    ``name``; the run directory is left in ``ctx.artifacts[name]``."""
+    res = run(cfg, ctx.stage_dir(name), data=ctx.data, test_examples=ctx.test_examples, command=ctx.command,
+              progress=ctx.progress)  # fmt: skip
+    ctx.artifacts[name] = str(res.output_dir)
+    return res.records
+
+
+def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
     from recalign.methods.sft import SFTConfig, run_sft
 
     c = ctx.cfg
-    training = copy.deepcopy(c.training)
-    training.resume = ctx.resume
-    training.progress = ctx.progress
+    training = _stage_training(ctx, c.training)
     sft_cfg = SFTConfig(
         model=c.model,
         method="sft",
@@ -279,22 +291,11 @@ def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
         training=training,
         eval=c.eval,
     )
-    res = run_sft(
-        sft_cfg,
-        ctx.stage_dir("sft"),
-        data=ctx.data,
-        test_examples=ctx.test_examples,
-        command=ctx.command,
-        progress=ctx.progress,
-    )
-    ctx.artifacts["sft"] = str(res.output_dir)
-    return res.records
+    return _run_training_stage(ctx, "sft", run_sft, sft_cfg)
 
 
 def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
     """S-DPO from the SFT stage's run directory (merged in: the reference), through ``run_align``."""
-    import copy
-
     from recalign.methods.align import AlignConfig, run_align
 
     c, s = ctx.cfg, ctx.cfg.sdpo
@@ -303,9 +304,7 @@ def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
         raise RecalignInputError(
             "the sdpo stage starts from the SFT model: run the sft stage before it", field="stages"
         )
-    training = copy.deepcopy(s.training)
-    training.resume = ctx.resume
-    training.progress = ctx.progress
+    training = _stage_training(ctx, s.training)
     align_cfg = AlignConfig(
         model=str(start),
         loss="sdpo",
@@ -325,16 +324,7 @@ def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
         training=training,
         eval=c.eval,
     )
-    res = run_align(
-        align_cfg,
-        ctx.stage_dir("sdpo"),
-        data=ctx.data,
-        test_examples=ctx.test_examples,
-        command=ctx.command,
-        progress=ctx.progress,
-    )
-    ctx.artifacts["sdpo"] = str(res.output_dir)
-    return res.records
+    return _run_training_stage(ctx, "sdpo", run_align, align_cfg)
 
 
 def _register_builtin() -> None:
