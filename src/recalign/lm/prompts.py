@@ -325,6 +325,12 @@ class PromptExample:
     position: int
 
 
+def recent_history(history_idx: Sequence[int] | np.ndarray, max_history: int | None) -> np.ndarray:
+    """The last ``max_history`` items of a history (all of them when None or <= 0), oldest first."""
+    hist = np.asarray(history_idx, dtype=np.int64)
+    return hist[-max_history:] if max_history is not None and max_history > 0 else hist
+
+
 def render_next_item(
     template: PromptTemplate,
     history_titles: Sequence[str],
@@ -359,17 +365,8 @@ def build_candidate_prompt(
     :func:`prompt_item_texts`.
     """
     t = resolve_template(template, seed=seed, user=user, position=position)
-    hist = np.asarray(history_idx, dtype=np.int64)
-    if max_history is not None and max_history > 0:
-        hist = hist[-max_history:]
-    noun, nouns = item_noun(dataset)
-    return render_next_item(
-        t,
-        prompt_item_texts(dataset, hist, item_fields),
-        prompt_item_texts(dataset, candidate_idx, item_fields),
-        noun,
-        nouns,
-    )
+    candidates = prompt_item_texts(dataset, candidate_idx, item_fields)
+    return _history_prompt(dataset, t, history_idx, candidates, max_history, item_fields)
 
 
 def build_open_prompt(
@@ -385,11 +382,20 @@ def build_open_prompt(
 ) -> str:
     """The next-item prompt without candidates (task ``next_item_open``), for whole-catalogue scoring."""
     t = resolve_template(template, seed=seed, user=user, position=position, task="next_item_open")
-    hist = np.asarray(history_idx, dtype=np.int64)
-    if max_history is not None and max_history > 0:
-        hist = hist[-max_history:]
+    return _history_prompt(dataset, t, history_idx, [], max_history, item_fields)
+
+
+def _history_prompt(
+    dataset: RecDataset,
+    template: PromptTemplate,
+    history_idx: Sequence[int] | np.ndarray,
+    candidates: list[str],
+    max_history: int,
+    item_fields: Sequence[str],
+) -> str:
+    hist = recent_history(history_idx, max_history)
     noun, nouns = item_noun(dataset)
-    return render_next_item(t, prompt_item_texts(dataset, hist, item_fields), [], noun, nouns)
+    return render_next_item(template, prompt_item_texts(dataset, hist, item_fields), candidates, noun, nouns)
 
 
 def examples_to_prompts(
@@ -424,9 +430,7 @@ def examples_to_prompts(
                 "build the split with candidates for this stage"
             )
         t = resolve_template(template, seed=seed, user=int(user), position=int(position))
-        hist = np.asarray(history, dtype=np.int64)
-        if max_history is not None and max_history > 0:
-            hist = hist[-max_history:]
+        hist = recent_history(history, max_history)
         cand_titles = [titles[int(c)] for c in cands]
         prompt = render_next_item(
             t, [listed[int(h)] for h in hist], [listed[int(c)] for c in cands], noun, nouns

@@ -45,6 +45,7 @@ from recalign.lm.prompts import (
     display_titles,
     format_list,
     item_noun,
+    recent_history,
     register_template,
     resolve_template,
 )
@@ -146,9 +147,7 @@ def pairwise_prompt(
     the whole catalogue) may be passed to avoid recomputing them per example.
     """
     t = resolve_template(template, seed=seed, user=user, position=position, task=TASK)
-    hist = np.asarray(history_idx, dtype=np.int64)
-    if max_history is not None and max_history > 0:
-        hist = hist[-max_history:]
+    hist = recent_history(history_idx, max_history)
     options = [int(o) for o in option_idx]
     if len(set(options)) != len(options):
         raise RecalignInputError(f"pairwise options must be distinct items, got {options}")
