@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from recalign.lm.scoring import AnswerScores
+from recalign.lm.scoring import AnswerScores, _validate
 
 IMPLS = ("shared", "naive")
 #: answer-token rows per LM-head matmul (bounds the ``[rows, vocab]`` logits tensor).
@@ -109,21 +109,8 @@ def build_tiny_t5(
     return T5ForConditionalGeneration(config)
 
 
-# ---------------------------------------------------------------------- scoring helpers
-def _validate(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]]) -> int:
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
-    a_max = 0
-    for b, (p, ans) in enumerate(zip(prompts, answers)):
-        if len(p) == 0:
-            raise ValueError(f"prompt {b} is empty (it must contain at least one token)")
-        for j, a in enumerate(ans):
-            if len(a) == 0:
-                raise ValueError(f"answer {j} of prompt {b} is empty")
-        a_max = max(a_max, len(ans))
-    return a_max
-
-
+# ---------------------------------------------------------------------- scoring helpers (inputs are
+# checked by recalign.lm.scoring's _validate: one rule for both families)
 def _assemble(values: dict[tuple[int, int], torch.Tensor], answers, a_max: int, device) -> AnswerScores:
     b_n = len(answers)
     ntok = torch.zeros(b_n, a_max, dtype=torch.long, device=device)

@@ -277,13 +277,10 @@ def pairwise_accuracy(
     """
     import torch
 
-    from recalign.lm.prompts import encode_answer, encode_prompt
     from recalign.lm.scoring import answer_logprobs
-    from recalign.lm.seq2seq import encode_source, encode_target, is_seq2seq
+    from recalign.lm.seq2seq import text_encoders
 
-    enc_prompt, enc_answer = (
-        (encode_source, encode_target) if is_seq2seq(model) else (encode_prompt, encode_answer)
-    )
+    enc_prompt, enc_answer = text_encoders(model, tokenizer)
 
     items = pairwise_items(dataset, examples, seed=seed, max_history=max_history, max_pairs=max_pairs)
     titles = display_titles(dataset)
@@ -291,7 +288,7 @@ def pairwise_accuracy(
 
     def ans(i: int) -> list[int]:
         if i not in answer_ids:
-            answer_ids[i] = enc_answer(tokenizer, titles[i])
+            answer_ids[i] = enc_answer(titles[i])
         return answer_ids[i]
 
     was_training = bool(getattr(model, "training", False))
@@ -301,7 +298,7 @@ def pairwise_accuracy(
         with torch.no_grad():
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                prompts = [enc_prompt(tokenizer, it.prompt) for it in chunk]
+                prompts = [enc_prompt(it.prompt) for it in chunk]
                 answers = [[ans(it.target), ans(it.negative)] for it in chunk]
                 scores = answer_logprobs(model, prompts, answers, impl=impl)
                 s = scores.mean if length_normalize else scores.sum
