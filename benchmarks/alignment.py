@@ -6,7 +6,7 @@ records it is compared with (those are read from the SFT results file, so the ta
 of examples). Runs are resumable: a method whose run directory already holds ``records.json`` is read
 back, not retrained.
 
-    python benchmarks/alignment.py --sft runs/quickstart/sft --baseline-results results/sft_ml100k.json \
+    python benchmarks/alignment.py --sft runs/sft_ml100k --baseline-results results/sft_ml100k.json \
         --output results/alignment_ml100k.json
 """
 
@@ -33,7 +33,7 @@ METHODS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sft", default="runs/quickstart/sft", help="SFT run directory every method starts from")
+    ap.add_argument("--sft", default="runs/sft_ml100k", help="SFT run directory every method starts from")
     ap.add_argument("--config", default="configs/align_ml100k.yaml")
     ap.add_argument("--baseline-results", default="results/sft_ml100k.json",
                     help="records of sft/sasrec/pop/zeroshot on the same test rows")  # fmt: skip
