@@ -1,6 +1,6 @@
 """Preference alignment on ML-100K: DPO, S-DPO (K=3, K=7) and DMPO (K=3) from one SFT checkpoint.
 
-Every method starts from the same SFT run (by default the quickstart's), trains a fresh LoRA adapter
+Every method starts from the same SFT run (by default `runs/sft_ml100k`), trains a fresh LoRA adapter
 with ``recalign align`` and is evaluated on the *same* test rows as the SFT, SASRec and popularity
 records it is compared with (those are read from the SFT results file, so the table is one population
 of examples). Runs are resumable: a method whose run directory already holds ``records.json`` is read
