@@ -47,9 +47,9 @@ def main() -> None:
     ap.add_argument("--output", default="results/dmpo_ml100k.json")
     ap.add_argument("--n-test", type=int, default=100, help="test examples per domain")
     ap.add_argument("--max-pairs", type=int, default=1, help="pairwise protocol: negatives per test example")
-    ap.add_argument("--sft-steps", type=int, default=12)
-    ap.add_argument("--sft-batch", type=int, default=8)
-    ap.add_argument("--dmpo-steps", type=int, default=16)
+    ap.add_argument("--sft-steps", type=int, default=75)
+    ap.add_argument("--sft-batch", type=int, default=4)
+    ap.add_argument("--dmpo-steps", type=int, default=50)
     ap.add_argument("--dmpo-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
@@ -64,8 +64,9 @@ def main() -> None:
         SFTConfig,
         args.sft_config,
         [*common, f"training.max_steps={args.sft_steps}", f"training.batch_size={args.sft_batch}",
-         f"training.save_steps={args.sft_steps}"],
+         f"training.save_steps={max(1, args.sft_steps // 3)}"],
     )  # fmt: skip
+    sft_cfg.training.resume = True  # a killed run continues from its last checkpoint; a fresh dir starts
     genres = list(sft_cfg.data.preprocess.item_genres_include)
     domains = {h: _domain_data(sft_cfg.data, genres, h) for h in ("A", "B")}
     tests = {
@@ -120,8 +121,9 @@ def main() -> None:
         AlignConfig,
         args.align_config,
         [*common, f"model={sft_dir}", f"training.max_steps={args.dmpo_steps}",
-         f"training.batch_size={args.dmpo_batch}", f"training.save_steps={args.dmpo_steps}"],
+         f"training.batch_size={args.dmpo_batch}", f"training.save_steps={max(1, args.dmpo_steps // 2)}"],
     )  # fmt: skip
+    al_cfg.training.resume = True
     dmpo_dir = runs / "dmpo"
     al = run_align(al_cfg, dmpo_dir, data=domains["A"], command=command)
     evaluate(dmpo_dir, al_cfg.method_name() + "-fewshot",
