@@ -23,7 +23,7 @@ def test_defaults_run_sdpo_after_sft_and_every_field_has_help():
     assert cfg.stages == ["baselines", "zeroshot", "sft", "sdpo"]
     s = cfg.sdpo
     assert (s.negatives, s.beta, s.strategy, s.reference) == (3, 1.0, "random", "precomputed")
-    assert (s.training.max_steps, s.training.batch_size, s.training.learning_rate) == (16, 4, 5e-4)
+    assert (s.training.max_steps, s.training.batch_size, s.training.learning_rate) == (12, 4, 5e-4)
     for f in dataclasses.fields(QuickstartSDPOConfig):
         assert f.metadata.get("help"), f.name
     cfg.validate()
