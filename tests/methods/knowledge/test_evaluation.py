@@ -113,3 +113,38 @@ def test_pruned_catalogue_search_matches_exhaustive_ranks(family):
         seen_ranks.add(exact)
     # both outcomes are exercised: ranks found exactly, and ranks known only to be beyond k_max
     assert min(seen_ranks) <= 3 and max(seen_ranks) > 8, seen_ranks
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_beam_seeded_search_gives_the_exhaustive_ranks(family):
+    """Seeds from a constrained beam search only save work: every rank equals the exhaustive one, and a
+    beam at least as wide as the catalogue proves every low-ranked target without any search."""
+    from recalign.lm.seq2seq import answer_stop_ids
+    from recalign.methods.knowledge.evaluation import beam_seeds
+
+    tok = train_bpe_tokenizer(CATALOGUE + ["History: Answer:"], vocab_size=330)
+    model = (build_tiny_llama(tok, seed=2) if family == "llama" else build_tiny_t5(tok, seed=2)).eval()
+    scorer = TaskScorer(model, tok, chunk_size=64)
+    trie = TitleTrie.from_titles(CATALOGUE, scorer.encode_answer)
+    text = "History: Star 1 (1957). Answer:"
+    prompt = scorer.encode_prompt(text)
+    full = scorer.score([text], [CATALOGUE])[0]
+    stop = answer_stop_ids(model, tok)
+    seeds = beam_seeds(scorer, prompt, trie, stop, 4)
+    assert 1 <= len(seeds) <= 4 and all(list(trie.sequences[j]) == a for j, a in seeds.items())
+    # the beam's titles are high scorers: each is in the exhaustive top half
+    assert all((full > full[j]).sum() < len(CATALOGUE) // 2 for j in seeds)
+    everything = beam_seeds(scorer, prompt, trie, stop, len(CATALOGUE))
+    exclude = {1}
+    for target in range(len(CATALOGUE)):
+        m = full.copy()
+        m[list(exclude - {target})] = -np.inf
+        exact = int((m >= m[target]).sum())
+        for k_max, s in ((3, seeds), (3, everything), (8, seeds)):
+            got, cost = catalogue_rank(
+                scorer, prompt, trie, target, scorer.encode_answer(CATALOGUE[target]),
+                exclude - {target}, k_max, nodes_per_pass=64, seeds=s,
+            )  # fmt: skip
+            assert got == (exact if exact <= k_max else k_max + 1), (target, k_max, exact, got)
+            if s is everything and exact > k_max + 1:  # proven by the seeds alone: no trie node scored
+                assert cost <= sum(len(a) for a in everything.values())

@@ -23,7 +23,7 @@ the recipe reports it next to these.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +121,7 @@ def catalogue_rank(
     *,
     nodes_per_pass: int = 32,
     margin: float = 1e-3,
+    seeds: Mapping[int, Sequence[int]] | None = None,
 ) -> tuple[int, int]:
     """Exact rank of ``target`` among all catalogue titles when it is at most ``k_max``, without scoring
     the whole catalogue; ``k_max + 1`` means "below ``k_max``".
@@ -135,8 +136,15 @@ def catalogue_rank(
     scorer, so the numbers are those of full scoring. Typically a few thousand answer tokens instead of
     the catalogue's ~20k (ML-100K, SmolLM2 tokenizer).
 
+    ``seeds`` short-cuts the common case of a target far down the list: titles already known to score
+    well (a constrained beam search's top titles, see :func:`beam_seeds`) are scored first, and when
+    ``k_max`` of them beat the target its rank is proven to be beyond ``k_max`` without any search. Seeds
+    that beat the target but are fewer than ``k_max`` are counted once and skipped when the search
+    reaches them, so the result is the same with or without seeds (tested).
+
     Args:
         target_ids: the target's answer ids (its path in ``trie``).
+        seeds: item -> answer ids of titles to check before searching.
 
     Returns:
         ``(rank, answer tokens scored)``.
@@ -145,7 +153,17 @@ def catalogue_rank(
 
     s_t = float(scorer.score_ids([prompt_ids], [[list(target_ids)]])[0, 0])
     bound = s_t - margin
-    count, cost = 0, 0
+    counted: set[int] = set()
+    cost = 0
+    seeds = {j: list(a) for j, a in (seeds or {}).items() if j != target and j not in exclude}
+    if seeds:
+        items_s = list(seeds)
+        sc = scorer.score_ids([prompt_ids], [[seeds[j] for j in items_s]])[0]
+        cost += sum(len(seeds[j]) for j in items_s)
+        counted = {j for j, v in zip(items_s, sc) if v >= s_t}
+        if len(counted) >= k_max:
+            return k_max + 1, cost
+    count = len(counted)
     heap: list[tuple[float, tuple[int, ...]]] = [(-0.0, ())]
     while heap and count < k_max:
         batch = []
@@ -162,10 +180,26 @@ def catalogue_rank(
             items = trie.items(ans)
             if items:  # a complete title (answer sequences end with the end-of-answer token)
                 if sc >= s_t:
-                    count += sum(1 for it in items if it != target and it not in exclude)
+                    count += sum(1 for it in items if it != target and it not in exclude | counted)
             else:
                 heapq.heappush(heap, (-float(sc), tuple(ans)))
     return (count + 1 if count < k_max else k_max + 1), cost
+
+
+def beam_seeds(
+    scorer: TaskScorer, prompt_ids: Sequence[int], trie: TitleTrie, stop_ids: Sequence[int], beams: int
+) -> dict[int, list[int]]:
+    """Items (-> answer ids) of the top titles of a ``beams``-wide title-constrained beam search."""
+    was_training = scorer.model.training
+    scorer.model.eval()
+    try:
+        found = constrained_generate(
+            scorer.model, prompt_ids, trie, stop_ids=stop_ids, num_beams=beams, num_return=beams
+        )
+    finally:
+        if was_training:
+            scorer.model.train()
+    return {int(j): list(trie.sequences[j]) for items in found for j in items}
 
 
 def evaluate_retrieval(
@@ -175,17 +209,23 @@ def evaluate_retrieval(
     ks: Sequence[int] = (1, 5, 10, 20),
     *,
     exhaustive: bool = True,
+    beams: int = 0,
 ) -> TaskResult:
     """Full ranking of the catalogue by answer log-prob under the retrieval prompt (history excluded).
 
     ``exhaustive=True`` scores every title (the reference; cheap for tiny models); ``False`` uses the
     exact pruned search :func:`catalogue_rank`, which yields the same metrics at every K <= max(ks) for a
     fraction of the cost (ranks beyond max(ks) are only known to be beyond it, which no @K metric needs).
+    ``beams > 0`` (pruned search only) first runs a title-constrained beam search of that width and
+    hands its titles to the search as seeds: the ranks stay exact, and for a target far down the list
+    (most users, for any model not yet good at retrieval) the search is skipped -- on SmolLM2 ~8 s
+    instead of ~60 s per user.
     """
     titles = tasks.titles
     ks = _ks(ks, len(titles))
     ranks, details = [], []
     trie = None if exhaustive else TitleTrie.from_titles(titles, scorer.encode_answer)
+    stop = answer_stop_ids(scorer.model, scorer.tokenizer) if beams and not exhaustive else None
     for i in range(len(examples)):
         row = examples.iloc[i]
         ex = tasks.example("retrieval", row)
@@ -199,8 +239,9 @@ def evaluate_retrieval(
             exclude = {int(h) for h in row["history"]} - {int(row["target"])}
             t = int(row["target"])
             p_ids = scorer.encode_prompt(ex.prompt)
+            seeds = beam_seeds(scorer, p_ids, trie, stop, beams) if stop is not None else None
             r, cost = catalogue_rank(
-                scorer, p_ids, trie, t, scorer.encode_answer(titles[t]), exclude, max(ks)
+                scorer, p_ids, trie, t, scorer.encode_answer(titles[t]), exclude, max(ks), seeds=seeds
             )
         ranks.append(r)
         details.append(

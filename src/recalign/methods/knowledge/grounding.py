@@ -100,11 +100,14 @@ class TitleTrie:
     def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
         self.root: dict = {}
         self.leaf_items: dict[tuple[int, ...], list[int]] = {}
+        self.sequences: list[tuple[int, ...]] = []  # item -> its answer ids
         for item, seq in enumerate(sequences):
             node = self.root
             for tok in seq:
                 node = node.setdefault(int(tok), {})
-            self.leaf_items.setdefault(tuple(int(t) for t in seq), []).append(item)
+            key = tuple(int(t) for t in seq)
+            self.sequences.append(key)
+            self.leaf_items.setdefault(key, []).append(item)
 
     @classmethod
     def from_titles(cls, titles: Sequence[str], encode: Callable[[str], list[int]]) -> TitleTrie:

@@ -82,6 +82,11 @@ class KnowledgeEvalConfig:
         "full ranking by exact pruned trie search (ranks exact up to max(ks), much cheaper) or by scoring "
         "every title",
     )
+    retrieval_beams: int = cfg_field(
+        30,
+        "pruned search only: width of a title-constrained beam search whose titles are checked first; when "
+        "max(ks) of them beat the target the search is skipped (ranks stay exact; 0 = no beam)",
+    )
     n_users_generation: int = cfg_field(20, "examples for the generation evaluation (<= 0: all)")
     ks: list[int] = cfg_field([1, 5, 10, 20], "cut-offs K of HR/NDCG/MRR@K")
     chunk_size: int = cfg_field(256, "answers per scoring pass (bounds memory for catalogue scoring)")
@@ -96,6 +101,8 @@ class KnowledgeEvalConfig:
             )
         if not self.ks or min(self.ks) < 1:
             raise RecalignInputError("must be positive integers", field="eval.ks")
+        if self.retrieval_beams < 0:
+            raise RecalignInputError("must be >= 0", field="eval.retrieval_beams")
         if self.chunk_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise RecalignInputError("must be >= 1", field="eval.chunk_size/batch_size/max_new_tokens")
 
@@ -369,7 +376,9 @@ def run_knowledge(
         t1 = time.perf_counter()
         if task == "retrieval":
             exhaustive = e.retrieval_search == "exhaustive"
-            r = ev.evaluate_retrieval(scorer, eval_tasks, rows(e.n_users_full), e.ks, exhaustive=exhaustive)
+            r = ev.evaluate_retrieval(
+                scorer, eval_tasks, rows(e.n_users_full), e.ks, exhaustive=exhaustive, beams=e.retrieval_beams
+            )
         elif task == "ranking":
             r = ev.evaluate_ranking(scorer, eval_tasks, rows(e.n_users), e.ks)
         elif task == "rating":
