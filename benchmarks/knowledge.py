@@ -7,6 +7,10 @@ examples* (``training.max_steps x training.batch_size``); only the task mixture 
 - ``knowledge-rec+aux``  MIM, MLM, BPR, retrieval, ranking, rating (1:1:1:1:1:1)
 - ``knowledge-rec+mim`` / ``+mlm`` / ``+bpr``  one auxiliary task added (1:1:1:1) -- the ablation
 - ``zeroshot`` (only when listed in ``--variants``): the untrained model, same users and task prompts
+- ``pop`` / ``sasrec`` (only when listed): classical references on the same sampled users -- the full
+  protocol on retrieval's users, the candidate protocol (the ranking task's shared 20 candidates) on
+  ranking's users -- so the LM's retrieval and ranking numbers have a yardstick (SASRec: 30 epochs,
+  patience 5, as ``benchmarks/baselines.py``)
 
 Each variant is evaluated on the same seeded test users (retrieval by exact full ranking of the
 catalogue, ranking on the shared 20 candidates, rating RMSE/MAE; the main two also on the shared
@@ -37,6 +41,47 @@ VARIANTS = {
     "rec+mlm": (["mlm", "retrieval", "ranking", "rating"], [1, 1, 1, 1]),
 }
 MAIN = ("rec", "rec+aux")
+BASELINE_OVERRIDES = {"pop": {}, "sasrec": {"epochs": 30, "patience": 5}}
+
+
+def baseline(name: str, cfg, data, run: Path, command: str) -> list:
+    """A classical recommender fitted on the split's training sequences, evaluated on exactly the users
+    the LM variants are evaluated on: full ranking (retrieval's sample) and the shared candidates (ranking's)."""
+    from recalign.baselines import make_baseline
+    from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
+    from recalign.evaluation.records import ResultRecord, write_records
+    from recalign.methods import sample_examples, set_threads
+
+    set_threads(cfg.threads)
+    t0 = time.perf_counter()
+    model = make_baseline(name, **BASELINE_OVERRIDES[name]).fit(data.dataset, data.split)
+    fit_seconds = time.perf_counter() - t0
+    stage = data.split.stage(cfg.eval.stage)
+    records = []
+    for task, protocol, n, evaluate in (
+        ("retrieval", "full", cfg.eval.n_users_full, evaluate_full),
+        ("ranking", "candidates", cfg.eval.n_users, evaluate_candidates),
+    ):
+        rows = sample_examples(stage, n, cfg.seed, stage=cfg.eval.stage)
+        t1 = time.perf_counter()
+        metrics = evaluate(model, rows, ks=cfg.eval.ks)
+        records.append(
+            ResultRecord(
+                dataset=data.dataset.name,
+                split=data.split.name,
+                protocol=protocol,
+                method=name,
+                metrics=metrics,
+                n_examples=len(rows),
+                seed=cfg.seed,
+                seconds=round(fit_seconds + time.perf_counter() - t1, 2),
+                command=command,
+                extra={"task": task, **BASELINE_OVERRIDES[name]},
+            )
+        )
+        print(f"{name} [{task}] {metrics}", flush=True)
+    write_records(run / "records.json", records)
+    return records
 
 
 def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
@@ -114,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(args.run_dir) / name
         if name == "zeroshot" and not (run / "records.json").is_file():
             records.extend(zeroshot(base, data, run, args.ablation_eval, command))
+        elif name in BASELINE_OVERRIDES and not (run / "records.json").is_file():
+            records.extend(baseline(name, base, data, run, command))
         elif (run / "records.json").is_file():
             print(f"[{name}] already done, reusing {run}/records.json", flush=True)
             records.extend(read_records(run / "records.json"))
