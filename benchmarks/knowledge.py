@@ -108,6 +108,12 @@ def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
         elif task == "rating":
             rows = sample_examples(stage, cfg.eval.n_users_rating, cfg.seed, stage=cfg.eval.stage)
             r = ev.evaluate_rating(scorer, tasks, rows)
+        elif task == "retrieval":
+            rows = sample_examples(stage, cfg.eval.n_users_full, cfg.seed, stage=cfg.eval.stage)
+            exhaustive = cfg.eval.retrieval_search == "exhaustive"
+            r = ev.evaluate_retrieval(
+                scorer, tasks, rows, cfg.eval.ks, exhaustive=exhaustive, beams=cfg.eval.retrieval_beams
+            )
         else:
             continue
         records.append(
