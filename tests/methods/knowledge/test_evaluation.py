@@ -131,7 +131,7 @@ def test_beam_seeded_search_gives_the_exhaustive_ranks(family):
     full = scorer.score([text], [CATALOGUE])[0]
     stop = answer_stop_ids(model, tok)
     seeds = beam_seeds(scorer, prompt, trie, stop, 4)
-    assert 1 <= len(seeds) <= 4 and all(list(trie.sequences[j]) == a for j, a in seeds.items())
+    assert len(seeds) >= 1 and all(list(trie.sequences[j]) == a for j, a in seeds.items())
     # the beam's titles are high scorers: each is in the exhaustive top half
     assert all((full > full[j]).sum() < len(CATALOGUE) // 2 for j in seeds)
     everything = beam_seeds(scorer, prompt, trie, stop, len(CATALOGUE))
@@ -148,3 +148,25 @@ def test_beam_seeded_search_gives_the_exhaustive_ranks(family):
             assert got == (exact if exact <= k_max else k_max + 1), (target, k_max, exact, got)
             if s is everything and exact > k_max + 1:  # proven by the seeds alone: no trie node scored
                 assert cost <= sum(len(a) for a in everything.values())
+
+
+def test_trie_beam_search_scores_match_the_scorer_and_a_full_width_beam_finds_every_title():
+    """The shared-cache beam search: its summed log-probs are the scorer's, a beam as wide as the
+    catalogue returns every title, and a narrow beam returns the best titles it kept (at least its width)."""
+    from recalign.methods.knowledge.grounding import trie_beam_search
+
+    tok = train_bpe_tokenizer(CATALOGUE + ["History: Answer:"], vocab_size=330)
+    model = build_tiny_llama(tok, seed=3).eval()
+    scorer = TaskScorer(model, tok, chunk_size=64)
+    trie = TitleTrie.from_titles(CATALOGUE, scorer.encode_answer)
+    text = "History: Heat 2 (1964). Answer:"
+    prompt = scorer.encode_prompt(text)
+    full = scorer.score([text], [CATALOGUE])[0]
+    every = trie_beam_search(model, prompt, trie, beams=len(CATALOGUE))
+    assert sorted(every) == list(range(len(CATALOGUE)))
+    assert np.allclose([every[j] for j in range(len(CATALOGUE))], full, atol=1e-4)
+    narrow = trie_beam_search(model, prompt, trie, beams=3)
+    assert len(narrow) >= 3
+    assert all(abs(narrow[j] - full[j]) < 1e-4 for j in narrow)
+    # beam search does not promise the arg-max in general; on this seeded model a beam of 3 keeps it
+    assert int(np.argmax(full)) in narrow

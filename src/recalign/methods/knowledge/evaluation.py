@@ -33,7 +33,12 @@ import torch
 from recalign.evaluation.metrics import mae, rmse, single_target_metrics, target_ranks
 from recalign.evaluation.protocols import full_ranks
 from recalign.lm.seq2seq import answer_stop_ids, score_answers, text_encoders
-from recalign.methods.knowledge.grounding import TitleMatcher, TitleTrie, constrained_generate
+from recalign.methods.knowledge.grounding import (
+    TitleMatcher,
+    TitleTrie,
+    constrained_generate,
+    trie_beam_search,
+)
 from recalign.methods.knowledge.tasks import KnowledgeTasks
 
 RATING_ANSWERS = ("1", "2", "3", "4", "5")
@@ -122,7 +127,8 @@ def catalogue_rank(
     nodes_per_pass: int = 32,
     margin: float = 1e-3,
     seeds: Mapping[int, Sequence[int]] | None = None,
-) -> tuple[int, int]:
+    search: bool = True,
+) -> tuple[int | None, int]:
     """Exact rank of ``target`` among all catalogue titles when it is at most ``k_max``, without scoring
     the whole catalogue; ``k_max + 1`` means "below ``k_max``".
 
@@ -145,6 +151,7 @@ def catalogue_rank(
     Args:
         target_ids: the target's answer ids (its path in ``trie``).
         seeds: item -> answer ids of titles to check before searching.
+        search: ``False`` returns ``(None, cost)`` instead of searching when the seeds prove nothing.
 
     Returns:
         ``(rank, answer tokens scored)``.
@@ -163,6 +170,8 @@ def catalogue_rank(
         counted = {j for j, v in zip(items_s, sc) if v >= s_t}
         if len(counted) >= k_max:
             return k_max + 1, cost
+    if not search:
+        return None, cost
     count = len(counted)
     heap: list[tuple[float, tuple[int, ...]]] = [(-0.0, ())]
     while heap and count < k_max:
@@ -189,17 +198,38 @@ def catalogue_rank(
 def beam_seeds(
     scorer: TaskScorer, prompt_ids: Sequence[int], trie: TitleTrie, stop_ids: Sequence[int], beams: int
 ) -> dict[int, list[int]]:
-    """Items (-> answer ids) of the top titles of a ``beams``-wide title-constrained beam search."""
+    """Items (-> answer ids) of the top titles of a ``beams``-wide title-constrained beam search.
+
+    Decoder-only models use :func:`~recalign.methods.knowledge.grounding.trie_beam_search` (one prompt
+    pass, shared cache); encoder-decoders transformers' beam search, with finished titles ranked by
+    summed log-prob (``length_penalty=0``: with the default length normalisation it returns long titles
+    whose summed score is low, which rarely beat the target and so rarely spare the search).
+    """
+    from recalign.lm.seq2seq import is_seq2seq
+
     was_training = scorer.model.training
     scorer.model.eval()
     try:
-        found = constrained_generate(
-            scorer.model, prompt_ids, trie, stop_ids=stop_ids, num_beams=beams, num_return=beams
-        )
+        if is_seq2seq(scorer.model):
+            found = [
+                j
+                for items in constrained_generate(
+                    scorer.model,
+                    prompt_ids,
+                    trie,
+                    stop_ids=stop_ids,
+                    num_beams=beams,
+                    num_return=beams,
+                    length_penalty=0.0,
+                )
+                for j in items
+            ]
+        else:
+            found = list(trie_beam_search(scorer.model, prompt_ids, trie, beams=beams))
     finally:
         if was_training:
             scorer.model.train()
-    return {int(j): list(trie.sequences[j]) for items in found for j in items}
+    return {int(j): list(trie.sequences[j]) for j in found}
 
 
 def evaluate_retrieval(
@@ -216,10 +246,11 @@ def evaluate_retrieval(
     ``exhaustive=True`` scores every title (the reference; cheap for tiny models); ``False`` uses the
     exact pruned search :func:`catalogue_rank`, which yields the same metrics at every K <= max(ks) for a
     fraction of the cost (ranks beyond max(ks) are only known to be beyond it, which no @K metric needs).
-    ``beams > 0`` (pruned search only) first runs a title-constrained beam search of that width and
-    hands its titles to the search as seeds: the ranks stay exact, and for a target far down the list
-    (most users, for any model not yet good at retrieval) the search is skipped -- on SmolLM2 ~8 s
-    instead of ~60 s per user.
+    ``beams > 0`` (pruned search only) first runs a title-constrained beam search of that width (then,
+    if its titles prove nothing, one four times as wide -- users with long histories see many of the
+    beam's titles excluded) and hands the titles to the search as seeds: the ranks stay exact, and for
+    a target far down the list (most users, for any model not yet good at retrieval) the search is
+    skipped -- on SmolLM2 a few seconds instead of about a minute per user.
     """
     titles = tasks.titles
     ks = _ks(ks, len(titles))
@@ -239,10 +270,19 @@ def evaluate_retrieval(
             exclude = {int(h) for h in row["history"]} - {int(row["target"])}
             t = int(row["target"])
             p_ids = scorer.encode_prompt(ex.prompt)
-            seeds = beam_seeds(scorer, p_ids, trie, stop, beams) if stop is not None else None
-            r, cost = catalogue_rank(
-                scorer, p_ids, trie, t, scorer.encode_answer(titles[t]), exclude, max(ks), seeds=seeds
-            )
+            t_ids = scorer.encode_answer(titles[t])
+            r, cost, seeds = None, 0, None
+            for width in (beams, 4 * beams) if stop is not None else ():
+                seeds = beam_seeds(scorer, p_ids, trie, stop, width)
+                r, c = catalogue_rank(
+                    scorer, p_ids, trie, t, t_ids, exclude, max(ks), seeds=seeds, search=False
+                )
+                cost += c
+                if r is not None:
+                    break
+            if r is None:
+                r, c = catalogue_rank(scorer, p_ids, trie, t, t_ids, exclude, max(ks), seeds=seeds)
+                cost += c
         ranks.append(r)
         details.append(
             {"user": int(row["user"]), "target": int(row["target"]), "rank": r, "answer_tokens": cost}

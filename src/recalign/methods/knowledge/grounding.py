@@ -140,13 +140,16 @@ def constrained_generate(
     num_beams: int = 1,
     num_return: int = 1,
     max_new_tokens: int = 48,
+    length_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Catalogue items named by (beam) search restricted to the title trie, best first.
 
     ``prompt_ids`` is the encoded prompt (``encode_prompt`` for decoder-only models, ``encode_source``
     for encoder-decoder ones); the answer tokens are read back through the trie, so each returned entry
     is the list of items (usually one) whose title was produced. Entries whose search was cut off by
-    ``max_new_tokens`` before a title ended are dropped.
+    ``max_new_tokens`` before a title ended are dropped. ``length_penalty`` is transformers' (finished
+    beams ranked by ``sum log-prob / length**length_penalty``); 0 ranks them by the summed log-prob, the
+    score every other part of recalign ranks titles by.
     """
     from recalign.lm.seq2seq import is_seq2seq, unwrap
 
@@ -171,6 +174,7 @@ def constrained_generate(
         num_beams=max(num_beams, num_return),
         num_return_sequences=num_return,
         do_sample=False,
+        length_penalty=length_penalty,
         prefix_allowed_tokens_fn=allowed,
         eos_token_id=stop,
         pad_token_id=base.config.pad_token_id if base.config.pad_token_id is not None else stop[0],
@@ -187,3 +191,60 @@ def constrained_generate(
         if items:
             results.append(items)
     return results
+
+
+@torch.no_grad()
+def trie_beam_search(
+    model, prompt_ids: Sequence[int], trie: TitleTrie, *, beams: int, max_new_tokens: int = 64
+) -> dict[int, float]:
+    """Titles found by a ``beams``-wide beam search over the trie, item -> summed answer log-prob.
+
+    Decoder-only models only (encoder-decoders: :func:`constrained_generate`). Unlike transformers'
+    beam search, which expands the prompt to ``beams`` copies before its first forward pass, the prompt
+    runs once and its KV cache is then shared by index-selecting rows, so a step costs ``beams`` tokens
+    however long the prompt is. A finished title (its end-of-answer token taken) leaves the beam, which
+    keeps the ``beams`` best unfinished prefixes by summed log-prob -- so at least ``beams`` titles are
+    returned when the catalogue has that many. The log-probs are those of one un-normalised softmax per
+    step, the scorer's definition, computed on a different kernel path (callers that need exact scores
+    re-score the titles).
+    """
+    from transformers import DynamicCache
+
+    from recalign.lm.scoring import _softcap, _unwrap, decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    device = next(_unwrap(model).parameters()).device
+    cap = _softcap(model)
+    cache = DynamicCache(config=_unwrap(model).config)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    hidden = decoder(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    live: list[tuple[tuple[int, ...], float, dict]] = [((), 0.0, trie.root)]  # prefix, score, trie node
+    found: dict[int, float] = {}
+    for _ in range(max_new_tokens):
+        logits = head(hidden).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logp = torch.log_softmax(logits, dim=-1)
+        nxt: list[tuple[float, int, int, dict]] = []  # score, parent row, token, child node
+        for row, (prefix, score, node) in enumerate(live):
+            toks = list(node)
+            if not toks:
+                continue
+            vals = logp[row, toks].tolist()
+            for tok, v in zip(toks, vals):
+                child, s = node[tok], score + v
+                if child:
+                    nxt.append((s, row, tok, child))
+                else:  # the end-of-answer token: a complete title
+                    for item in trie.items(prefix + (tok,)):
+                        found[item] = max(found.get(item, -float("inf")), s)
+        if not nxt:
+            break
+        nxt.sort(key=lambda x: -x[0])
+        nxt = nxt[:beams]
+        parents = torch.tensor([p for _, p, _, _ in nxt], dtype=torch.long, device=device)
+        cache.reorder_cache(parents)
+        live = [(live[p][0] + (tok,), s, child) for s, p, tok, child in nxt]
+        step_ids = torch.tensor([[tok] for _, _, tok, _ in nxt], dtype=torch.long, device=device)
+        hidden = decoder(input_ids=step_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    return found
