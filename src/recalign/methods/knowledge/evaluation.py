@@ -173,6 +173,7 @@ def catalogue_rank(
     if not search:
         return None, cost
     count = len(counted)
+    skip = set(exclude) | counted  # never counted again (history, or already counted as a seed)
     heap: list[tuple[float, tuple[int, ...]]] = [(-0.0, ())]
     while heap and count < k_max:
         batch = []
@@ -189,7 +190,7 @@ def catalogue_rank(
             items = trie.items(ans)
             if items:  # a complete title (answer sequences end with the end-of-answer token)
                 if sc >= s_t:
-                    count += sum(1 for it in items if it != target and it not in exclude | counted)
+                    count += sum(1 for it in items if it != target and it not in skip)
             else:
                 heapq.heappush(heap, (-float(sc), tuple(ans)))
     return (count + 1 if count < k_max else k_max + 1), cost

@@ -204,9 +204,9 @@ def trie_beam_search(
     runs once and its KV cache is then shared by index-selecting rows, so a step costs ``beams`` tokens
     however long the prompt is. A finished title (its end-of-answer token taken) leaves the beam, which
     keeps the ``beams`` best unfinished prefixes by summed log-prob -- so at least ``beams`` titles are
-    returned when the catalogue has that many. The log-probs are those of one un-normalised softmax per
-    step, the scorer's definition, computed on a different kernel path (callers that need exact scores
-    re-score the titles).
+    returned when the catalogue has that many. The log-probs are full-vocabulary log-softmaxes summed
+    over the title's tokens, the scorer's definition, computed on a different kernel path (callers that
+    need exact scores re-score the titles).
     """
     from transformers import DynamicCache
 
