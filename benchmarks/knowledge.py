@@ -90,8 +90,9 @@ def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
 
     from recalign.evaluation.records import ResultRecord, write_records
     from recalign.lm.lora import load_lm, resolve_dtype
-    from recalign.methods import sample_examples, set_threads
+    from recalign.methods import set_threads
     from recalign.methods.knowledge import evaluation as ev
+    from recalign.methods.knowledge.recipe import SCORED_TASKS, evaluate_scored_task
     from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
 
     set_threads(cfg.threads)
@@ -102,18 +103,8 @@ def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
     records = []
     for task in eval_tasks.strip("[]").split(","):
         t0 = time.perf_counter()
-        if task == "ranking":
-            rows = sample_examples(stage, cfg.eval.n_users, cfg.seed, stage=cfg.eval.stage)
-            r = ev.evaluate_ranking(scorer, tasks, rows, cfg.eval.ks)
-        elif task == "rating":
-            rows = sample_examples(stage, cfg.eval.n_users_rating, cfg.seed, stage=cfg.eval.stage)
-            r = ev.evaluate_rating(scorer, tasks, rows)
-        elif task == "retrieval":
-            rows = sample_examples(stage, cfg.eval.n_users_full, cfg.seed, stage=cfg.eval.stage)
-            exhaustive = cfg.eval.retrieval_search == "exhaustive"
-            r = ev.evaluate_retrieval(
-                scorer, tasks, rows, cfg.eval.ks, exhaustive=exhaustive, beams=cfg.eval.retrieval_beams
-            )
+        if task in SCORED_TASKS:
+            r = evaluate_scored_task(scorer, tasks, task, stage, cfg.eval, cfg.seed)
         else:
             continue
         records.append(

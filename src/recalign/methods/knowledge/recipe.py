@@ -267,6 +267,27 @@ def _lora_for(model, cfg: LoRAConfig) -> LoRAConfig:
     return cfg
 
 
+SCORED_TASKS = ("retrieval", "ranking", "rating")
+
+
+def evaluate_scored_task(scorer, tasks, task: str, stage, e: KnowledgeEvalConfig, seed: int):
+    """One of :data:`SCORED_TASKS` on its seeded sample of ``stage`` (sizes and search settings from
+    ``e``): the evaluation every knowledge variant and the untrained baseline share."""
+    from recalign.methods import sample_examples
+    from recalign.methods.knowledge import evaluation as ev
+
+    n = {"retrieval": e.n_users_full, "ranking": e.n_users, "rating": e.n_users_rating}[task]
+    rows = sample_examples(stage, n, seed, stage=e.stage)
+    if task == "retrieval":
+        exhaustive = e.retrieval_search == "exhaustive"
+        return ev.evaluate_retrieval(
+            scorer, tasks, rows, e.ks, exhaustive=exhaustive, beams=e.retrieval_beams
+        )
+    if task == "ranking":
+        return ev.evaluate_ranking(scorer, tasks, rows, e.ks)
+    return ev.evaluate_rating(scorer, tasks, rows)
+
+
 # ---------------------------------------------------------------------- the recipe
 def run_knowledge(
     cfg: KnowledgeConfig,
@@ -374,17 +395,10 @@ def run_knowledge(
 
     for task in e.tasks:
         t1 = time.perf_counter()
-        if task == "retrieval":
-            exhaustive = e.retrieval_search == "exhaustive"
-            r = ev.evaluate_retrieval(
-                scorer, eval_tasks, rows(e.n_users_full), e.ks, exhaustive=exhaustive, beams=e.retrieval_beams
-            )
-        elif task == "ranking":
-            r = ev.evaluate_ranking(scorer, eval_tasks, rows(e.n_users), e.ks)
-        elif task == "rating":
-            if not dataset.has_ratings:
-                continue
-            r = ev.evaluate_rating(scorer, eval_tasks, rows(e.n_users_rating))
+        if task == "rating" and not dataset.has_ratings:
+            continue
+        if task in SCORED_TASKS:
+            r = evaluate_scored_task(scorer, eval_tasks, task, stage, e, cfg.seed)
         elif task == "generation":
             r = ev.evaluate_generation(
                 model, tok, eval_tasks, rows(e.n_users_generation), max_new_tokens=e.max_new_tokens
