@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.evaluation.generation import generation_metrics, match_answer
+from recalign.lm.hybrid import decoder_inputs, uses_item_tokens
 from recalign.lm.prompts import PromptExample, encode_prompt, examples_to_prompts, stop_token_ids
 
 
@@ -109,8 +110,11 @@ def generate_answers(
             with torch.inference_mode(), torch.random.fork_rng(devices=[], enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(int(seed) + start)
+                # hybrid prompts (soft item tokens) go in as embeddings; generate then returns
+                # only the new tokens
+                inputs = {"input_ids": input_ids} if seq2seq else decoder_inputs(model, input_ids)
                 generated = model.generate(
-                    input_ids=input_ids,
+                    **inputs,
                     attention_mask=attention,
                     num_beams=1,
                     max_new_tokens=max_new_tokens,
@@ -118,7 +122,7 @@ def generate_answers(
                     pad_token_id=pad,
                     **sampling,
                 )
-            new = generated if seq2seq else generated[:, width:]
+            new = generated if seq2seq or "input_ids" not in inputs else generated[:, width:]
             out.extend(decode_answer(tokenizer, row, stops) for row in new.tolist())
     finally:
         if was_training:
@@ -153,7 +157,9 @@ def evaluate_generation(
     """Generate an answer per example, match it to the candidates, and compute generation metrics
     (:func:`generation_result`)."""
     t0 = time.perf_counter()
-    prompt_examples = examples_to_prompts(dataset, examples, seed=seed, max_history=max_history)
+    prompt_examples = examples_to_prompts(
+        dataset, examples, seed=seed, max_history=max_history, item_tokens=uses_item_tokens(model, dataset)
+    )
     answers = generate_answers(
         model,
         tokenizer,

@@ -36,6 +36,9 @@ depends on which prompts share its batch (tiny Llama, 48 ML-100K prompts: batch 
 14) -- while this path reproduced the unpadded (batch-1) ``generate`` answer on all 48, in batches of 8
 or 1. ``benchmarks/eval_joint.py`` classifies every difference on real models this way.
 
+Hybrid prompts (soft item tokens, :mod:`recalign.lm.hybrid`) enter the shared pass as ``inputs_embeds``;
+the greedy loop feeds generated (plain) tokens as before.
+
 Only decoder-only models with full attention in every layer and an ``eager``/``sdpa`` attention kernel
 (custom 4-D masks) qualify; encoder-decoders (their shared prefix is the encoder pass anyway), sliding-
 window or hybrid caches, and other kernels use the separate protocols.
@@ -51,6 +54,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from recalign.lm.hybrid import decoder_inputs
 from recalign.lm.scoring import (
     AnswerScores,
     _assemble,
@@ -171,7 +175,7 @@ def score_and_generate(
     batch = packed_batch(prompts, answers, rows, dtype, device)
     cache = DynamicCache(config=cfg)
     hidden = decoder(
-        input_ids=batch.input_ids,
+        **decoder_inputs(model, batch.input_ids),
         attention_mask=batch.mask,
         position_ids=batch.position_ids,
         past_key_values=cache,

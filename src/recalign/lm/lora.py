@@ -89,7 +89,10 @@ def attach_lora(model: PreTrainedModel, cfg: LoRAConfig):
             from peft import TaskType
 
             peft_cfg.task_type = TaskType.SEQ_2_SEQ_LM
-        return get_peft_model(model, peft_cfg)
+        from recalign.lm.hybrid import item_tokens_detached
+
+        with item_tokens_detached(model):  # no LoRA layers in a hybrid model's projector
+            return get_peft_model(model, peft_cfg)
     except ValueError as e:
         if "target modules" in str(e).lower() or "target_modules" in str(e):
             raise RecalignInputError(
@@ -106,12 +109,16 @@ def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def save_adapter(model, directory: str | Path, base_model: str, extra: dict | None = None) -> Path:
-    """Write the adapter as safetensors plus ``recalign_adapter.json`` naming the base model."""
+    """Write the adapter as safetensors plus ``recalign_adapter.json`` naming the base model, and a hybrid
+    model's item-token projector beside it (:func:`recalign.lm.hybrid.save_item_tokens`)."""
+    from recalign.lm.hybrid import save_item_tokens
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True)
     if not (directory / "adapter_model.safetensors").is_file():
         raise RuntimeError(f"peft did not write adapter_model.safetensors in {directory}")
+    save_item_tokens(model, directory)
     atomic_write_json(directory / ADAPTER_META, {"base_model": str(base_model), **(extra or {})})
     return directory
 
@@ -144,12 +151,25 @@ def resolve_model(name_or_dir: str | Path) -> ModelSource:
     if adapter is None:
         return ModelSource(base=str(name_or_dir))
     meta = adapter / ADAPTER_META
-    if meta.is_file():
-        base = json.loads(meta.read_text(encoding="utf-8")).get("base_model")
-    else:  # an adapter written by plain peft: trust its own record of the base
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    record = meta if meta.is_file() else adapter / "adapter_config.json"  # plain peft: its own record
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecalignInputError(f"not valid JSON ({e})", source=record) from None
+    base = (
+        (saved.get("base_model") if record == meta else saved.get("base_model_name_or_path"))
+        if isinstance(saved, dict)
+        else None
+    )
     if not base:
         raise RecalignInputError("adapter does not say which base model it belongs to", source=adapter)
+    from recalign.lm.loading import unknown_model_problem
+
+    problem = unknown_model_problem(str(base))
+    if problem:  # e.g. a run directory trained on top of another that was deleted or moved since
+        raise RecalignInputError(
+            f"the adapter's base model {str(base)!r} is missing: {problem}", source=record
+        )
     if not (adapter / "adapter_model.safetensors").is_file():
         raise RecalignInputError(
             "adapter weights missing (expected adapter_model.safetensors)", source=adapter
@@ -217,6 +237,10 @@ def load_lm(
     model; pass ``merge=False`` (or ``trainable=True``) to keep a peft model, e.g. to continue training
     or to disable the adapter for reference log-probs. ``dtype``: a torch dtype or ``"auto"`` /
     ``"float32"`` / ``"bfloat16"`` (:func:`resolve_dtype`).
+
+    An adapter directory holding ``hybrid_projector.safetensors`` (a hybrid-token run) gets its
+    projector attached (:mod:`recalign.lm.hybrid`), trainable with ``trainable=True``; a stacked adapter
+    without one keeps the projector of the run it was trained on.
     """
     dtype = resolve_dtype(dtype)
     from recalign.lm.loading import load_model
@@ -232,5 +256,9 @@ def load_lm(
         model = load_adapter(model, src.adapter, trainable=trainable)
         if merge and not trainable:
             model = merge_adapter(model)
+        from recalign.lm.hybrid import PROJECTOR_FILE, attach_item_tokens, load_item_tokens
+
+        if (src.adapter / PROJECTOR_FILE).is_file():
+            attach_item_tokens(model, load_item_tokens(src.adapter), trainable=trainable)
     model.eval()
     return model, tok, src

@@ -45,6 +45,7 @@ boundary between prompt and answer tokens is exact and identical for every candi
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,24 @@ from recalign.data.dataset import RecDataset
 from recalign.errors import RecalignInputError
 
 ANSWER_MARKER = "Answer:"
+
+#: Hybrid item tokens (:mod:`recalign.lm.hybrid`): a prompt text marks the soft token of item ``i`` as
+#: ``ITEM_SLOT_OPEN + str(i) + ITEM_SLOT_CLOSE`` (private-use characters, never in a title and never
+#: whitespace, so chat templates that trim do not touch them). :func:`encode_prompt` turns each mark
+#: into the id ``-(i + 1)``; a prompt without marks is encoded exactly as before.
+ITEM_SLOT_OPEN = "\ue000"
+ITEM_SLOT_CLOSE = "\ue001"
+_SLOT_RE = re.compile(f"{ITEM_SLOT_OPEN}(\\d+){ITEM_SLOT_CLOSE}")
+
+
+def item_slot(item_idx: int) -> str:
+    """The mark of item ``item_idx``'s soft token in a prompt text (see :data:`ITEM_SLOT_OPEN`)."""
+    return f"{ITEM_SLOT_OPEN}{int(item_idx)}{ITEM_SLOT_CLOSE}"
+
+
+def soft_token_id(item_idx: int) -> int:
+    """The prompt token id standing for item ``item_idx``'s soft token: ``-(item_idx + 1)``."""
+    return -(int(item_idx) + 1)
 
 
 @dataclass(frozen=True)
@@ -287,15 +306,22 @@ def prompt_item_texts(
     dataset: RecDataset,
     item_idx: Sequence[int] | np.ndarray | None = None,
     fields: Sequence[str] = (),
+    *,
+    item_tokens: bool = False,
 ) -> list[str]:
     """Items as listed *in prompts*: the display title, then optional catalogue fields in brackets,
     e.g. ``Toy Story (1995) [genres: Animation, Children's, Comedy]`` for ``fields=("genres",)``.
 
     Fields missing from the catalogue or empty for an item are skipped. Answers stay plain display
-    titles (:func:`display_titles`); only the prompt text gets the extra fields.
+    titles (:func:`display_titles`); only the prompt text gets the extra fields. ``item_tokens`` puts
+    the item's soft-token mark (:func:`item_slot`) right after its title (``Title<emb> [genres: ...]``).
     """
     titles = display_titles(dataset, item_idx)
     fields = [f for f in fields if f != "title" and f in dataset.items.columns]
+    if item_tokens:
+        idx = range(len(dataset.items)) if item_idx is None else np.asarray(item_idx, dtype=np.int64)
+        listed = prompt_item_texts(dataset, item_idx, fields)
+        return [t + item_slot(int(i)) + text[len(t) :] for t, text, i in zip(titles, listed, idx)]
     if not fields:
         return titles
     items = dataset.items
@@ -358,15 +384,17 @@ def build_candidate_prompt(
     position: int = 0,
     max_history: int = 10,
     item_fields: Sequence[str] = (),
+    item_tokens: bool = False,
 ) -> str:
     """The next-item prompt for one example (history = last ``max_history`` items, oldest first).
 
     ``item_fields`` adds catalogue fields (e.g. ``("genres",)``) to listed items; see
-    :func:`prompt_item_texts`.
+    :func:`prompt_item_texts`. ``item_tokens`` marks a soft item token after every listed title
+    (hybrid prompts, :mod:`recalign.lm.hybrid`).
     """
     t = resolve_template(template, seed=seed, user=user, position=position)
-    candidates = prompt_item_texts(dataset, candidate_idx, item_fields)
-    return _history_prompt(dataset, t, history_idx, candidates, max_history, item_fields)
+    candidates = prompt_item_texts(dataset, candidate_idx, item_fields, item_tokens=item_tokens)
+    return _history_prompt(dataset, t, history_idx, candidates, max_history, item_fields, item_tokens)
 
 
 def build_open_prompt(
@@ -379,10 +407,11 @@ def build_open_prompt(
     position: int = 0,
     max_history: int = 10,
     item_fields: Sequence[str] = (),
+    item_tokens: bool = False,
 ) -> str:
     """The next-item prompt without candidates (task ``next_item_open``), for whole-catalogue scoring."""
     t = resolve_template(template, seed=seed, user=user, position=position, task="next_item_open")
-    return _history_prompt(dataset, t, history_idx, [], max_history, item_fields)
+    return _history_prompt(dataset, t, history_idx, [], max_history, item_fields, item_tokens)
 
 
 def _history_prompt(
@@ -392,10 +421,12 @@ def _history_prompt(
     candidates: list[str],
     max_history: int,
     item_fields: Sequence[str],
+    item_tokens: bool = False,
 ) -> str:
     hist = recent_history(history_idx, max_history)
     noun, nouns = item_noun(dataset)
-    return render_next_item(template, prompt_item_texts(dataset, hist, item_fields), candidates, noun, nouns)
+    listed = prompt_item_texts(dataset, hist, item_fields, item_tokens=item_tokens)
+    return render_next_item(template, listed, candidates, noun, nouns)
 
 
 def examples_to_prompts(
@@ -406,15 +437,20 @@ def examples_to_prompts(
     *,
     template: PromptTemplate | int | str | None = None,
     item_fields: Sequence[str] = (),
+    item_tokens: bool = False,
 ) -> list[PromptExample]:
     """Render every row of a split's examples frame (needs ``user``, ``position``, ``history``,
     ``target``, ``candidates``; candidates must be materialised).
 
     ``candidates`` / ``target`` of the result are plain display titles (the answers); ``item_fields``
-    only changes how items are listed in the prompt text.
+    and ``item_tokens`` (a soft item token after every listed title: hybrid prompts,
+    :mod:`recalign.lm.hybrid`) only change how items are listed in the prompt text.
     """
     titles = display_titles(dataset)
-    listed = prompt_item_texts(dataset, None, item_fields) if item_fields else titles
+    if item_fields or item_tokens:
+        listed = prompt_item_texts(dataset, None, item_fields, item_tokens=item_tokens)
+    else:
+        listed = titles
     noun, nouns = item_noun(dataset)
     out: list[PromptExample] = []
     for user, position, history, target, cands in zip(
@@ -486,7 +522,13 @@ def end_of_turn_id(tokenizer) -> int:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` exactly as every stage feeds them (see the module docstring)."""
+    """Token ids of ``prompt`` exactly as every stage feeds them (see the module docstring).
+
+    A prompt holding soft item-token marks (:func:`item_slot`) is encoded by
+    :func:`_encode_hybrid_prompt`; every other prompt takes the path below, unchanged.
+    """
+    if ITEM_SLOT_OPEN in prompt:
+        return _encode_hybrid_prompt(tokenizer, prompt)
     if is_chat_tokenizer(tokenizer):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
@@ -497,6 +539,35 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     bos = tokenizer.bos_token_id
     return ([int(bos)] if bos is not None else []) + [int(i) for i in ids]
+
+
+def _encode_hybrid_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt with soft item-token marks: the text between marks tokenised piece by piece, each mark
+    replaced by the id ``-(item + 1)`` (:func:`soft_token_id`).
+
+    The whole prompt is rendered first as :func:`encode_prompt` would (chat template with the generation
+    prompt, or BOS + text), then split at the marks; each piece is tokenised without special tokens,
+    which is how transformers tokenises a rendered chat template. A title and what follows it are thus
+    tokenised apart (the soft token sits between them), as LLaRA's placeholder token does.
+    """
+    if is_chat_tokenizer(tokenizer):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        ids: list[int] = []
+    else:
+        text = prompt
+        bos = tokenizer.bos_token_id
+        ids = [int(bos)] if bos is not None else []
+    pieces = _SLOT_RE.split(text)
+    if ITEM_SLOT_OPEN in pieces[0] or any(ITEM_SLOT_OPEN in p for p in pieces[::2]):
+        raise RecalignInputError("malformed soft item-token mark in a prompt")
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            ids.append(soft_token_id(int(piece)))
+        elif piece:
+            ids.extend(int(i) for i in tokenizer.encode(piece, add_special_tokens=False))
+    return ids
 
 
 def encode_answer(tokenizer, answer: str) -> list[int]:

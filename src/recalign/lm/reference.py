@@ -10,9 +10,10 @@ step. recalign offers two cheaper ways, both exact:
     LM head on answer tokens only), and saved as a safetensors file. The file name is a hash of
 
     - the model's identity: its class, its config (minus the path it was loaded from) and a
-      fingerprint of every weight (so a different checkpoint, an SFT adapter, a dtype change all miss);
+      fingerprint of every weight (so a different checkpoint, an SFT adapter, a dtype change all miss;
+      a hybrid model's item-token projector and item table are part of the model, so they count too);
     - the exact token ids of every prompt and answer (so a different tokenizer, template, seed or
-      negative-sampling draw misses too).
+      negative-sampling draw misses too; soft item tokens are the negative ids of hybrid prompts).
 
     Later runs load the file instead of recomputing; there is no pickle anywhere (safetensors holds only
     tensors and a string→string metadata map). Training then needs no reference forward pass at all.

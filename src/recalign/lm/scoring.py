@@ -33,6 +33,11 @@ answer tokens. Two implementations, selected with ``impl``:
 Both are differentiable: gradients reach the parameters through the shared prompt once per example (not
 once per answer), which is what S-DPO/DMPO training with ``[B, 1+K]`` answers needs.
 
+Hybrid prompts (:mod:`recalign.lm.hybrid`, LLaRA's item tokens) hold negative ids ``-(item + 1)`` for
+soft tokens; every path here feeds the decoder through :func:`recalign.lm.hybrid.decoder_inputs`, which
+passes text-only ids on as ``input_ids`` (the path above, unchanged) and gives ``inputs_embeds`` (the
+LM's embeddings, a projected item embedding at each soft token) otherwise. Answers are always plain ids.
+
 Only answer positions go through the LM head: we run the *decoder* (``get_decoder()``; for a peft
 ``PeftModel`` the LoRA layers are injected into that same module tree, so the adapter is active, and
 ``disable_adapter()`` works as usual), gather the hidden states that predict answer tokens (the last prompt
@@ -48,6 +53,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from recalign.lm.hybrid import decoder_inputs
 
 IMPLS = ("packed", "kv")
 #: answer-token rows per LM-head matmul: bounds the [rows, vocab] logits tensor (2048 x 49k x 4 B = 400 MB).
@@ -133,6 +140,8 @@ def _validate(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Seque
         for j, a in enumerate(ans):
             if len(a) == 0:
                 raise ValueError(f"answer {j} of prompt {b} is empty")
+            if min(a) < 0:
+                raise ValueError(f"answer {j} of prompt {b} holds a soft item token (answers are plain ids)")
         a_max = max(a_max, len(ans))
     return a_max
 
@@ -201,7 +210,7 @@ def naive_answer_logprobs(
             ids[r, : len(s)] = torch.tensor(s, device=device)
             att[r, : len(s)] = 1
         # the full model's forward applies any logit post-processing (e.g. soft-capping) itself
-        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        logits = model(**decoder_inputs(model, ids), attention_mask=att).logits.float()
         lp = logits.log_softmax(-1)
         for r, (b, j, s, plen) in enumerate(g):
             tgt = torch.tensor(s[plen:], device=device)
@@ -314,7 +323,10 @@ def _packed_pass(
 ) -> list[tuple[int, int, torch.Tensor]]:
     batch = packed_batch(prompts, answers, rows, dtype, device)
     hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.mask, position_ids=batch.position_ids, use_cache=False
+        **decoder_inputs(model, batch.input_ids),
+        attention_mask=batch.mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
     ).last_hidden_state
     return packed_scores(model, head, hidden, batch)
 
@@ -352,7 +364,7 @@ def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tenso
         ids[b, : len(p)] = torch.tensor(list(p), device=device)
         att[b, : len(p)] = 1
     cache = DynamicCache(config=cfg)
-    prompt_out = decoder(input_ids=ids, attention_mask=att, past_key_values=cache, use_cache=True)
+    prompt_out = decoder(**decoder_inputs(model, ids), attention_mask=att, past_key_values=cache, use_cache=True)
     prompt_hidden = prompt_out.last_hidden_state  # [B, P_max, H]
     cache = prompt_out.past_key_values
     layers = [(layer.keys, layer.values) for layer in cache.layers]
