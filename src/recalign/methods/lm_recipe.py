@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from recalign.cli.cmd_data import DataPrepareConfig
 from recalign.config import config_to_dict, read_yaml, save_config
+from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
 from recalign.methods import PreparedData, sample_examples
@@ -70,15 +70,17 @@ def open_run_dir(cfg: Any, out: Path, same_on_resume: Sequence[str] = ()) -> Pat
     A directory that already holds checkpoints is refused unless ``cfg.training.resume`` (one-line
     error); on resume, the ``same_on_resume`` keys of the saved ``config.yaml`` must equal the current
     ones. The resolved config is then written as ``config.yaml`` (by the main process alone under
-    ``accelerate launch``).
+    ``accelerate launch``). The directory is opened with :func:`recalign.rundir.open_output_dir`
+    first (not a file, writable, locked against a second live run), so those checks see no other run.
     """
+    from recalign.rundir import open_output_dir
     from recalign.training import distributed, find_resume_checkpoint
 
+    open_output_dir(out)
     ckpt_dir = out / "checkpoints"
     find_resume_checkpoint(ckpt_dir, cfg.training.resume)  # fail fast on another run's checkpoints
     if cfg.training.resume and same_on_resume:
         check_resume_config(cfg, out / "config.yaml", same_on_resume)
-    out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(cfg, out / "config.yaml")
     return ckpt_dir
@@ -96,6 +98,7 @@ def evaluate_trained(
     command: str,
     progress: bool,
     extra: dict,
+    prompt_format: str = "candidates",
 ) -> tuple[list[ResultRecord], pd.DataFrame | None]:
     """The shared next-item evaluation of a trained adapter (already saved), written to ``records.json``.
 
@@ -115,6 +118,7 @@ def evaluate_trained(
     records = evaluate_lm(
         model, tok, data.dataset, test_examples, method=method, split_name=data.split.name, cfg=cfg.eval,
         seed=cfg.seed, max_history=cfg.max_history, command=command, progress=progress, extra=extra,
+        prompt_format=prompt_format,
     )  # fmt: skip
     write_records(out / "records.json", records)
     return records, test_examples

@@ -31,11 +31,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from recalign.cli.cmd_data import DataPrepareConfig
 from recalign.config import cfg_field
+from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
@@ -49,7 +50,10 @@ from recalign.methods.lm_recipe import (
     validate_lm_recipe,
 )
 from recalign.methods.zeroshot import EvalConfig, metric_keys_flat
+from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
+
+FORMATS = ("candidates", "sequence")
 
 
 def _default_training() -> TrainingConfig:
@@ -64,8 +68,21 @@ class SFTConfig:
         "smollm2", "base model: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir"
     )
     method: str = cfg_field("sft", "method name written into result records")
+    format: str = cfg_field(
+        "candidates",
+        "training data: 'candidates' (one LLaRA candidate prompt per target, answer = the target's title) or "
+        "'sequence' (one plain-list document per window of a user's training history, a next-item loss on "
+        "every item after min_context: ~20 targets per forward; evaluated with the history-only prompt)",
+    )
+    window: int = cfg_field(24, "format=sequence: items per training document (window of a user's history)")
+    min_context: int = cfg_field(
+        4, "format=sequence: items at the start of a user's sequence / of each window that are context only"
+    )
     data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
-    n_train: int = cfg_field(256, "training examples sampled from the train stage (<= 0: all of them)")
+    n_train: int = cfg_field(
+        256,
+        "training examples sampled from the train stage (format=sequence: documents/windows) (<= 0: all)",
+    )
     max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
     seed: int = cfg_field(
         0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
@@ -87,6 +104,24 @@ class SFTConfig:
     eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
 
     def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise RecalignInputError(
+                f"must be one of {', '.join(FORMATS)}, got {self.format!r}", field="format"
+            )
+        if self.format == "sequence":
+            if self.min_context < 1:
+                raise RecalignInputError("must be >= 1", field="min_context")
+            if self.window <= self.min_context:
+                raise RecalignInputError(f"must be > min_context ({self.min_context})", field="window")
+            from recalign.methods.zeroshot import SEQUENCE_PROTOCOLS
+
+            bad = [p for p in self.eval.protocols if p not in SEQUENCE_PROTOCOLS]
+            if bad:
+                raise RecalignInputError(
+                    f"'{bad[0]}' needs the candidate prompt; format=sequence supports "
+                    f"{', '.join(SEQUENCE_PROTOCOLS)}",
+                    field="eval.protocols",
+                )
         if self.scoring_impl not in ("packed", "kv"):
             raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
         if self.max_history < 1:
@@ -131,15 +166,60 @@ def sft_examples(tokenizer, dataset, frame: pd.DataFrame, seed: int, max_history
     ]
 
 
+def _examples_seen(steps: int, training: TrainingConfig, n_examples: int) -> int:
+    """Training examples (documents) fed to the optimiser by this process: steps x batch x accumulation
+    (the last batch of an epoch can be smaller, so this is an upper bound by less than one batch/epoch)."""
+    return int(steps * training.batch_size * max(1, training.grad_accum))
+
+
 @dataclass
 class SFTResult(LMRunResult):
     """What :func:`run_sft` returns."""
 
 
 #: Settings a resumed SFT run must share with the run it continues.
-RESUME_KEYS = ("model", "data", "n_train", "seed", "lora", "max_history")
+RESUME_KEYS = ("model", "data", "format", "window", "min_context", "n_train", "seed", "lora", "max_history")
 
 
+def training_data(cfg: SFTConfig, tokenizer, data: PreparedData) -> tuple[list[dict], object, dict]:
+    """The tokenised training examples of ``cfg.format``, their objective and the true counts.
+
+    ``candidates``: ``n_train`` seeded rows of the train stage, one prompt each. ``sequence``: the
+    windows of every user's training sequence (:mod:`recalign.lm.sequence`), ``n_train`` of them drawn
+    with the seed (in their original order).
+    """
+    if cfg.format == "sequence":
+        from recalign.lm.sequence import SequenceObjective, n_targets, sequence_examples, split_windows
+
+        windows = split_windows(data.split, data.dataset, cfg.window, cfg.min_context)
+        if not windows:
+            raise RecalignInputError(
+                f"no user has more than min_context={cfg.min_context} training items", field="min_context"
+            )
+        if 0 < cfg.n_train < len(windows):
+            rng = np.random.default_rng([cfg.seed, 0x5E0])
+            keep = np.sort(rng.choice(len(windows), size=cfg.n_train, replace=False))
+            windows = [windows[i] for i in keep]
+        examples = sequence_examples(tokenizer, data.dataset, windows)
+        counts = {
+            "n_documents": len(examples),
+            "n_targets": n_targets(examples),
+            "n_tokens": sum(len(e["tokens"]) for e in examples),
+            "window": cfg.window,
+            "min_context": cfg.min_context,
+        }
+        return examples, SequenceObjective(), counts
+    train_frame = sample_examples(data.split.stage("train"), cfg.n_train, cfg.seed, stage="train")
+    examples = sft_examples(tokenizer, data.dataset, train_frame, cfg.seed, cfg.max_history)
+    counts = {
+        "n_documents": len(examples),
+        "n_targets": len(examples),
+        "n_tokens": sum(len(e["prompt"]) + len(e["answers"][0]) for e in examples),
+    }
+    return examples, SFTObjective(cfg.scoring_impl), counts
+
+
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_sft(
     cfg: SFTConfig,
     output_dir: str | Path,
@@ -168,7 +248,6 @@ def run_sft(
 
     data = data or load_data(cfg.data)
     split_name = data.split.name
-    train_frame = sample_examples(data.split.stage("train"), cfg.n_train, cfg.seed, stage="train")
 
     set_threads(cfg.threads)
     dtype = resolve_dtype(cfg.dtype)
@@ -177,16 +256,18 @@ def run_sft(
         torch.manual_seed(cfg.training.seed)  # adapter init from the run's seed (equal in every process)
         model = attach_lora(model, cfg.lora)
     trainable, total = count_trainable(model)
+    examples, objective, counts = training_data(cfg, tok, data)
     if progress:
-        print(
-            f"sft: {len(train_frame)} training examples, model {src.label} "
-            f"({trainable:,} trainable of {total:,} parameters)",
-            flush=True,
+        what = (
+            f"{counts['n_documents']} documents ({counts['n_targets']} next-item targets)"
+            if cfg.format == "sequence"
+            else f"{counts['n_documents']} training examples"
         )
-    examples = sft_examples(tok, data.dataset, train_frame, cfg.seed, cfg.max_history)
-    outcome = train(
-        model, examples, SFTObjective(cfg.scoring_impl), cfg.training, ckpt_dir, processing_class=None
-    )
+        print(f"sft: {what}, model {src.label} ({trainable:,} trainable of {total:,} parameters)", flush=True)
+    cpu0 = time.process_time()
+    outcome = train(model, examples, objective, cfg.training, ckpt_dir, processing_class=None)
+    cpu_seconds = time.process_time() - cpu0
+    seen = _examples_seen(outcome.global_step, cfg.training, len(examples))
     if not outcome.trainer.args.should_save:
         # Another process of a distributed run (accelerate launch): the main process alone saves the
         # adapter, evaluates and writes the results.
@@ -195,14 +276,17 @@ def run_sft(
         model,
         out / "adapter",
         base_model=src.base,
-        extra={"method": cfg.method, "seed": cfg.seed, "max_history": cfg.max_history},
-    )
+        extra={"method": cfg.method, "seed": cfg.seed, "max_history": cfg.max_history,
+               "prompt_format": "sequence" if cfg.format == "sequence" else "candidates"},
+    )  # fmt: skip
 
     records, test_examples = evaluate_trained(
         model, tok, cfg, data, out, method=cfg.method, test_examples=test_examples, command=command,
         progress=progress,
-        extra={"model": str(out), "n_train": len(train_frame), "train_steps": outcome.global_step,
-               "dtype": str(dtype).replace("torch.", "")},
+        extra={"model": str(out), "n_train": counts["n_documents"], "train_steps": outcome.global_step,
+               "dtype": str(dtype).replace("torch.", ""), "format": cfg.format, "train_counts": counts,
+               "examples_seen": seen},
+        prompt_format="sequence" if cfg.format == "sequence" else "candidates",
     )  # fmt: skip
     metrics = {
         "metrics": metric_keys_flat(records),
@@ -211,7 +295,12 @@ def run_sft(
             "model": cfg.model,
             "dataset": data.dataset.name,
             "split": split_name,
-            "n_train": len(train_frame),
+            "format": cfg.format,
+            "n_train": counts["n_documents"],
+            "train_counts": counts,
+            "examples_seen": seen,
+            "targets_seen": round(seen * counts["n_targets"] / max(counts["n_documents"], 1)),
+            "train_cpu_seconds": round(cpu_seconds, 2),
             "n_test": len(test_examples) if test_examples is not None else 0,
             "train_steps": outcome.global_step,
             "train_loss": outcome.train_loss,

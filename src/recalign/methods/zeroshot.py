@@ -111,6 +111,7 @@ def evaluate_lm(
     command: str = "",
     progress: bool = True,
     extra: dict | None = None,
+    prompt_format: str = "candidates",
 ) -> list[ResultRecord]:
     """Run ``cfg.protocols`` on ``examples`` and return one record per protocol.
 
@@ -119,6 +120,9 @@ def evaluate_lm(
         examples: rows of a split stage with materialised candidates (all methods must get the same).
         method: method name for the records (``zeroshot``, ``sft``, ``sdpo-k3``, ...).
         seed: chooses each example's prompt phrasing, exactly as in training.
+        prompt_format: ``"candidates"`` (the candidate-listing chat prompt) or ``"sequence"`` (a
+            sequence-SFT model: history-only plain list, :mod:`recalign.lm.sequence`; candidates and
+            full protocols only).
     """
     from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
     from recalign.lm.generation import evaluate_generation
@@ -130,6 +134,13 @@ def evaluate_lm(
         raise RecalignInputError("no examples to evaluate")
     records: list[ResultRecord] = []
     base = dict(dataset=dataset.name, split=split_name, method=method, n_examples=len(examples), seed=seed)
+    if prompt_format == "sequence":
+        return _evaluate_sequence(
+            model, tokenizer, dataset, examples, cfg=cfg, base=base, max_history=max_history,
+            command=command, progress=progress, extra=extra,
+        )  # fmt: skip
+    if prompt_format != "candidates":
+        raise RecalignInputError(f"unknown prompt format {prompt_format!r} (candidates or sequence)")
     rec = LMRecommender(
         model,
         tokenizer,
@@ -193,6 +204,50 @@ def evaluate_lm(
                 if k.startswith(("HR@1", "Valid", "NDCG@10", "PairAcc"))
             )
             print(f"{method} [{protocol}] {shown}", flush=True)
+    return records
+
+
+#: Protocols a sequence-format model supports (its prompt lists no candidates to generate from).
+SEQUENCE_PROTOCOLS = ("candidates", "full")
+
+
+def _evaluate_sequence(
+    model, tokenizer, dataset, examples, *, cfg, base, max_history, command, progress, extra
+) -> list[ResultRecord]:
+    """:func:`evaluate_lm` for a sequence-SFT model (:class:`recalign.lm.sequence.SequenceLMRecommender`)."""
+    from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
+    from recalign.lm.sequence import SequenceLMRecommender
+
+    bad = [p for p in cfg.protocols if p not in SEQUENCE_PROTOCOLS]
+    if bad:
+        raise RecalignInputError(
+            f"protocol '{bad[0]}' needs the candidate prompt; a sequence-format model supports "
+            f"{', '.join(SEQUENCE_PROTOCOLS)}",
+            field="eval.protocols",
+        )
+    rec = SequenceLMRecommender(
+        model, tokenizer, dataset, name=base["method"], max_history=max_history,
+        batch_size=cfg.batch_size, progress=progress,
+    )  # fmt: skip
+    records = []
+    for protocol in cfg.protocols:
+        t0 = time.perf_counter()
+        fn = evaluate_candidates if protocol == "candidates" else evaluate_full
+        metrics = fn(rec, examples, batch_size=max(len(examples), 1))
+        info = {**(extra or {}), "prompt_format": "sequence", "max_history": max_history}
+        records.append(
+            ResultRecord(
+                protocol=protocol,
+                metrics={k: float(v) for k, v in metrics.items()},
+                seconds=round(time.perf_counter() - t0, 2),
+                command=command,
+                extra=info,
+                **base,
+            )
+        )
+        if progress:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("HR@1", "NDCG@10")))
+            print(f"{base['method']} [{protocol}] {shown}", flush=True)
     return records
 
 
@@ -327,6 +382,7 @@ def evaluate_saved_model(
     method = method or meta.get("method") or ("zeroshot" if src.adapter is None else "lm")
     prompt_seed = int(meta.get("seed", seed))
     max_history = int(meta.get("max_history", 10))
+    prompt_format = str(meta.get("prompt_format", "candidates"))
     data = data or load_data(data_cfg)
     examples = sample_examples(data.split.stage(cfg.stage), cfg.n_test, seed, stage=cfg.stage)
     records = evaluate_lm(
@@ -341,6 +397,7 @@ def evaluate_saved_model(
         max_history=max_history,
         command=command,
         progress=progress,
+        prompt_format=prompt_format,
         extra={
             "model": src.label,
             "stage": cfg.stage,
