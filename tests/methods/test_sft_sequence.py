@@ -75,3 +75,48 @@ def test_sequence_format_refuses_generation_and_bad_windows(env):
         seq_cfg(data_dir, model_dir, window=2).validate()
     with pytest.raises(RecalignInputError, match="format"):
         seq_cfg(data_dir, model_dir, format="documents").validate()
+
+
+def test_align_from_a_sequence_model_trains_on_its_prompt(env, tmp_path):
+    """S-DPO from a sequence-SFT run: the preference prompt is the history-only list and each answer an
+    item line (exactly what the model is evaluated with), and the aligned adapter keeps the format."""
+    from recalign.lm.lora import load_lm
+    from recalign.lm.sequence import SequenceCodec
+    from recalign.methods import load_data
+    from recalign.methods.align import AlignConfig, build_examples, run_align, training_frame
+
+    _, data_dir, model_dir = env
+    sft_cfg = seq_cfg(data_dir, model_dir, training={"max_steps": 4, "batch_size": 4, "progress": False})
+    sft_cfg.eval.n_test = 0
+    run_sft(sft_cfg, tmp_path / "sft", progress=False)
+    cfg = load_config(
+        AlignConfig,
+        overrides={
+            "model": str(tmp_path / "sft"), "dtype": "float32", "loss": "sdpo", "negatives": 2,
+            "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
+            "n_train": 8, "max_history": 6,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
+            "training": {"learning_rate": 1e-2, "max_steps": 3, "batch_size": 4, "save_steps": 3,
+                         "logging_steps": 1, "progress": False},
+            "eval": {"n_test": 6, "protocols": ["candidates"]},
+        },
+    )  # fmt: skip
+    data = load_data(cfg.data)
+    model, tok, _ = load_lm(cfg.model, dtype="float32")
+    frame = training_frame(cfg, data)
+    examples, pref = build_examples(
+        cfg, model, tok, data, frame, tmp_path / "ref", False, prompt_format="sequence"
+    )
+    codec = SequenceCodec(tok, data.dataset)
+    for ex, hist, chosen, rejected in zip(examples, frame["history"], pref.chosen, pref.rejected):
+        assert ex["prompt"] == codec.prompt(list(hist)[-6:])
+        assert ex["answers"] == [codec.lines[int(chosen)]] + [codec.lines[int(r)] for r in rejected]
+    res = run_align(cfg, tmp_path / "sdpo", progress=False)
+    meta = json.loads((tmp_path / "sdpo" / "adapter" / "recalign_adapter.json").read_text())
+    assert meta["prompt_format"] == "sequence"
+    assert res.records[0].extra["prompt_format"] == "sequence"
+    assert res.metrics["run"]["prompt_format"] == "sequence"
+    bad = load_config(AlignConfig, overrides={"model": str(tmp_path / "sft"), "dtype": "float32",
+                                              "data": cfg.data.__dict__, "eval": {"protocols": ["generation"]}})  # fmt: skip
+    with pytest.raises(RecalignInputError, match="eval.protocols"):
+        run_align(bad, tmp_path / "bad", progress=False)

@@ -138,6 +138,20 @@ def sequence_examples(tokenizer, dataset: RecDataset, windows: Sequence[Window])
     return [codec.document(w) for w in windows]
 
 
+def model_prompt_format(src) -> str:
+    """The prompt format a loaded model was trained with (``recalign_adapter.json``'s ``prompt_format``):
+    ``"sequence"`` or ``"candidates"`` (the default, also for base models and plain peft adapters)."""
+    import json
+
+    from recalign.lm.lora import ADAPTER_META
+
+    adapter = getattr(src, "adapter", None)
+    if adapter is None or not (adapter / ADAPTER_META).is_file():
+        return "candidates"
+    meta = json.loads((adapter / ADAPTER_META).read_text(encoding="utf-8"))
+    return str(meta.get("prompt_format", "candidates"))
+
+
 def n_targets(examples: Sequence[dict]) -> int:
     """Next-item targets (items with a loss) over the documents."""
     return sum(len(ex["targets"]) for ex in examples)

@@ -32,8 +32,8 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from recalign.cli.cmd_data import DataPrepareConfig
 from recalign.config import cfg_field
+from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
@@ -47,6 +47,7 @@ from recalign.methods.lm_recipe import (
     validate_lm_recipe,
 )
 from recalign.methods.zeroshot import EvalConfig, metric_keys_flat
+from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
 LossName = Literal["dpo", "sdpo", "dmpo"]
@@ -173,9 +174,21 @@ def training_frame(cfg: AlignConfig, data: PreparedData) -> pd.DataFrame:
 
 
 def build_examples(
-    cfg: AlignConfig, model, tok, data: PreparedData, frame: pd.DataFrame, cache_dir: Path, progress: bool
+    cfg: AlignConfig,
+    model,
+    tok,
+    data: PreparedData,
+    frame: pd.DataFrame,
+    cache_dir: Path,
+    progress: bool,
+    prompt_format: str = "candidates",
 ):
-    """Tokenised preference examples (+ cached reference log-probs) for the trainer."""
+    """Tokenised preference examples (+ cached reference log-probs) for the trainer.
+
+    ``prompt_format`` is the start model's (``recalign_adapter.json``): a sequence-SFT model is aligned on
+    the prompt it was trained and is evaluated with (:mod:`recalign.lm.sequence`: the history-only plain
+    list, each answer an item line); negatives are still drawn from the example's candidates.
+    """
     import numpy as np
 
     from recalign.lm.prompts import examples_to_prompts
@@ -186,11 +199,23 @@ def build_examples(
     if cfg.strategy == "hard":
         from recalign.lm.recommender import LMRecommender
 
-        rec = LMRecommender(model, tok, data.dataset, seed=cfg.seed, max_history=cfg.max_history,
-                            batch_size=cfg.eval.batch_size, progress=progress)  # fmt: skip
+        if prompt_format == "sequence":
+            from recalign.lm.sequence import SequenceLMRecommender
+
+            rec = SequenceLMRecommender(model, tok, data.dataset, max_history=cfg.max_history,
+                                        batch_size=cfg.eval.batch_size, progress=progress)  # fmt: skip
+        else:
+            rec = LMRecommender(model, tok, data.dataset, seed=cfg.seed, max_history=cfg.max_history,
+                                batch_size=cfg.eval.batch_size, progress=progress)  # fmt: skip
         scores = np.asarray(rec.score_candidates(frame))
+    from recalign.lm.hybrid import uses_item_tokens
+
+    item_tokens = uses_item_tokens(model, data.dataset)  # a hybrid SFT model: hybrid preference prompts
     prompts = [
-        p.prompt for p in examples_to_prompts(data.dataset, frame, seed=cfg.seed, max_history=cfg.max_history)
+        p.prompt
+        for p in examples_to_prompts(
+            data.dataset, frame, seed=cfg.seed, max_history=cfg.max_history, item_tokens=item_tokens
+        )
     ]
     pref = build_preference_data(
         data.dataset,
@@ -209,7 +234,19 @@ def build_examples(
         pref.prompts = preference_pairwise_prompts(
             data.dataset, frame, pref.rejected, seed=cfg.seed, max_history=cfg.max_history
         )
-    prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
+    if prompt_format == "sequence":
+        from recalign.lm.prompts import recent_history
+        from recalign.lm.sequence import SequenceCodec
+
+        codec = SequenceCodec(tok, data.dataset)
+        prompt_ids = [codec.prompt(recent_history(h, cfg.max_history)) for h in frame["history"]]
+        answer_ids = [
+            [codec.lines[int(c)]] + [codec.lines[int(r)] for r in rej]
+            for c, rej in zip(pref.chosen, pref.rejected)
+        ]
+        pref.prompts = [tok.decode(p, skip_special_tokens=True) for p in prompt_ids]
+    else:
+        prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
     examples = [{"prompt": p, "answers": a} for p, a in zip(prompt_ids, answer_ids)]
     if cfg.reference == "precomputed":
         from recalign.training import distributed
@@ -230,6 +267,7 @@ def build_examples(
     return examples, pref
 
 
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_align(
     cfg: AlignConfig,
     output_dir: str | Path,
@@ -241,6 +279,8 @@ def run_align(
 ) -> AlignResult:
     """Align the start model with the configured preference loss and evaluate it."""
     from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
+    from recalign.lm.sequence import model_prompt_format
+    from recalign.methods.zeroshot import check_sequence_protocols
     from recalign.training import distributed, train
 
     cfg.validate()
@@ -256,7 +296,17 @@ def run_align(
     dtype = resolve_dtype(cfg.dtype)
     # the start model with its adapter folded in: this is the reference
     model, tok, src = load_lm(cfg.model, merge=True, dtype=dtype)
-    examples, pref = build_examples(cfg, model, tok, data, frame, out / "reference", progress)
+    prompt_format = model_prompt_format(src)
+    if prompt_format == "sequence":
+        check_sequence_protocols(cfg.eval.protocols)
+    if prompt_format == "sequence" and cfg.prompt == "pairwise":
+        raise RecalignInputError(
+            f"{cfg.model} is a sequence-format model; the pairwise prompt needs a candidate-prompt model",
+            field="prompt",
+        )
+    examples, pref = build_examples(
+        cfg, model, tok, data, frame, out / "reference", progress, prompt_format=prompt_format
+    )
     torch.manual_seed(cfg.training.seed)
     model = attach_lora(model, cfg.lora)
     trainable, total = count_trainable(model)
@@ -275,7 +325,8 @@ def run_align(
     start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     adapter_dir = save_adapter(
         model, out / "adapter", base_model=start,
-        extra={"method": method, "seed": cfg.seed, "max_history": cfg.max_history, "loss": cfg.loss},
+        extra={"method": method, "seed": cfg.seed, "max_history": cfg.max_history, "loss": cfg.loss,
+               "prompt_format": prompt_format},
     )  # fmt: skip
     last = next((h for h in reversed(outcome.log_history) if "rewards/accuracies" in h), {})
     records, test_examples = evaluate_trained(
@@ -283,6 +334,7 @@ def run_align(
         progress=progress,
         extra={"model": str(out), "start": cfg.model, "n_train": len(frame), "train_steps": outcome.global_step,
                "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta},
+        prompt_format=prompt_format,
     )  # fmt: skip
     metrics = {
         "metrics": metric_keys_flat(records),
@@ -293,6 +345,7 @@ def run_align(
             "negatives": cfg.negatives,
             "strategy": cfg.strategy,
             "prompt": cfg.prompt,
+            "prompt_format": prompt_format,
             "reference": cfg.reference,
             "dtype": str(dtype).replace("torch.", ""),
             "dataset": data.dataset.name,

@@ -42,6 +42,7 @@ from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
+from recalign.methods.hybrid import HybridConfig
 from recalign.methods.lm_recipe import (
     LMRunResult,
     evaluate_trained,
@@ -102,8 +103,15 @@ class SFTConfig:
         help="optimisation and checkpoints", default_factory=_default_training
     )
     eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
+    hybrid: HybridConfig = cfg_field(
+        help="LLaRA hybrid item tokens (format=candidates): 'Title [emb]' with a projected recommender embedding",
+        default_factory=HybridConfig,
+    )
 
     def validate(self) -> None:
+        self.hybrid.validate()
+        if self.hybrid.enabled and self.format != "candidates":
+            raise RecalignInputError("hybrid item tokens need format=candidates", field="hybrid.enabled")
         if self.format not in FORMATS:
             raise RecalignInputError(
                 f"must be one of {', '.join(FORMATS)}, got {self.format!r}", field="format"
@@ -113,15 +121,9 @@ class SFTConfig:
                 raise RecalignInputError("must be >= 1", field="min_context")
             if self.window <= self.min_context:
                 raise RecalignInputError(f"must be > min_context ({self.min_context})", field="window")
-            from recalign.methods.zeroshot import SEQUENCE_PROTOCOLS
+            from recalign.methods.zeroshot import check_sequence_protocols
 
-            bad = [p for p in self.eval.protocols if p not in SEQUENCE_PROTOCOLS]
-            if bad:
-                raise RecalignInputError(
-                    f"'{bad[0]}' needs the candidate prompt; format=sequence supports "
-                    f"{', '.join(SEQUENCE_PROTOCOLS)}",
-                    field="eval.protocols",
-                )
+            check_sequence_protocols(self.eval.protocols)
         if self.scoring_impl not in ("packed", "kv"):
             raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
         if self.max_history < 1:
@@ -178,7 +180,9 @@ class SFTResult(LMRunResult):
 
 
 #: Settings a resumed SFT run must share with the run it continues.
-RESUME_KEYS = ("model", "data", "format", "window", "min_context", "n_train", "seed", "lora", "max_history")
+RESUME_KEYS = (
+    "model", "data", "format", "window", "min_context", "n_train", "seed", "lora", "max_history", "hybrid"
+)  # fmt: skip
 
 
 def training_data(cfg: SFTConfig, tokenizer, data: PreparedData) -> tuple[list[dict], object, dict]:
@@ -211,6 +215,11 @@ def training_data(cfg: SFTConfig, tokenizer, data: PreparedData) -> tuple[list[d
         return examples, SequenceObjective(), counts
     train_frame = sample_examples(data.split.stage("train"), cfg.n_train, cfg.seed, stage="train")
     examples = sft_examples(tokenizer, data.dataset, train_frame, cfg.seed, cfg.max_history)
+    if cfg.hybrid.enabled:  # the same rows as hybrid prompts (text ones kept for the curriculum)
+        from recalign.methods.hybrid import hybrid_examples
+
+        examples = hybrid_examples(cfg.hybrid, tokenizer, data.dataset, train_frame, examples,
+                                   seed=cfg.seed, max_history=cfg.max_history)  # fmt: skip
     counts = {
         "n_documents": len(examples),
         "n_targets": len(examples),
@@ -255,8 +264,23 @@ def run_sft(
     if src.adapter is None:
         torch.manual_seed(cfg.training.seed)  # adapter init from the run's seed (equal in every process)
         model = attach_lora(model, cfg.lora)
+    callbacks = []
+    if cfg.hybrid.enabled:  # the trainable projector next to the adapter (recalign.methods.hybrid)
+        from recalign.methods.hybrid import attach_for_sft, describe
+        from recalign.training import find_resume_checkpoint
+
+        resume_from = find_resume_checkpoint(ckpt_dir, cfg.training.resume)
+        hybrid = attach_for_sft(
+            cfg.hybrid, model, data, resume_from, seed=cfg.training.seed, progress=progress
+        )
+        if progress:
+            print(describe(hybrid), flush=True)
     trainable, total = count_trainable(model)
     examples, objective, counts = training_data(cfg, tok, data)
+    if cfg.hybrid.enabled:
+        from recalign.methods.hybrid import training_setup
+
+        objective, callbacks = training_setup(cfg.hybrid, objective, examples, seed=cfg.seed)
     if progress:
         what = (
             f"{counts['n_documents']} documents ({counts['n_targets']} next-item targets)"
@@ -265,7 +289,8 @@ def run_sft(
         )
         print(f"sft: {what}, model {src.label} ({trainable:,} trainable of {total:,} parameters)", flush=True)
     cpu0 = time.process_time()
-    outcome = train(model, examples, objective, cfg.training, ckpt_dir, processing_class=None)
+    outcome = train(model, examples, objective, cfg.training, ckpt_dir, processing_class=None,
+                    callbacks=callbacks)  # fmt: skip
     cpu_seconds = time.process_time() - cpu0
     seen = _examples_seen(outcome.global_step, cfg.training, len(examples))
     if not outcome.trainer.args.should_save:

@@ -211,6 +211,17 @@ def evaluate_lm(
 SEQUENCE_PROTOCOLS = ("candidates", "full")
 
 
+def check_sequence_protocols(protocols) -> None:
+    """A one-line error unless every protocol works with a sequence-format model."""
+    bad = [p for p in protocols if p not in SEQUENCE_PROTOCOLS]
+    if bad:
+        raise RecalignInputError(
+            f"'{bad[0]}' needs the candidate prompt; a sequence-format model supports "
+            f"{', '.join(SEQUENCE_PROTOCOLS)}",
+            field="eval.protocols",
+        )
+
+
 def _evaluate_sequence(
     model, tokenizer, dataset, examples, *, cfg, base, max_history, command, progress, extra
 ) -> list[ResultRecord]:
@@ -218,13 +229,7 @@ def _evaluate_sequence(
     from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
     from recalign.lm.sequence import SequenceLMRecommender
 
-    bad = [p for p in cfg.protocols if p not in SEQUENCE_PROTOCOLS]
-    if bad:
-        raise RecalignInputError(
-            f"protocol '{bad[0]}' needs the candidate prompt; a sequence-format model supports "
-            f"{', '.join(SEQUENCE_PROTOCOLS)}",
-            field="eval.protocols",
-        )
+    check_sequence_protocols(cfg.protocols)
     rec = SequenceLMRecommender(
         model, tokenizer, dataset, name=base["method"], max_history=max_history,
         batch_size=cfg.batch_size, progress=progress,
