@@ -246,6 +246,12 @@ def load_lm(
     from recalign.lm.loading import load_model
 
     src = resolve_model(name_or_dir)
+    from recalign.lm.hybrid import PROJECTOR_FILE, attach_item_tokens, load_item_tokens
+
+    # a hybrid run's projector is read (and a damaged file refused) before any weights load
+    item_tokens = None
+    if src.adapter is not None and (src.adapter / PROJECTOR_FILE).is_file():
+        item_tokens = load_item_tokens(src.adapter)
     if src.adapter is not None and resolve_model(src.base).adapter is not None:
         # Stacked adapters (e.g. an S-DPO adapter trained on top of a merged SFT run): rebuild the
         # start model first, with its own adapter folded in, then apply this one.
@@ -256,9 +262,7 @@ def load_lm(
         model = load_adapter(model, src.adapter, trainable=trainable)
         if merge and not trainable:
             model = merge_adapter(model)
-        from recalign.lm.hybrid import PROJECTOR_FILE, attach_item_tokens, load_item_tokens
-
-        if (src.adapter / PROJECTOR_FILE).is_file():
-            attach_item_tokens(model, load_item_tokens(src.adapter), trainable=trainable)
+        if item_tokens is not None:
+            attach_item_tokens(model, item_tokens, trainable=trainable)
     model.eval()
     return model, tok, src

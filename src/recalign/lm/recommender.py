@@ -138,6 +138,7 @@ class LMRecommender:
             max_history=self.max_history,
             template=self.template,
             item_fields=self.item_fields,
+            item_tokens=self._item_tokens(),
         )
         cands = [np.asarray(c, dtype=np.int64) for c in examples["candidates"]]
         n_c = max((len(c) for c in cands), default=0)
@@ -174,6 +175,7 @@ class LMRecommender:
             max_history=self.max_history,
             template=self.template,
             item_fields=self.item_fields,
+            item_tokens=self._item_tokens(),
         )
         cands = [np.asarray(c, dtype=np.int64) for c in examples["candidates"]]
         n_c = max((len(c) for c in cands), default=0)
@@ -222,6 +224,7 @@ class LMRecommender:
         titles = self.title_ids()
         encode = self._encoders()[0]
         out = np.empty((len(examples), len(titles)))
+        item_tokens = self._item_tokens()
         rows = list(zip(examples["user"], examples["position"], examples["history"]))
         for i, (user, position, history) in enumerate(
             tqdm(rows, desc=f"{self.name}: scoring catalogue", disable=not self._show(len(rows)))
@@ -234,6 +237,7 @@ class LMRecommender:
                 position=int(position),
                 max_history=self.max_history,
                 item_fields=self.item_fields,
+                item_tokens=item_tokens,
             )
             out[i] = self._score([encode(self.tokenizer, prompt)], [titles], chunk_size=self.all_chunk_size)[
                 0
@@ -247,6 +251,12 @@ class LMRecommender:
             enc = self._encoders()[1]
             self._title_ids = [enc(self.tokenizer, t) for t in display_titles(self.dataset)]
         return self._title_ids
+
+    def _item_tokens(self) -> bool:
+        """Hybrid prompts (a soft item token after each title) when the model carries a projector."""
+        from recalign.lm.hybrid import uses_item_tokens
+
+        return uses_item_tokens(self.model, self.dataset)
 
     def _encoders(self):
         if _is_seq2seq(self.model):

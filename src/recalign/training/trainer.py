@@ -19,6 +19,9 @@ accumulation, and runs unchanged under ``accelerate launch`` (DDP/FSDP/DeepSpeed
   After every process has written its part, the main process adds ``recalign_checkpoint.json`` with
   write-then-rename; only checkpoints holding it are resumed from, and old checkpoints are rotated
   away only after the new one is marked complete.
+- **hybrid item tokens** (:mod:`recalign.lm.hybrid`): the projector attached to the model trains with
+  the adapter (the optimiser sees every parameter with ``requires_grad``); checkpoints hold it as
+  ``hybrid_projector.safetensors`` next to the adapter, and resuming restores it.
 - **distributed runs** (``accelerate launch``): the objective runs *inside* the wrapper's forward
   (DDP/FSDP/DeepSpeed), on the unwrapped model. Objectives call the scoring layer, not
   ``model.forward``; called on the bare module, DDP would never arm its gradient all-reduce and each
@@ -188,6 +191,26 @@ class ObjectiveTrainer(Trainer):
         if self.args.should_save and (out / "training_args.bin").is_file():
             (out / "training_args.bin").unlink()
             (out / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
+        if self.args.should_save:
+            # A hybrid model's item-token projector trains with the adapter but is not part of peft's
+            # adapter state dict: the checkpoint gets it as its own safetensors file.
+            from recalign.lm.hybrid import save_item_tokens
+
+            save_item_tokens(self.model, out)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        """Trainer's weights restore (the adapter), then the item-token projector's (hybrid models)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from recalign.lm.hybrid import has_item_tokens, load_item_tokens_state
+
+        target = model if model is not None else self.model
+        if has_item_tokens(target) and not load_item_tokens_state(target, resume_from_checkpoint):
+            raise RecalignInputError(
+                "checkpoint holds no hybrid projector but the model being trained has one",
+                source=resume_from_checkpoint,
+            )
 
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
