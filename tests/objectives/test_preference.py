@@ -216,3 +216,88 @@ def test_metrics_are_batch_means():
     assert m["train/rewards/accuracies"] == 0.5
     assert m["train/rewards/chosen"] == pytest.approx(0.25)
     assert m["train/loss"] == pytest.approx(out.loss.item())
+
+
+# ---------------------------------------------------------------------- numerical edge cases (issue #20)
+# AnswerScores pads missing negatives with −∞ (lm/scoring.py), so a padded slot of the reward is
+# −∞ − (−∞) = NaN; whatever sits in a padded slot must not reach the loss, the gradient or the diagnostics.
+# (policy, reference) in the padded slot: the −∞ padding, NaN either side, ±∞ that make ∞ or NaN
+# rewards, finite values that overflow float32 when subtracted (3e38 − (−3e38) = ∞) and harmless junk.
+INF, NAN = float("inf"), float("nan")
+PAD_JUNK = [(-INF, -INF), (NAN, 0.0), (0.0, NAN), (INF, -INF), (INF, INF), (3e38, -3e38), (50.0, -7.0)]
+
+
+@pytest.mark.parametrize("pad_policy, pad_reference", PAD_JUNK)
+def test_dmpo_ignores_whatever_is_in_padded_slots(pad_policy, pad_reference):
+    # the issue's repro: policy [−3, −4, −5, pad], reference [−3.5, −3, −4, pad], mask [T, T, F]
+    # r = [0.5, −1, −1] → mean real negative −1, L = log(1 + e^{−1.5}) = log(1.223130) = 0.201413
+    policy = t([[-3.0, -4.0, -5.0, pad_policy]]).requires_grad_()
+    reference = t([[-3.5, -3.0, -4.0, pad_reference]])
+    mask = torch.tensor([[True, True, False]])
+    out = dmpo_loss(policy, reference, beta=1.0, negative_mask=mask)
+    assert out.loss.item() == pytest.approx(0.201413, abs=1e-5)
+    assert out.rejected_rewards.item() == pytest.approx(-1.0)
+    assert out.margins.item() == pytest.approx(1.5)
+    assert out.accuracy.item() == 1.0
+    out.loss.backward()
+    # σ(−1.5) = 0.182426: ∂L/∂p_w = −0.182426, ∂L/∂p_i = 0.182426/2 = 0.091213 per real negative, 0 on padding
+    assert policy.grad[0].tolist() == pytest.approx([-0.182426, 0.091213, 0.091213, 0.0], abs=1e-5)
+
+
+@pytest.mark.parametrize("pad_policy, pad_reference", PAD_JUNK)
+def test_sdpo_ignores_whatever_is_in_padded_slots(pad_policy, pad_reference):
+    # same numbers as test_sdpo_hand_value_zero_reference with a padded third negative: L = 0.828390
+    policy = t([[0.5, 0.2, -0.1, pad_policy]]).requires_grad_()
+    reference = t([[0.0, 0.0, 0.0, pad_reference]])
+    mask = torch.tensor([[True, True, False]])
+    out = sdpo_loss(policy, reference, beta=1.0, negative_mask=mask)
+    assert out.loss.item() == pytest.approx(0.828390, abs=1e-5)
+    assert out.rejected_rewards.item() == pytest.approx(0.05)
+    assert out.margins.item() == pytest.approx(0.45)
+    assert out.accuracy.item() == 1.0
+    out.loss.backward()
+    assert policy.grad[0].tolist() == pytest.approx([-0.563248, 0.323554, 0.239694, 0.0], abs=1e-5)
+
+
+def test_sdpo_gradients_exact_in_float32_at_gaps_of_1e4():
+    # K = 7 negatives all at gap +1e4 (β = 1, reference 0): the softmax over [0, 1e4 × 7] puts 1/7 on each
+    # negative and e^{−1e4} ≈ 0 on the positive, so ∂L/∂p_w = −1 and ∂L/∂p_i = 1/7 = 0.142857;
+    # L = 1e4 + log 7 = 10001.945910 (float32 spacing at 1e4 is 2^−10 ≈ 0.001).
+    # softplus(logsumexp) rounds lse to float32 first and gave [−0.999621, 0.142803 × 7].
+    policy = torch.tensor([[0.0] + [1e4] * 7], dtype=torch.float32, requires_grad=True)
+    out = sdpo_loss(policy, torch.zeros(1, 8), beta=1.0)
+    assert out.loss.item() == pytest.approx(1e4 + math.log(7), abs=1e-3)
+    out.loss.backward()
+    assert policy.grad.dtype == torch.float32
+    assert policy.grad[0].tolist() == pytest.approx([-1.0] + [1 / 7] * 7, abs=1e-6)
+    # gap −1e4: the positive wins outright, L = log(1 + 7 e^{−1e4}) = 0 and every gradient is 0
+    policy = torch.tensor([[0.0] + [-1e4] * 7], dtype=torch.float32, requires_grad=True)
+    out = sdpo_loss(policy, torch.zeros(1, 8), beta=1.0)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert policy.grad[0].tolist() == [0.0] * 8
+
+
+def test_sdpo_gradients_exact_in_float32_mixed_gaps():
+    # K = 3, gaps [1000, 1000, 1000] (the issue's 2e-5 case) and [+1e4, −1e4, −1e4]
+    # row 0: weights 1/3 each → [−1, 1/3, 1/3, 1/3]; row 1: all weight on the +1e4 negative → [−1, 1, 0, 0]
+    # (both ×½ from the batch mean)
+    policy = torch.tensor([[0.0, 1e3, 1e3, 1e3], [0.0, 1e4, -1e4, -1e4]], requires_grad=True)
+    out = sdpo_loss(policy, torch.zeros(2, 4), beta=1.0)
+    assert out.losses.tolist() == pytest.approx([1e3 + math.log(3), 1e4], abs=1e-3)
+    out.loss.backward()
+    expected = [[-0.5, 1 / 6, 1 / 6, 1 / 6], [-0.5, 0.5, 0.0, 0.0]]
+    assert policy.grad.tolist()[0] == pytest.approx(expected[0], abs=1e-7)
+    assert policy.grad.tolist()[1] == pytest.approx(expected[1], abs=1e-7)
+
+
+def test_loss_betas_have_one_documented_reason():
+    # dpo_loss keeps the DPO paper's / TRL's β = 0.1, sdpo/dmpo the S-DPO scripts' β = 1; each docstring
+    # says so, and preference_loss warns that its defaults differ per loss.
+    import inspect
+
+    assert inspect.signature(dpo_loss).parameters["beta"].default == 0.1
+    assert inspect.signature(sdpo_loss).parameters["beta"].default == 1.0
+    assert inspect.signature(dmpo_loss).parameters["beta"].default == 1.0
+    for fn in (dpo_loss, sdpo_loss, dmpo_loss, preference_loss):
+        assert "default" in fn.__doc__ and "β" in fn.__doc__
