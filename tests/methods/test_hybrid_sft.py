@@ -283,3 +283,61 @@ def test_cli_sft_hybrid_trains_saves_reloads_and_evaluates(env, tmp_path, capsys
     assert main([*eval_args[:-1], str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "d_lm" in err and PROJECTOR_FILE in err and "\n" not in err, err
+
+
+# ---------------------------------------------------------------------- align --model <hybrid SFT run>
+def test_align_from_hybrid_sft_uses_hybrid_prompts_and_keeps_the_projector(env, tmp_path, monkeypatch):
+    import math
+
+    import recalign.methods.align as align_mod
+    from recalign.lm.lora import load_lm
+    from recalign.methods.align import AlignConfig, run_align
+
+    _, data_dir, model_dir = env
+    sft_dir = tmp_path / "sft"
+    run_sft(hybrid_cfg(data_dir, model_dir), sft_dir, progress=False)
+    seen = []
+    original = align_mod.build_examples
+
+    def spy(*args, **kwargs):
+        examples, pref = original(*args, **kwargs)
+        seen.extend(examples)
+        return examples, pref
+
+    monkeypatch.setattr(align_mod, "build_examples", spy)
+    losses = {}
+    for mode in ("precomputed", "adapter-disabled"):
+        cfg = load_config(
+            AlignConfig,
+            overrides={
+                "model": str(sft_dir), "loss": "sdpo", "negatives": 3, "reference": mode,
+                "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
+                "n_train": 8, "max_history": 4, "dtype": "float32",
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
+                "training": {"learning_rate": 2e-2, "lr_scheduler": "constant", "max_steps": 2, "batch_size": 4,
+                             "save_steps": 2, "logging_steps": 1, "progress": False},
+                "eval": {"n_test": 4 if mode == "precomputed" else 0, "protocols": ["candidates"]},
+            },
+        )  # fmt: skip
+        res = run_align(cfg, tmp_path / mode, progress=False)
+        losses[mode] = [h["loss"] for h in res.log_history if "rewards/accuracies" in h]
+    assert seen and all(min(ex["prompt"]) < 0 for ex in seen)  # preference prompts carry soft tokens
+    # fresh adapter on the hybrid SFT model: policy == reference in both reference modes
+    assert losses["precomputed"][0] == pytest.approx(math.log(4), abs=1e-3)
+    assert losses["precomputed"] == pytest.approx(losses["adapter-disabled"], rel=1e-4)
+    # the aligned run reloads (base -> SFT merged + projector -> S-DPO adapter) with the SFT projector,
+    # which align kept frozen and saved beside its own adapter, and scores as it did in the run
+    out = tmp_path / "precomputed"
+    for k, v in _projector(out / "adapter").items():
+        assert torch.equal(v, _projector(sft_dir / "adapter")[k]), k
+    model, tok, _ = load_lm(out)
+    assert has_item_tokens(model)
+    from recalign.data.prepare import DataPrepareConfig
+    from recalign.methods import load_data, sample_examples
+    from recalign.methods.zeroshot import EvalConfig, evaluate_lm
+
+    data = load_data(DataPrepareConfig(dataset="ml-100k", path=str(data_dir), split="llara", candidates=5))
+    rows = sample_examples(data.split.stage("test"), 4, 0, stage="test")
+    again = evaluate_lm(model, tok, data.dataset, rows, method="x", split_name="llara",
+                        cfg=EvalConfig(n_test=4, protocols=["candidates"]), max_history=4, progress=False)  # fmt: skip
+    assert again[0].metrics == pytest.approx(read_records(out / "records.json")[0].metrics)
