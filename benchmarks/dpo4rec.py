@@ -72,7 +72,7 @@ def text_signal_check(cfg, run_dir: Path) -> dict:
 
     import numpy as np
 
-    from recalign.cli.cmd_data import prepare
+    from recalign.data.prepare import prepare
     from recalign.methods.dpo4rec import recipe as R
     from recalign.methods.dpo4rec.summaries import SummaryRecord, read_jsonl
 
@@ -144,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
-    from recalign.cli.cmd_dpo4rec import build_config
     from recalign.config import config_to_dict
     from recalign.io import atomic_write_json
+    from recalign.methods.dpo4rec.config import load_dpo4rec_config
     from recalign.methods.dpo4rec.recipe import run_dpo4rec
 
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/dpo4rec.py", *sys.argv[1:]])
-    cfg = build_config(args)
+    cfg = load_dpo4rec_config(
+        args.config, args.overrides, samples=args.samples, iterations=args.iterations, users=args.users
+    )
     result = run_dpo4rec(cfg, args.run_dir, command=command)
     m = result.metrics
     skip = {x for x in args.skip_methods.split(",") if x}

@@ -10,7 +10,7 @@ The package is layered so that every method sees the same data and the same eval
 - ``recalign.lm``: model loading (including the embedded SmolLM2), prompts, shared-prefix scoring.
 - ``recalign.objectives``: the losses (SFT, DPO, S-DPO, DMPO, ...) as small pure functions.
 - ``recalign.methods``: the training recipes built from the pieces above.
-- ``recalign.cli``: the ``recalign`` command.
+- the ``cli`` subpackage: the ``recalign`` command, argparse over the above (no library module imports it).
 """
 
 from recalign.errors import RecalignInputError

@@ -155,7 +155,7 @@ def test_evaluate_pairwise_protocol_writes_a_record(run, tmp_path):
         == pair.metrics["PairAcc"]
     )
 
-    from recalign.cli.cmd_data import DataPrepareConfig
+    from recalign.data.prepare import DataPrepareConfig
     from recalign.lm.lora import load_lm
     from recalign.methods import load_data, sample_examples
     from recalign.methods.dmpo import pairwise_accuracy

@@ -35,9 +35,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recalign.cli.cmd_data import load_with_options
 from recalign.cli.main import main
 from recalign.data.dataset import RecDataset
+from recalign.data.prepare import load_with_options
 from recalign.errors import RecalignInputError
 
 # RECALIGN_FUZZ_EXAMPLES=2000 runs a deeper, randomised search (e.g. before a release); the default

@@ -161,7 +161,7 @@ def test_sdpo_from_sft_learns_preferences_and_reloads_as_stacked_adapter(env, tm
 
     model, tok, src = load_lm(out)
     assert src.base == str(sft_dir.resolve())
-    from recalign.cli.cmd_data import DataPrepareConfig
+    from recalign.data.prepare import DataPrepareConfig
     from recalign.methods import load_data
 
     data = load_data(DataPrepareConfig(dataset="ml-100k", path=str(env[1]), split="llara", candidates=5))

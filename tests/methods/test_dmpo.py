@@ -102,7 +102,7 @@ def env(tmp_path_factory):
 
 
 def _data(env):
-    from recalign.cli.cmd_data import DataPrepareConfig
+    from recalign.data.prepare import DataPrepareConfig
     from recalign.methods import load_data
 
     return load_data(DataPrepareConfig(dataset="ml-100k", path=str(env[1]), split="llara", candidates=5))

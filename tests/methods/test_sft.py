@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import _lm_tiny  # noqa: E402
 
-from recalign.cli.cmd_data import DataPrepareConfig  # noqa: E402
 from recalign.config import load_config  # noqa: E402
+from recalign.data.prepare import DataPrepareConfig  # noqa: E402
 from recalign.errors import RecalignInputError  # noqa: E402
 from recalign.evaluation.records import read_records  # noqa: E402
 from recalign.lm.lora import resolve_model  # noqa: E402

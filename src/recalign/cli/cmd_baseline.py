@@ -80,8 +80,8 @@ def _load_dataset(args: argparse.Namespace):
     """
     prep_cfg = Path(args.prepared) / "config.yaml" if args.prepared else None
     if prep_cfg is not None and prep_cfg.is_file() and args.dataset is None and args.data_path is None:
-        from recalign.cli.cmd_data import DataPrepareConfig, load_from_config
         from recalign.config import load_config
+        from recalign.data.prepare import DataPrepareConfig, load_from_config
         from recalign.data.preprocess import preprocess
 
         cfg = load_config(DataPrepareConfig, prep_cfg)

@@ -18,7 +18,6 @@ Under ``accelerate launch`` the two training stages run data-parallel (``batch_s
 from __future__ import annotations
 
 import argparse
-import os
 
 from recalign.cli.common import add_config_arguments, config_from_args
 
@@ -52,12 +51,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
 
-    import torch
-
     from recalign.methods.cllm4rec import pipeline
     from recalign.training import distributed
 
-    torch.set_num_threads(cfg.threads if cfg.threads > 0 else max(1, min(2, os.cpu_count() or 1)))
     stages = ("pretrain", "finetune", "evaluate") if args.stage == "run" else (args.stage,)
     for stage in stages:
         if stage == "evaluate":

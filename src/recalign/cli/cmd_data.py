@@ -9,118 +9,27 @@
 :meth:`~recalign.data.splits.Split.save`) so every method, classical or LM, sees identical examples and
 candidates. Next to it go ``config.yaml`` (the resolved config, to reproduce the run), ``items.parquet``
 and ``users.parquet`` (internal index → original id and item text, so the split can be read without
-re-running the loader). Everything here is a thin layer over the Python API: :func:`load_from_config`
-and :func:`prepare` are importable.
+re-running the loader). Everything here is argparse over the Python API in
+:mod:`recalign.data.prepare` (:class:`DataPrepareConfig`, :func:`prepare`, :func:`load_with_options`), which
+this module re-exports for older imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
-import inspect
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pandas as pd
-
-from recalign.config import cfg_field, deep_merge, describe_config, load_config, parse_overrides, save_config
-from recalign.data.dataset import RecDataset
-from recalign.data.loaders.registry import DATASETS, _import_all, check_option_names, load_dataset
-from recalign.data.preprocess import FilterReport, PreprocessConfig, preprocess
-from recalign.data.splits import STAGES, Split, build_split
+from recalign.config import deep_merge, describe_config, load_config, parse_overrides
+from recalign.data.prepare import DataPrepareConfig, load_from_config, load_with_options, prepare
+from recalign.data.splits import STAGES
 from recalign.errors import RecalignInputError
 
 
-@dataclass
-class DataPrepareConfig:
-    """What ``recalign data prepare`` builds."""
-
-    dataset: str = cfg_field("ml-100k", "dataset format name (ml-100k, ml-1m, amazon-2023, csv, ...)")
-    path: str | None = cfg_field(None, "file or directory of the dataset; None uses the embedded ML-100K")
-    options: dict[str, Any] = cfg_field(
-        {}, "loader options, e.g. {user_col: uid, sep: ';', dataset_name: books} (the name in results)"
-    )
-    split: Literal["loo", "llara"] = cfg_field(
-        "loo", "loo (last item test, second-last valid) or llara (8:1:1)"
-    )
-    seed: int = cfg_field(0, "seed of the candidate sets")
-    candidates: int = cfg_field(20, "candidates per example: the target plus candidates-1 unseen items")
-    preprocess: PreprocessConfig = cfg_field(
-        help="filtering before the split", default_factory=PreprocessConfig
-    )
-    output: str | None = cfg_field(None, "directory for examples.parquet, split.json and config.yaml")
-
-    def validate(self) -> None:
-        if self.candidates < 2:
-            raise RecalignInputError(f"must be >= 2, got {self.candidates}", field="candidates")
-        self.preprocess.validate()
-
-
-# ---------------------------------------------------------------------- API used by the commands
-def _normalise_options(options: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, str) and "\\" in v and k.endswith("sep"):
-            v = codecs.decode(v, "unicode_escape")  # let "--opt sep=\t" mean a tab
-        out[k] = v
-    return out
-
-
-def load_with_options(
-    dataset: str, path: str | Path | None, options: dict[str, Any] | None = None
-) -> RecDataset:
-    """``load_dataset`` with loader options checked against the loader's signature first.
-
-    A misspelt option must be a one-line error, not a ``TypeError`` traceback from deep inside a loader.
-    """
-    _import_all()
-    options = _normalise_options(options or {})
-    check_option_names(options)
-    name = "ml-100k-raw" if dataset == "ml-100k" and path is not None else dataset
-    fn = DATASETS.get(name)
-    if fn is not None and options:
-        params = inspect.signature(fn).parameters
-        known = sorted(p for p in params if p != "path")
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            for k in options:
-                if k not in params or k == "path":
-                    raise RecalignInputError(
-                        f"unknown option '{k}' for dataset '{dataset}' (known: {', '.join(known) or 'none'})",
-                        field="options",
-                    )
-    return load_dataset(dataset, path=path, **options)
-
-
-def load_from_config(cfg: DataPrepareConfig) -> RecDataset:
-    return load_with_options(cfg.dataset, cfg.path, cfg.options)
-
-
-def prepare(cfg: DataPrepareConfig) -> tuple[Split, RecDataset, list[FilterReport]]:
-    """Load, filter, split and (if ``cfg.output`` is set) save; returns the split, dataset and reports."""
-    ds = load_from_config(cfg)
-    ds, reports = preprocess(ds, cfg.preprocess)
-    split = build_split(ds, cfg.split, seed=cfg.seed, n_candidates=cfg.candidates)
-    split.notes = list(ds.notes) + list(split.notes)
-    if cfg.output:
-        out = Path(cfg.output)
-        split.save(out)
-        save_config(cfg, out / "config.yaml")
-        items = ds.items.copy()
-        items.insert(0, "item_idx", range(len(items)))
-        items.astype({c: str for c in items.columns if c != "item_idx"}).to_parquet(
-            out / "items.parquet", index=False
-        )
-        pd.DataFrame({"user_idx": range(ds.n_users), "user_id": ds.user_ids.astype(str)}).to_parquet(
-            out / "users.parquet", index=False
-        )
-    return split, ds, reports
-
-
 # ---------------------------------------------------------------------- argparse
-def _opt_value(raw: str) -> Any:
+def opt_value(raw: str) -> Any:
     """Loader option values stay strings (so ``sep=|`` is a pipe, not YAML syntax) except for
     obvious scalars (``true``, ``none``, numbers) and ``[a, b]`` lists."""
     low = raw.strip().lower()
@@ -138,17 +47,17 @@ def _opt_value(raw: str) -> Any:
     return raw
 
 
-def _parse_opts(items: list[str] | None) -> dict[str, Any]:
+def parse_opts(items: list[str] | None) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for item in items or []:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
             raise RecalignInputError(f"--opt '{item}' must look like key=value", source="command line")
-        opts[key.strip()] = _opt_value(raw)
+        opts[key.strip()] = opt_value(raw)
     return opts
 
 
-def _add_source_args(p: argparse.ArgumentParser, default: str | None = "ml-100k") -> None:
+def add_source_args(p: argparse.ArgumentParser, default: str | None = "ml-100k") -> None:
     p.add_argument(
         "--dataset",
         default=default,
@@ -171,12 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.set_defaults(func=lambda _args: (data.print_help(), 2)[1])
 
     st = sub.add_parser("stats", help="print dataset statistics")
-    _add_source_args(st)
+    add_source_args(st)
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_stats)
 
     pr = sub.add_parser("prepare", help="filter, split and materialise candidates")
-    _add_source_args(pr, default=None)
+    add_source_args(pr, default=None)
     pr.add_argument("--config", default=None, help="YAML file with DataPrepareConfig fields")
     pr.add_argument("--split", default=None, choices=["loo", "llara"], help="split protocol (default loo)")
     pr.add_argument("--seed", type=int, default=None, help="candidate seed (default 0)")
@@ -194,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_prepare)
 
     cv = sub.add_parser("convert", help="write a dataset in another format")
-    _add_source_args(cv)
+    add_source_args(cv)
     cv.add_argument("--to", required=True, choices=["recbole"], help="target format")
     cv.add_argument("--output", required=True, help="output directory")
     cv.add_argument("--name", default=None, help="base name of the written files (default: dataset name)")
@@ -203,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------- commands
 def cmd_stats(args: argparse.Namespace) -> int:
-    ds = load_with_options(args.dataset, args.path, _parse_opts(args.opt))
+    ds = load_with_options(args.dataset, args.path, parse_opts(args.opt))
     stats = ds.stats()
     stats["notes"] = list(ds.notes)
     if args.json:
@@ -229,7 +138,7 @@ def _prepare_config(args: argparse.Namespace) -> DataPrepareConfig:
     if args.path is not None:
         flags["path"] = args.path
     if args.opt:
-        flags["options"] = _parse_opts(args.opt)
+        flags["options"] = parse_opts(args.opt)
     for key in ("split", "seed", "candidates", "output"):
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
@@ -273,7 +182,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    ds = load_with_options(args.dataset, args.path, _parse_opts(args.opt))
+    ds = load_with_options(args.dataset, args.path, parse_opts(args.opt))
     from recalign.data.loaders.recbole import write_recbole
 
     inter_path, item_path = write_recbole(ds, args.output, args.name)
@@ -281,3 +190,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for n in ds.notes:
         print(f"note: {n}", file=sys.stderr)
     return 0
+
+
+# Old private spellings: cmd_recommend.py (owned by issue #18) still imports these two.
+_add_source_args = add_source_args
+_parse_opts = parse_opts
+
+__all__ = [
+    "DataPrepareConfig",
+    "add_source_args",
+    "load_from_config",
+    "load_with_options",
+    "parse_opts",
+    "prepare",
+    "register",
+]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 
 from recalign.cli.common import add_config_arguments, config_from_args
-from recalign.config import deep_merge, load_config, parse_overrides
 
 
 def _shortcuts(p: argparse.ArgumentParser) -> None:
@@ -47,21 +46,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     """The shortcut flags, then the dotted overrides (which win)."""
-    flags: dict = {}
-    if args.samples is not None:
-        flags["summary"] = {"samples": args.samples}
-    if args.iterations is not None:
-        flags["iterations"] = args.iterations
-    if args.users is not None:
-        flags["users"] = args.users
-    return deep_merge(flags, parse_overrides(args.overrides))
+    from recalign.methods.dpo4rec.config import shortcut_overrides
+
+    return shortcut_overrides(
+        args.overrides, samples=args.samples, iterations=args.iterations, users=args.users
+    )
 
 
 def build_config(args: argparse.Namespace):
-    """The config of parsed arguments (``config``, ``samples``, ``iterations``, ``users``, ``overrides``)."""
-    from recalign.methods.dpo4rec.config import DPO4RecConfig
+    """The config of parsed arguments (``config``, ``samples``, ``iterations``, ``users``, ``overrides``);
+    :func:`recalign.methods.dpo4rec.config.load_dpo4rec_config` is the same without argparse."""
+    from recalign.methods.dpo4rec.config import load_dpo4rec_config
 
-    return load_config(DPO4RecConfig, args.config, _overrides(args))
+    return load_dpo4rec_config(args.config, _overrides(args))
 
 
 def cmd_dpo4rec(args: argparse.Namespace) -> int:

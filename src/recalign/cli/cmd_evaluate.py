@@ -23,7 +23,7 @@ from recalign.errors import RecalignInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from recalign.cli.cmd_data import _add_source_args
+    from recalign.cli.cmd_data import add_source_args
 
     p = subparsers.add_parser(
         "evaluate",
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--model", required=True, help="base model name/path, adapter directory or run directory")
-    _add_source_args(p)
+    add_source_args(p)
     p.add_argument(
         "--split", default="llara", choices=["loo", "llara"], help="split protocol (default llara)"
     )
@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from recalign.cli.cmd_data import DataPrepareConfig, _parse_opts
+    from recalign.cli.cmd_data import parse_opts
+    from recalign.data.prepare import DataPrepareConfig
     from recalign.evaluation.records import current_command
     from recalign.methods import set_threads
     from recalign.methods.zeroshot import EvalConfig, evaluate_saved_model
@@ -94,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data_cfg = DataPrepareConfig(
         dataset=args.dataset,
         path=args.path,
-        options=_parse_opts(args.opt),
+        options=parse_opts(args.opt),
         split=args.split,
         seed=args.seed,
         candidates=args.candidates,

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from recalign.evaluation import records
 
-    records._CLI_ARGV = list(sys.argv[1:] if argv is None else argv)
+    records.set_command_argv(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        records._CLI_ARGV = None
+        records.set_command_argv(None)
     return int(code or 0)
 
 

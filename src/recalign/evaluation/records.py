@@ -60,9 +60,15 @@ class ResultRecord:
         )
 
 
-#: Set by ``recalign.cli.main.main`` to the arguments it was given (so that a programmatic
-#: ``main([...])`` call records its own command, not the host process's argv).
+#: The arguments of the running ``recalign`` command (see :func:`set_command_argv`).
 _CLI_ARGV: list[str] | None = None
+
+
+def set_command_argv(argv: list[str] | None) -> None:
+    """Record the arguments the ``recalign`` entry point was given (None: no command is running), so that
+    a programmatic ``main([...])`` call records its own command, not the host process's argv."""
+    global _CLI_ARGV
+    _CLI_ARGV = None if argv is None else list(argv)
 
 
 def current_command() -> str:

@@ -4,7 +4,7 @@ the helpers they share for choosing data.
 Two helpers live here because every recipe must use the *same* ones for results to be comparable:
 
 - :func:`load_data` prepares a dataset and split through the data layer's own entry point
-  (:func:`recalign.cli.cmd_data.prepare`: loader, filtering, split, seeded candidates), so an LM run and
+  (:func:`recalign.data.prepare.prepare`: loader, filtering, split, seeded candidates), so an LM run and
   ``recalign baseline`` / ``recalign data prepare`` see identical examples and candidate sets.
 - :func:`sample_examples` draws the few-shot training subset and the evaluation subset. It is seeded and
   independent of row order elsewhere, so "the 200 test examples of seed 0" are the same for zero-shot,
@@ -39,8 +39,8 @@ class PreparedData:
 
 
 def load_data(data_cfg) -> PreparedData:
-    """Load, filter and split per a :class:`recalign.cli.cmd_data.DataPrepareConfig`."""
-    from recalign.cli.cmd_data import prepare
+    """Load, filter and split per a :class:`recalign.data.prepare.DataPrepareConfig`."""
+    from recalign.data.prepare import prepare
 
     t0 = time.perf_counter()
     split, dataset, _ = prepare(data_cfg)

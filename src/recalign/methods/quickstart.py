@@ -40,8 +40,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from recalign.cli.cmd_data import DataPrepareConfig
 from recalign.config import cfg_field, save_config
+from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
 from recalign.io import atomic_write_json

@@ -1,6 +1,7 @@
 """Training stages (alternation, loss decrease, resume) and the Recommender adapter."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -147,3 +148,24 @@ def test_full_ranking_excludes_seen_items(make_model, make_config, dataset, spli
     assert 0 <= evaluate_candidates(rec, test, ks=(1,))["HR@1"] <= 1
     m = evaluate_multi_target(rec, test, ks=(5, 10))
     assert 0 <= m["Recall@5"] <= 1 and 0 <= m["NDCG@10"] <= 1
+
+
+@pytest.mark.parametrize("threads, expected", [(3, 3), (0, min(2, os.cpu_count() or 1))])
+def test_pipeline_stages_apply_the_threads_policy_and_restore_it(
+    monkeypatch, tmp_path, make_config, threads, expected
+):
+    """``cfg.threads`` (0: the cores, at most 2) holds inside every stage of the Python API, as it does
+    under ``recalign cllm4rec``; the caller's setting is back afterwards."""
+    from recalign.methods.cllm4rec import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "_train", lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(pipeline, "_evaluate", lambda *a, **k: seen.append(torch.get_num_threads()) or [])
+    cfg = make_config()
+    cfg.threads = threads
+    before = torch.get_num_threads()
+    pipeline.pretrain(cfg, tmp_path)
+    pipeline.finetune(cfg, tmp_path)
+    pipeline.evaluate(cfg, tmp_path)
+    assert seen == [expected] * 3
+    assert torch.get_num_threads() == before

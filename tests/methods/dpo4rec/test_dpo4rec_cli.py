@@ -49,3 +49,13 @@ def test_output_is_required_and_help_config_lists_fields(capsys):
     assert main(["dpo4rec", "--help-config"]) == 0
     out = capsys.readouterr().out
     assert "summary.temperature (float, default 1.0)" in out and "dpo.training.learning_rate" in out
+
+
+def test_library_config_loader_matches_the_command_line():
+    """``load_dpo4rec_config`` is ``build_config`` without argparse (what benchmarks/dpo4rec.py calls)."""
+    from recalign.methods.dpo4rec.config import load_dpo4rec_config
+
+    over = ["dpo.beta=0.3", "summary.samples=5"]
+    lib = load_dpo4rec_config(CONFIG, over, samples=6, iterations=2, users=50)
+    assert lib == build_config(_ns(samples=6, iterations=2, users=50, overrides=over))
+    assert (lib.summary.samples, lib.iterations, lib.users, lib.dpo.beta) == (5, 2, 50, 0.3)

@@ -33,7 +33,8 @@ def register(name: str) -> Callable[[Callable[..., RecDataset]], Callable[..., R
     return deco
 
 
-def _import_all() -> None:
+def import_all() -> None:
+    """Import every loader module, so that each registers its formats."""
     # Imported lazily so that `recalign --help` stays fast; each module calls `register`.
     import importlib
 
@@ -53,7 +54,7 @@ def load_dataset(name: str, /, path: str | Path | None = None, **options: Any) -
     spelling is refused with a message saying so).
     """
     check_option_names(options)
-    _import_all()
+    import_all()
     if path is None and name not in DATASETS and Path(name).exists():
         path, name = name, _guess_format(Path(name))
     if name not in DATASETS:

@@ -12,6 +12,8 @@ Run directory layout::
     records.json            {"records": [...]} in the shared quality shape
 
 Every stage resumes: a finished stage is skipped, an interrupted one continues from its checkpoint.
+Every stage runs with ``cfg.threads`` torch CPU threads (0: the number of cores, at most 2), restoring
+the caller's setting afterwards.
 
 Under ``accelerate launch`` (several processes) ``pretrain`` and ``finetune`` train data-parallel (see
 :mod:`.training`); only the main process writes into the run directory, and every stage ends with a
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from recalign.baselines.common import torch_threads
 from recalign.config import config_to_dict, save_config
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split, build_split
@@ -148,12 +151,14 @@ def _train(
 
 def pretrain(cfg: CLLM4RecConfig, output: str | Path, **kw) -> StageResult | None:
     """Mutually-regularised collaborative + content LM pretraining of the ID tables."""
-    return _train(cfg, output, "pretrain", **kw)
+    with torch_threads(cfg.threads):
+        return _train(cfg, output, "pretrain", **kw)
 
 
 def finetune(cfg: CLLM4RecConfig, output: str | Path, **kw) -> StageResult | None:
     """Masked-history recommendation fine-tuning, starting from ``pretrain.safetensors``."""
-    return _train(cfg, output, "finetune", **kw)
+    with torch_threads(cfg.threads):
+        return _train(cfg, output, "finetune", **kw)
 
 
 def load_recommender(
@@ -238,6 +243,11 @@ def evaluate(
     out = prepare_dir(cfg, output, "evaluate")
     if not distributed.is_main():
         return []
+    with torch_threads(cfg.threads):
+        return _evaluate(cfg, out, backbone, base_tokenizer)
+
+
+def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[ResultRecord]:
     dataset, split = load_data(cfg)
     rec = load_recommender(cfg, out, dataset, backbone, base_tokenizer)
     train_seconds = 0.0

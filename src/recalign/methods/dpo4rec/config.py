@@ -9,11 +9,12 @@ that a dotted override names the stage it changes (``summary.temperature=0.8``, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from recalign.baselines.sasrec import SASRecConfig
-from recalign.cli.cmd_data import DataPrepareConfig
-from recalign.config import cfg_field
+from recalign.config import cfg_field, deep_merge, load_config, parse_overrides
+from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.lm.lora import LoRAConfig
 from recalign.training.config import TrainingConfig
@@ -183,3 +184,37 @@ class DPO4RecConfig:
         self.encoder.validate()
         self.fusion.validate()
         self.dpo.validate()
+
+
+def shortcut_overrides(
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    samples: int | None = None,
+    iterations: int | None = None,
+    users: int | None = None,
+) -> dict[str, Any]:
+    """The shortcut values (``samples`` -> ``summary.samples``, ``iterations``, ``users``; None = not
+    given), then the dotted ``overrides`` (which win), as one nested override mapping."""
+    flags: dict[str, Any] = {}
+    if samples is not None:
+        flags["summary"] = {"samples": samples}
+    if iterations is not None:
+        flags["iterations"] = iterations
+    if users is not None:
+        flags["users"] = users
+    dotted = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return deep_merge(flags, dotted)
+
+
+def load_dpo4rec_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    samples: int | None = None,
+    iterations: int | None = None,
+    users: int | None = None,
+) -> DPO4RecConfig:
+    """Defaults <- the YAML file ``path`` <- the shortcuts <- dotted ``overrides``, validated (what
+    ``recalign dpo4rec --config PATH --samples N ... KEY=VALUE`` resolves)."""
+    over = shortcut_overrides(overrides, samples=samples, iterations=iterations, users=users)
+    return load_config(DPO4RecConfig, path, over)

@@ -537,7 +537,7 @@ def run_dpo4rec(
         if load_data is not None:
             dataset, split = load_data(cfg)
         else:
-            from recalign.cli.cmd_data import prepare
+            from recalign.data.prepare import prepare
 
             split, dataset, _ = prepare(cfg.data)
         users = select_users(split, cfg.users, cfg.seed, cfg.fusion.n_folds)

@@ -44,8 +44,8 @@ from typing import Literal
 
 import pandas as pd
 
-from recalign.cli.cmd_data import DataPrepareConfig
 from recalign.config import cfg_field
+from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, current_command, write_records
 from recalign.io import atomic_write_json
