@@ -34,16 +34,14 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import RecDataset
-from recalign.data.loaders.registry import register
-from recalign.data.loaders.tabular import (
+from recalign.data.loaders.delimited import (
     DelimitedTable,
-    FileRef,
-    as_text,
     check_known_items,
     check_unknown_items_option,
-    iter_json_records,
     to_seconds,
 )
+from recalign.data.loaders.files import FileRef, as_text, iter_json_records
+from recalign.data.loaders.registry import register
 from recalign.errors import RecalignInputError
 
 

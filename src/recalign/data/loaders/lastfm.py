@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import RecDataset
+from recalign.data.loaders.delimited import DelimitedTable, check_known_items, to_seconds
 from recalign.data.loaders.movielens import locate_files
 from recalign.data.loaders.registry import register
-from recalign.data.loaders.tabular import DelimitedTable, check_known_items, to_seconds
 from recalign.errors import RecalignInputError
 
 LASTFM_FILES = ("user_artists.dat", "user_taggedartists-timestamps.dat", "artists.dat")

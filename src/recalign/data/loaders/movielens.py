@@ -22,9 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from recalign.data.dataset import RecDataset
+from recalign.data.loaders.delimited import DelimitedTable, check_known_items, to_seconds
 from recalign.data.loaders.embedded import ML100K_GENRES, ml100k_items_frame, year_from_title
+from recalign.data.loaders.files import FileRef
 from recalign.data.loaders.registry import register
-from recalign.data.loaders.tabular import DelimitedTable, FileRef, check_known_items, to_seconds
 from recalign.errors import RecalignInputError
 
 ML100K_ITEM_COLUMNS = ["item", "title", "release_date", "video_release_date", "imdb_url", *ML100K_GENRES]

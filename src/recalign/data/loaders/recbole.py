@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import RecDataset
-from recalign.data.loaders.registry import register
-from recalign.data.loaders.tabular import (
+from recalign.data.loaders.delimited import (
     DelimitedTable,
     check_known_items,
     check_unknown_items_option,
-    read_source_bytes,
     to_seconds,
 )
+from recalign.data.loaders.files import read_source_bytes
+from recalign.data.loaders.registry import register
 from recalign.errors import RecalignInputError
 from recalign.io import atomic_write_text
 

@@ -1,21 +1,5 @@
-"""Generic CSV / Parquet loaders, and the careful file reading every text-format loader shares.
-
-Why this module is more than ``pd.read_csv``: recalign promises that bad input produces *one line*
-naming the file, the line and the problem, and that nothing is dropped silently. ``pandas`` alone is
-fast but vague (a comma file read as tab-separated is just "one column"; short rows quietly become empty
-fields; a bad byte is reported at a chunk offset). So every reader here
-
-1. reads the raw bytes (transparently un-gzipping ``*.gz``; a truncated archive is an error),
-2. checks the encoding over the whole file and turns a decode failure into a line number,
-3. parses with pandas' C engine for speed, and then checks cheaply that every row had the expected
-   number of fields (for unquoted formats the total separator count must be exactly
-   ``(fields - 1) * rows``),
-4. only when something is wrong, scans the file line by line to *locate* the first bad line.
-
-So the common case costs one pandas parse plus a few vectorised checks, even for millions of lines, and
-the error case names the line. The helpers (:class:`DelimitedTable`, :func:`read_source_bytes`,
-:func:`iter_json_records`, :func:`check_known_items`) are used by the MovieLens, Amazon, LastFM and
-RecBole loaders too.
+"""Generic CSV / Parquet loaders: an interaction file plus an optional item catalogue, mapped onto
+recalign's columns by one :class:`ColumnMapping` (the same option names for both formats).
 
 Registered loaders:
 
@@ -23,19 +7,14 @@ Registered loaders:
   (``user_col``, ``item_col``, ``time_col``, ``rating_col``), optionally an item catalogue
   (``items=`` path, CSV or Parquet, with ``items_item_col`` and ``title_col``).
 - ``parquet``: the same mapping for a Parquet file (errors name the row, Parquet has no lines).
+
+Files are read by :mod:`~recalign.data.loaders.files` and :mod:`~recalign.data.loaders.delimited`, so bad
+input is one line naming the file, the line (or row) and the problem.
 """
 
 from __future__ import annotations
 
-import ast
-import csv
-import gzip
-import io
-import json
-import zipfile
-import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -43,512 +22,87 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import RecDataset
+from recalign.data.loaders.delimited import (
+    DelimitedTable,
+    check_known_items,
+    check_unknown_items_option,
+    to_seconds,
+)
 from recalign.data.loaders.registry import register
 from recalign.errors import RecalignInputError
 
-SEP_NAMES = {"\t": "tab", ",": "comma", "|": "pipe", ";": "semicolon", "::": "'::'", " ": "space"}
-_PRIVATE_SEP = "\x1f"  # ASCII unit separator: stands in for multi-character separators such as '::'
 
+@dataclasses.dataclass(frozen=True)
+class ColumnMapping:
+    """Which columns hold what, in the interaction file and the optional catalogue: the options the
+    CSV and Parquet loaders share (see :func:`load_csv` for each one's meaning)."""
 
-def sep_name(sep: str) -> str:
-    return SEP_NAMES.get(sep, repr(sep))
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str = "timestamp"
+    rating_col: str | None = None
+    time_unit: str = "s"
+    items: str | Path | None = None
+    items_item_col: str | None = None
+    title_col: str | None = "title"
+    text_cols: list[str] | None = None
+    unknown_items: str = "error"
+    dataset_name: str | None = None
 
-
-# ---------------------------------------------------------------------- raw bytes
-@dataclass(frozen=True)
-class FileRef:
-    """A file on disk, or a member of a zip archive (the official MovieLens downloads are zips)."""
-
-    path: Path
-    member: str | None = None
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> ColumnMapping:
+        """The mapping among a loader's keyword arguments (its ``locals()``), checked."""
+        mapping = cls(**{f.name: options[f.name] for f in dataclasses.fields(cls)})
+        check_unknown_items_option(mapping.unknown_items)
+        return mapping
 
     @property
-    def name(self) -> str:
-        return Path(self.member).name if self.member else self.path.name
+    def required(self) -> list[str]:
+        """The interaction columns that must exist: user, item, time and (if mapped) rating."""
+        return [self.user_col, self.item_col, self.time_col, *([self.rating_col] if self.rating_col else [])]
 
-    def __str__(self) -> str:
-        return f"{self.path}:{self.member}" if self.member else str(self.path)
-
-
-def read_source_bytes(ref: FileRef | str | Path) -> bytes:
-    """All bytes of a file (un-gzipped when the name ends in ``.gz``).
-
-    Raises a one-line :class:`RecalignInputError` for a missing file, a truncated or corrupt gzip
-    archive, and an empty (or whitespace-only) file.
-    """
-    if not isinstance(ref, FileRef):
-        ref = FileRef(Path(ref))
-    src = str(ref)
-    try:
-        if ref.member is not None:
-            with zipfile.ZipFile(ref.path) as zf:
-                data = zf.read(ref.member)
-        else:
-            data = ref.path.read_bytes()
-    except FileNotFoundError:
-        raise RecalignInputError("file not found", source=src) from None
-    except IsADirectoryError:
-        raise RecalignInputError("expected a file, found a directory", source=src) from None
-    except KeyError:
-        raise RecalignInputError("member not found in the zip archive", source=src) from None
-    except zipfile.BadZipFile:
-        raise RecalignInputError("not a valid zip archive (truncated or corrupt)", source=ref.path) from None
-    if ref.name.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except EOFError:
-            raise RecalignInputError("truncated gzip file (the archive ends early)", source=src) from None
-        except (gzip.BadGzipFile, zlib.error, OSError) as e:
-            raise RecalignInputError(f"corrupt gzip file ({e})", source=src) from None
-    if not data.strip():
-        raise RecalignInputError("empty file", source=src)
-    return data
-
-
-def check_encoding(data: bytes, encoding: str, source: str) -> None:
-    """Fail with the line and byte of the first undecodable character.
-
-    Latin-1 accepts every byte, so this only bites for UTF-8 formats (a Latin-1 file handed to a
-    UTF-8 loader is the usual culprit).
-    """
-    try:
-        data.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise RecalignInputError(
-            f"not valid {encoding} text: byte 0x{data[e.start]:02x} at column {col} "
-            f"(is the file in another encoding, e.g. Latin-1?)",
-            source=source,
-            line=line,
-        ) from None
-    except LookupError:
-        raise RecalignInputError(f"unknown encoding '{encoding}'", source=source, field="encoding") from None
-
-
-# ---------------------------------------------------------------------- delimited text
-class DelimitedTable:
-    """A delimited text file parsed into string columns, able to say which *line* a row came from.
-
-    Args:
-        ref: the file.
-        sep: field separator (``"\\t"``, ``","``, ``"|"``, ``"::"``...).
-        columns: names for a headerless file (their number is the expected field count).
-        header: the first non-blank line holds the column names.
-        required: columns that must exist and may not be empty in any row.
-        numeric: columns pandas may parse as numbers directly (they are validated by :meth:`numeric`);
-            every other column is read as text so that ids like ``"0012"`` survive.
-        encoding: text encoding of the file.
-        quoted: honour ``"``-quoting (CSV style). Formats that never quote (MovieLens, RecBole, LastFM)
-            pass ``False`` so a stray quote in a title is just a character.
-        optional_trailing: how many trailing columns a line may leave out entirely (read as empty);
-            every other deviation in the field count is an error naming the line.
-        data: the file's bytes, if the caller has already read them.
-    """
-
-    def __init__(
+    def dataset(
         self,
-        ref: FileRef | str | Path,
+        path: str | Path,
+        frame: pd.DataFrame,
+        timestamps: np.ndarray,
+        ratings: pd.Series | None,
         *,
-        sep: str,
-        columns: Sequence[str] | None = None,
-        header: bool = False,
-        required: Sequence[str] = (),
-        numeric: Sequence[str] = (),
-        encoding: str = "utf-8",
-        quoted: bool = False,
-        optional_trailing: int = 0,
-        data: bytes | None = None,
-    ) -> None:
-        self.ref = ref if isinstance(ref, FileRef) else FileRef(Path(ref))
-        self.source = str(self.ref)
-        self.sep = sep
-        self.encoding = encoding
-        raw = read_source_bytes(self.ref) if data is None else data
-        check_encoding(raw, encoding, self.source)
-        if len(sep) > 1:
-            if _PRIVATE_SEP.encode() in raw:
-                raise RecalignInputError("file contains control character 0x1f", source=self.source)
-            raw = raw.replace(sep.encode(encoding), _PRIVATE_SEP.encode())
-            self._psep = _PRIVATE_SEP
-        else:
-            self._psep = sep
-        self._raw = raw
-        # CSV quoting only matters if a quote character occurs at all; without one, the cheap exact
-        # separator-count check applies.
-        self.quoted = quoted and b'"' in raw
-        self._text: str | None = None
-        self._header_line = 0
-
-        if header:
-            first = self._first_record()
-            if first is None:
-                raise RecalignInputError("empty file", source=self.source)
-            self._header_line, names = first
-            names = [n.strip().lstrip("\ufeff") for n in names]
-            self.names = names
-        else:
-            if columns is None:
-                raise ValueError("DelimitedTable needs columns= or header=True")
-            self.names = list(columns)
-        self.n_fields = len(self.names)
-        self.min_fields = self.n_fields - optional_trailing
-        missing = [c for c in required if c not in self.names]
-        if missing:
-            hint = self._separator_hint(self.names) if header else ""
-            raise RecalignInputError(
-                f"missing column '{missing[0]}' ({'header has' if header else 'columns are'}: "
-                f"{', '.join(self.names)}){hint}",
-                source=self.source,
-                line=self._header_line or None,
+        source: str,
+        items_sep: str,
+        encoding: str,
+        table: DelimitedTable | None = None,
+    ) -> RecDataset:
+        """The dataset of the parsed interaction ``frame`` with the mapped catalogue (``table``, when
+        given, lets an unknown item be reported by line)."""
+        inter = pd.DataFrame(
+            {
+                "user": frame[self.user_col].astype(str),
+                "item": frame[self.item_col].astype(str),
+                "timestamp": timestamps,
+            }
+        )
+        if ratings is not None:
+            inter["rating"] = ratings.astype("float64")
+        cat = None
+        if self.items is not None:
+            cat, cat_src = _catalogue(
+                self.items,
+                self.items_item_col or self.item_col,
+                self.title_col,
+                items_sep,
+                encoding,
+                self.text_cols,
             )
-        if len(set(self.names)) != len(self.names):
-            dup = next(n for n in self.names if self.names.count(n) > 1)
-            raise RecalignInputError(
-                f"column '{dup}' appears twice in the header", source=self.source, line=self._header_line
-            )
-        self.frame = self._parse(numeric)
-        if header:
-            self._check_repeated_header()
-        for col in required:
-            self._check_not_empty(col)
-
-    # ---------------------------------------------------------------- parsing
-    def _parse(self, numeric: Sequence[str]) -> pd.DataFrame:
-        dtype = {i: str for i, n in enumerate(self.names) if n not in numeric}
-
-        def read(**extra: Any) -> pd.DataFrame:
-            return pd.read_csv(
-                io.BytesIO(self._raw),
-                sep=self._psep,
-                header=None,
-                skiprows=self._header_line,  # the header line and any blank lines before it
-                dtype=dtype,
-                na_values=[""],
-                keep_default_na=False,
-                quoting=csv.QUOTE_MINIMAL if self.quoted else csv.QUOTE_NONE,
-                encoding=self.encoding,
-                engine="c",
-                skip_blank_lines=True,
-                low_memory=False,
-                **extra,
-            )
-
-        # Without explicit names pandas refuses rows longer than the first one (a ParserError) instead
-        # of silently truncating them, so extra fields are always caught.
-        try:
-            df: pd.DataFrame | None = read()
-        except pd.errors.EmptyDataError:
-            raise RecalignInputError(
-                "no data rows" if self._header_line else "empty file", source=self.source
-            ) from None
-        except pd.errors.ParserError as e:
-            self._locate_bad_line()
-            if self.min_fields == self.n_fields:
-                raise RecalignInputError(
-                    f"cannot parse: {' '.join(str(e).split())}", source=self.source
-                ) from None
-            df = None  # only allowed short rows (optional trailing fields) confused pandas
-        if df is None or df.shape[1] != self.n_fields:
-            self._locate_bad_line()
-            if self.min_fields == self.n_fields:
-                raise RecalignInputError(
-                    f"inconsistent number of fields (expected {self.n_fields} {sep_name(self.sep)}-separated)",
-                    source=self.source,
-                )
-            # Every line has between min_fields and n_fields fields (just checked): read them padded.
-            df = read(names=list(range(self.n_fields)), index_col=False)
-        elif self.quoted:
-            if df.isna().to_numpy().any():
-                self._locate_bad_line()
-        else:
-            n_seps = self._raw.count(self._psep.encode())
-            if self._header_line:
-                n_seps -= self.n_fields - 1
-            if n_seps != (self.n_fields - 1) * len(df):
-                self._locate_bad_line()
-                if self.min_fields == self.n_fields:
-                    raise RecalignInputError("inconsistent number of fields", source=self.source)
-        df.columns = self.names
-        return df
-
-    def _separator_hint(self, fields: list[str]) -> str:
-        if len(fields) != 1:
-            return ""
-        for cand in ("\t", ",", ";", "|", "::", " "):
-            if cand != self.sep and cand in fields[0]:
-                return f"; is the separator {sep_name(cand)} rather than {sep_name(self.sep)}?"
-        return ""
-
-    def _locate_bad_line(self) -> None:
-        """Scan for the first line with a wrong number of fields and fail there (no-op if none)."""
-        for line, fields in self.records():
-            if not self.min_fields <= len(fields) <= self.n_fields:
-                hint = self._separator_hint(fields) if len(fields) == 1 else ""
-                want = (
-                    str(self.n_fields)
-                    if self.min_fields == self.n_fields
-                    else f"{self.min_fields} to {self.n_fields}"
-                )
-                raise RecalignInputError(
-                    f"expected {want} {sep_name(self.sep)}-separated fields, found {len(fields)}{hint}",
-                    source=self.source,
-                    line=line,
-                )
-
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            self._text = self._raw.decode(self.encoding)
-        return self._text
-
-    def _first_record(self) -> tuple[int, list[str]] | None:
-        """The first non-blank line (the header), read from the raw bytes without decoding the file."""
-        raw, pos, lineno = self._raw, 0, 0
-        while pos < len(raw):
-            end = raw.find(b"\n", pos)
-            end = len(raw) if end == -1 else end
-            lineno += 1
-            line = raw[pos:end].decode(self.encoding).rstrip("\r")
-            if line.strip(" "):
-                if self.quoted:
-                    try:
-                        return lineno, next(csv.reader([line], delimiter=self._psep))
-                    except csv.Error as e:  # e.g. a stray carriage return inside the header
-                        raise RecalignInputError(
-                            f"malformed header line ({e})", source=self.source, line=lineno
-                        ) from None
-                return lineno, line.split(self._psep)
-            pos = end + 1
-        return None
-
-    def records(self, include_header: bool = False) -> Iterator[tuple[int, list[str]]]:
-        """(1-based line number, fields) of every non-blank record, header excluded unless asked."""
-        if self.quoted:
-            reader = csv.reader(io.StringIO(self.text, newline=""), delimiter=self._psep, strict=True)
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise RecalignInputError(
-                        f"malformed quoted field ({e})", source=self.source, line=reader.line_num
-                    ) from None
-                if not fields or (len(fields) == 1 and not fields[0].strip()):
-                    continue
-                if not include_header and reader.line_num <= self._header_line:
-                    continue
-                yield reader.line_num, fields
-        else:
-            for i, line in enumerate(self.text.split("\n"), start=1):
-                line = line.rstrip("\r")
-                if not line.strip(" "):
-                    continue
-                if not include_header and i <= self._header_line:
-                    continue
-                yield i, line.split(self._psep)
-
-    def line_of_row(self, row: int) -> int | None:
-        """Line number of data row ``row`` (0-based, as in :attr:`frame`)."""
-        for k, (line, _) in enumerate(self.records()):
-            if k == row:
-                return line
-        return None
-
-    # ---------------------------------------------------------------- validation
-    def _check_repeated_header(self) -> None:
-        """A header line in the middle of the data (two files concatenated) is an error, not a row."""
-        cols = self.names[: min(3, self.n_fields)]
-        if any(pd.api.types.is_numeric_dtype(self.frame[c]) for c in cols):
-            return  # a column that parsed as numbers cannot contain its own name: no repeated header
-        mask = np.ones(len(self.frame), dtype=bool)
-        for n in cols:
-            mask &= (self.frame[n] == n).to_numpy(dtype=bool, na_value=False)
-        if mask.any():
-            row = int(np.flatnonzero(mask)[0])
-            raise RecalignInputError(
-                "the header line is repeated inside the data (concatenated files?)",
-                source=self.source,
-                line=self.line_of_row(row),
-            )
-
-    def _check_not_empty(self, col: str) -> None:
-        bad = self.frame[col].isna().to_numpy()
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise RecalignInputError(
-                f"empty value in column '{col}'", source=self.source, line=self.line_of_row(row)
-            )
-
-    def require(self, cols: Sequence[str]) -> None:
-        for col in cols:
-            if col not in self.names:
-                raise RecalignInputError(
-                    f"missing column '{col}' (columns: {', '.join(self.names)})", source=self.source
-                )
-            self._check_not_empty(col)
-
-    def numeric(self, col: str, what: str | None = None) -> pd.Series:
-        """Column ``col`` as numbers; the first non-numeric value is reported with its line."""
-        s = self.frame[col]
-        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            vals = s
-        else:
-            vals = pd.to_numeric(s, errors="coerce")
-        # inf / 1e400 parse as numbers but are no rating, weight or time: rejected like text.
-        bad = ~np.isfinite(vals.to_numpy(dtype="float64", na_value=np.nan))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            v = s.iloc[row]
-            v = v.item() if isinstance(v, np.generic) else v  # 'inf', not 'np.float64(inf)'
-            shown = "an empty value" if (v is None or (isinstance(v, float) and np.isnan(v))) else repr(v)
-            kind = "non-numeric" if pd.isna(vals.iloc[row]) else "non-finite"
-            raise RecalignInputError(
-                f"{kind} {what or col} {shown}",
-                source=self.source,
-                line=self.line_of_row(row),
-                field=col,
-            )
-        return vals
-
-    def text_column(self, col: str) -> pd.Series:
-        """Column as strings, with empty fields as ``""``."""
-        return self.frame[col].astype(object).where(self.frame[col].notna(), "").astype(str)
-
-
-def to_seconds(ts: pd.Series, unit: str, source: str) -> np.ndarray:
-    """Integer seconds from numbers in ``unit`` (``"s"`` or ``"ms"``).
-
-    Values outside the int64 range (or not finite) are an error: numpy would cast them silently to
-    -2**63, which sorts first in every user's history.
-    """
-    x = ts.to_numpy(dtype="float64")
-    out = ~(np.abs(x) < 2.0**63)
-    if out.any():
-        row = int(np.flatnonzero(out)[0])
-        raise RecalignInputError(
-            f"timestamp {x[row]:g} in data row {row + 1} is out of range",
+            if self.unknown_items == "error":
+                check_known_items(table, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, source)
+        return RecDataset.from_frames(
+            self.dataset_name or Path(path).name.split(".")[0],
+            inter,
+            cat,
             source=source,
-            field="timestamp",
+            unknown_items=self.unknown_items,
         )
-    if unit == "s":
-        return np.floor(ts.to_numpy(dtype="float64")).astype("int64")
-    if unit == "ms":
-        return np.floor_divide(ts.to_numpy(dtype="float64"), 1000).astype("int64")
-    raise RecalignInputError(f"unknown time unit '{unit}' (choose s or ms)", source=source, field="time_unit")
-
-
-def check_unknown_items_option(value: str) -> None:
-    if value not in ("error", "title-from-id"):
-        raise RecalignInputError(
-            f"unknown_items must be 'error' or 'title-from-id', got {value!r}", field="unknown_items"
-        )
-
-
-def check_known_items(
-    table: DelimitedTable | None,
-    item_ids: pd.Series,
-    known: set[str] | pd.Index,
-    catalogue: str,
-    source: str,
-) -> None:
-    """Every interacted item must be in the catalogue: name the first unknown id and its line."""
-    known_idx = known if isinstance(known, pd.Index) else pd.Index(list(known))
-    mask = ~item_ids.isin(known_idx).to_numpy()
-    if mask.any():
-        row = int(np.flatnonzero(mask)[0])
-        n_unknown = item_ids[mask].nunique()
-        line = table.line_of_row(row) if table is not None else None
-        where = "" if line is not None else f" (row {row + 1})"
-        raise RecalignInputError(
-            f"item id {item_ids.iloc[row]!r} is not in {catalogue}{where} ({n_unknown} unknown item id(s) in all)",
-            source=source,
-            line=line,
-        )
-
-
-# ---------------------------------------------------------------------- JSON lines
-def iter_json_records(ref: FileRef | str | Path, *, literal: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of a JSON-lines file (``.gz`` allowed).
-
-    With ``literal=True`` each line may also be a Python literal (the Amazon 2014 metadata is written
-    with ``repr``): lines are tried as JSON first and then with :func:`ast.literal_eval`, which only
-    accepts literals and never executes code (no ``eval``, no pickle).
-    """
-    ref = ref if isinstance(ref, FileRef) else FileRef(Path(ref))
-    src = str(ref)
-    if not ref.path.is_file():
-        raise RecalignInputError("file not found", source=src)
-    opener = gzip.open if ref.name.endswith(".gz") else open
-    lineno = 0
-    seen_any = False
-    try:
-        with opener(ref.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):  # noqa: B007 (lineno is used after the loop)
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise RecalignInputError(
-                        f"not valid UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}",
-                        source=src,
-                        line=lineno,
-                    ) from None
-                obj = _parse_record(line.rstrip("\r\n"), literal, src, lineno)
-                seen_any = True
-                yield lineno, obj
-    except EOFError:
-        raise RecalignInputError(
-            f"truncated gzip file (the archive ends early, after line {lineno})", source=src
-        ) from None
-    except (gzip.BadGzipFile, zlib.error) as e:
-        raise RecalignInputError(f"corrupt gzip file ({e})", source=src) from None
-    if not seen_any:
-        raise RecalignInputError("empty file", source=src)
-
-
-def _parse_record(line: str, literal: bool, src: str, lineno: int) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        if not literal:
-            raise RecalignInputError(
-                f"invalid JSON ({e.msg}, column {e.colno})", source=src, line=lineno
-            ) from None
-        try:
-            obj = ast.literal_eval(line.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e2:
-            msg = getattr(e2, "msg", None) or type(e2).__name__
-            raise RecalignInputError(
-                f"not a JSON object or Python literal ({msg})", source=src, line=lineno
-            ) from None
-    if not isinstance(obj, dict):
-        raise RecalignInputError(
-            f"expected an object per line, found {type(obj).__name__}", source=src, line=lineno
-        )
-    return obj
-
-
-def as_text(value: Any, joiner: str = " ") -> str:
-    """Metadata fields come as strings, lists of strings or lists of lists (the 2014 category paths):
-    flatten them to one string of distinct, whitespace-normalised parts in first-seen order."""
-    parts: list[str] = []
-
-    def walk(v: Any) -> None:
-        if v is None:
-            return
-        if isinstance(v, list | tuple):
-            for x in v:
-                walk(x)
-            return
-        t = " ".join(str(v).split())
-        if t and t not in parts:
-            parts.append(t)
-
-    walk(value)
-    return joiner.join(parts)
 
 
 # ---------------------------------------------------------------------- generic loaders
@@ -654,7 +208,7 @@ def load_csv(
         unknown_items: interacted items missing from the catalogue: ``error`` or ``title-from-id``.
         dataset_name: the dataset's name in results (default: the file name without extensions).
     """
-    check_unknown_items_option(unknown_items)
+    mapping = ColumnMapping.of(locals())
     if not header and columns is None:
         raise RecalignInputError("a file without header needs columns=name1,name2,...", field="columns")
     names = columns.split(",") if isinstance(columns, str) else columns
@@ -664,7 +218,7 @@ def load_csv(
         sep=sep,
         header=header,
         columns=[n.strip() for n in names] if names else None,
-        required=[user_col, item_col, time_col, *rating],
+        required=mapping.required,
         numeric=[time_col, *rating] if time_unit != "datetime" else rating,
         encoding=encoding,
         quoted=True,
@@ -679,24 +233,9 @@ def load_csv(
         )
     else:
         ts = to_seconds(t.numeric(time_col, "timestamp"), time_unit, t.source)
-    inter = pd.DataFrame(
-        {"user": t.frame[user_col].astype(str), "item": t.frame[item_col].astype(str), "timestamp": ts}
-    )
-    if rating_col:
-        inter["rating"] = t.numeric(rating_col, "rating").astype("float64")
-    cat = None
-    if items is not None:
-        cat, cat_src = _catalogue(
-            items, items_item_col or item_col, title_col, items_sep or sep, encoding, text_cols
-        )
-        if unknown_items == "error":
-            check_known_items(t, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, t.source)
-    return RecDataset.from_frames(
-        dataset_name or Path(path).name.split(".")[0],
-        inter,
-        cat,
-        source=t.source,
-        unknown_items=unknown_items,
+    ratings = t.numeric(rating_col, "rating") if rating_col else None
+    return mapping.dataset(
+        path, t.frame, ts, ratings, source=t.source, items_sep=items_sep or sep, encoding=encoding, table=t
     )
 
 
@@ -721,10 +260,10 @@ def load_parquet(
 
     Parquet has no lines, so errors name the (1-based) row instead.
     """
-    check_unknown_items_option(unknown_items)
+    mapping = ColumnMapping.of(locals())
     p = Path(path)
     df = _read_parquet(p)
-    for c in [user_col, item_col, time_col, *([rating_col] if rating_col else [])]:
+    for c in mapping.required:
         if c not in df.columns:
             raise RecalignInputError(
                 f"missing column '{c}' (columns: {', '.join(map(str, df.columns))})", source=p
@@ -751,16 +290,5 @@ def load_parquet(
         )
     else:
         ts = to_seconds(numeric(time_col, "timestamp"), time_unit, str(p))
-    inter = pd.DataFrame(
-        {"user": df[user_col].astype(str), "item": df[item_col].astype(str), "timestamp": ts}
-    )
-    if rating_col:
-        inter["rating"] = numeric(rating_col, "rating").astype("float64")
-    cat = None
-    if items is not None:
-        cat, cat_src = _catalogue(items, items_item_col or item_col, title_col, items_sep, "utf-8", text_cols)
-        if unknown_items == "error":
-            check_known_items(None, inter["item"], pd.Index(cat["item"]), Path(cat_src).name, str(p))
-    return RecDataset.from_frames(
-        dataset_name or p.name.split(".")[0], inter, cat, source=str(p), unknown_items=unknown_items
-    )
+    ratings = numeric(rating_col, "rating") if rating_col else None
+    return mapping.dataset(p, df, ts, ratings, source=str(p), items_sep=items_sep, encoding="utf-8")
