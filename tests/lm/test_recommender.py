@@ -127,3 +127,97 @@ def test_overfitted_model_ranks_and_generates_targets(tiny_dataset, tiny_tokeniz
     gen = evaluate_generation(model, tok, ds, test, max_history=2, max_new_tokens=16, progress=False)
     assert gen.answers == [e.target for e in exs]
     assert gen.metrics == {"HR@1 (all)": 1.0, "HR@1 (valid)": 1.0, "ValidRatio": 1.0}
+
+
+# ---------------------------------------------------------------------- RecommendSession (recommend / explain API)
+@pytest.fixture
+def session(tiny_dataset, tiny_model, tiny_tokenizer):
+    from recalign.lm.recommend import RecommendSession
+
+    return RecommendSession(tiny_model, tiny_tokenizer, tiny_dataset(), max_history=3)
+
+
+def test_session_exact_top_k_equals_exhaustive(session):
+    """The default (fast, exact) whole-catalogue ranking is the exhaustive ranking: items, order, scores."""
+    from recalign.cli.cmd_recommend import recommend
+
+    hist = ["Toy Story (1995)", "fargo (1996)", "Heat (1995)"]
+    fast = session.recommend(hist, k=10)
+    assert session.last_stats["method"] == "exact" and session.last_stats["nodes"] > 0
+    slow = session.recommend(hist, k=10, method="exhaustive")
+    assert [r.item_idx for r in fast] == [r.item_idx for r in slow]
+    np.testing.assert_allclose([r.score for r in fast], [r.score for r in slow], atol=1e-4)
+    assert [r.rank for r in fast] == list(range(1, 11))
+    assert not {"Toy Story (1995)", "Fargo (1996)", "Heat (1995)"} & {r.title for r in fast}
+    # the exhaustive scores are the naive log-probs of the open prompt
+    hist_idx = [0, 6, 1]
+    prompt = build_open_prompt(session.dataset, hist_idx, seed=0, user=0, position=3, max_history=3)
+    titles = display_titles(session.dataset)
+    with torch.no_grad():
+        ref = naive_answer_logprobs(
+            session.model, [encode_prompt(session.tokenizer, prompt)],
+            [[encode_answer(session.tokenizer, titles[r.item_idx]) for r in slow]],
+        )  # fmt: skip
+    np.testing.assert_allclose([r.score for r in slow], ref.sum[0].numpy(), atol=1e-4)
+    # the one-call API gives the same answer
+    one = recommend(
+        session.model, session.tokenizer, session.dataset, hist, k=10, max_history=3, progress=False
+    )
+    assert [r.item_idx for r in one] == [r.item_idx for r in fast]
+
+
+def test_session_candidates_sample_and_errors(session):
+    from recalign.errors import RecalignInputError
+
+    recs = session.recommend(["Heat (1995)"], candidates=["Alien (1979)", "Babe (1995)", "alien (1979)"], k=5)
+    assert sorted(r.title for r in recs) == ["Alien (1979)", "Babe (1995)"]  # a title given twice: once
+    assert session.last_stats["method"] == "candidates"
+    sampled = session.recommend(["Heat (1995)"], sample=4, k=10)
+    assert len(sampled) == 4 and "Heat (1995)" not in {r.title for r in sampled}
+    with pytest.raises(RecalignInputError, match=r"unknown history title 'Toy Stroy \(1995\)'.*Toy Story"):
+        session.recommend(["Toy Stroy (1995)"])
+    with pytest.raises(RecalignInputError, match="field 'history': needs at least one title"):
+        session.recommend([])
+    for bad in (0, 10_000, True):
+        with pytest.raises(RecalignInputError, match="field 'k'"):
+            session.recommend(["Heat (1995)"], k=bad)
+    with pytest.raises(RecalignInputError, match="needs a retriever"):
+        session.recommend(["Heat (1995)"], method="two-stage")
+    with pytest.raises(RecalignInputError, match="field 'method'"):
+        session.recommend(["Heat (1995)"], method="fastest")
+
+
+def test_session_two_stage_reranks_the_retrievers_top_n(session):
+    """A classical model retrieves N unseen items; the LM ranks exactly those with the candidate prompt."""
+    from recalign.errors import RecalignInputError
+
+    session.fit_retriever("pop")
+    session.retrieve = 6
+    hist = ["Toy Story (1995)", "Heat (1995)"]
+    pool = session._retrieve([0, 1], 6)
+    assert len(pool) == 6 and not {0, 1} & set(pool)
+    recs = session.recommend(hist, k=4, method="two-stage")
+    assert session.last_stats == {
+        **session.last_stats,
+        "method": "two-stage",
+        "retriever": "pop",
+        "retrieved": 6,
+    }
+    listed = session.recommend(hist, k=4, candidates=[session.titles[j] for j in pool])
+    assert [r.item_idx for r in recs] == [r.item_idx for r in listed]
+    with pytest.raises(RecalignInputError, match="at most the 6 retrieved"):
+        session.recommend(hist, k=7, method="two-stage")
+    with pytest.raises(RecalignInputError, match="unknown retriever 'bprmf'"):
+        session.fit_retriever("bprmf")
+
+
+def test_session_explains(session):
+    """Explanations are generated text, one line each; recommend(explain=True) adds one per item."""
+    text = session.explain(["Toy Story (1995)", "Babe (1995)"], "jumanji (1995)")
+    assert isinstance(text, str) and "\n" not in text
+    prompt = session.explain_prompt([0, 10], 11)
+    assert "Toy Story (1995)" in prompt and '"Jumanji (1995)"' in prompt
+    recs = session.recommend(["Toy Story (1995)"], k=2, explain=True)
+    assert all(isinstance(r.explanation, str) for r in recs)
+    assert "explanation" in recs[0].to_dict()
+    assert "explanation" not in session.recommend(["Toy Story (1995)"], k=1)[0].to_dict()

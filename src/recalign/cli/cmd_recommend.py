@@ -1,81 +1,56 @@
-"""``recalign recommend``: ranked recommendations from a language model for a history you type.
+"""``recalign recommend``: ranked recommendations from a saved model for a history you type.
 
-    recalign recommend --model DIR --history "Toy Story (1995)" "Fargo (1996)" [--candidates T ...] [-k 10]
-    recalign recommend --model DIR --history ... --sample 20      # 20 random unseen items as candidates
+    recalign recommend --model DIR --history "Toy Story (1995)" "Fargo (1996)" [-k 10] [--explain]
+    recalign recommend --model DIR --history ... --candidates T1 T2 ...   # rank only these
+    recalign recommend --model DIR --history ... --method two-stage --retriever sasrec
+    recalign recommend --model DIR --input users.jsonl --output recs.jsonl  # one history per line
 
-Titles are matched to the catalogue exactly, then case-insensitively (with or without the year when
-the catalogue has one); an unknown or ambiguous title is a one-line error (exit 2) with the closest
-catalogue titles as suggestions.
+What is ranked (the library is :class:`recalign.lm.recommend.RecommendSession`):
 
-Three ways to choose what is ranked:
+- by default the **whole catalogue minus the history**, against the next-item prompt without a list.
+  ``--method exact`` (default) returns the exact top-k with a pruned search over the title trie (a few
+  seconds for SmolLM2 on ML-100K; the same items, order and scores as scoring every title, which
+  ``--method exhaustive`` does, in minutes). ``--method two-stage``: a classical model
+  (``--retriever pop|sasrec|gru4rec``, trained when the command starts) retrieves ``--retrieve N``
+  unseen items and the LM ranks them with the candidate prompt it was trained on;
+- ``--candidates``: exactly those titles, listed in the candidate prompt as in evaluation;
+  ``--sample N``: N random unseen items (``--seed``), ranked the same way.
 
-- ``--candidates``: exactly those titles, with the candidate prompt the models are trained on (the
-  list appears in the prompt, as in evaluation);
-- ``--sample N``: N items drawn (``--seed``) from the catalogue minus the history, ranked the same way;
-- neither: the **whole catalogue minus the history**, scored against a prompt *without* a list (a list
-  of ~1,700 titles would not fit). Every title is an answer scored with the prompt computed once per
-  chunk of titles (shared-prefix scoring), but that is still ~20k answer tokens for ML-100K: about a
-  minute for SmolLM2 on a laptop CPU, with a progress bar. Models fine-tuned on candidate prompts have
-  not seen this open phrasing, so their catalogue-wide ranking is weaker than their candidate ranking.
+CLLM4Rec run directories score every item in one pass (``--user ID`` uses a known user's token).
+``--explain`` adds a one- or two-sentence rationale per item (see ``recalign explain``).
 
-The catalogue is ``--dataset``/``--path`` if given, else the dataset of the run directory's
-``config.yaml``, else the embedded ML-100K. :func:`recommend` is the Python API.
+Titles are matched exactly, then case-insensitively (with or without the year); an unknown or
+ambiguous title is a one-line error (exit 2) with the closest catalogue titles as suggestions.
+
+Batch mode: ``--input`` holds one JSON value per line -- a list of titles (the history), or an object
+``{"history": [...], "k": 5, "candidates": [...], "user": "...", "id": ...}`` (only ``history``
+required; ``id`` is copied to the output). Blank lines are ignored. Every line is checked before the
+model loads; any bad line is reported as ``error: FILE:LINE: problem`` (all of them) and nothing is
+written (exit 2). ``--output`` gets one JSON object per input line, in order, written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-from dataclasses import dataclass
+import os
+import sys
 from pathlib import Path
 
-import numpy as np
-
 from recalign.errors import RecalignInputError
+from recalign.lm.recommend import METHODS, RETRIEVERS, Recommendation, match_titles
 
-#: answers scored per shared-prefix pass when ranking the whole catalogue
-CATALOGUE_CHUNK = 64
+try:  # the public spellings (data-layer split); older trees only have the private ones
+    from recalign.cli.cmd_data import add_source_args, parse_opts
+except ImportError:  # pragma: no cover
+    from recalign.cli.cmd_data import _add_source_args as add_source_args
+    from recalign.cli.cmd_data import _parse_opts as parse_opts
 
+__all__ = ["Recommendation", "match_titles", "recommend", "register"]
 
-@dataclass
-class Recommendation:
-    rank: int
-    item_idx: int
-    item_id: str
-    title: str
-    score: float
-
-
-def match_titles(dataset, titles: list[str], what: str = "history") -> list[int]:
-    """Catalogue indices of ``titles``: exact match first, then case-insensitive; unknown -> error."""
-    from recalign.lm.prompts import display_titles
-
-    shown = display_titles(dataset)
-    raw = [str(t) for t in dataset.items["title"]]
-    exact: dict[str, int] = {}
-    folded: dict[str, list[int]] = {}
-    for i, (a, b) in enumerate(zip(shown, raw)):
-        for t in {a, b}:
-            exact.setdefault(t, i)
-            folded.setdefault(" ".join(t.casefold().split()), []).append(i)
-    out = []
-    for t in titles:
-        t_clean = " ".join(str(t).split())
-        if t_clean in exact:
-            out.append(exact[t_clean])
-            continue
-        hits = sorted(set(folded.get(t_clean.casefold(), [])))
-        if len(hits) == 1:
-            out.append(hits[0])
-            continue
-        if len(hits) > 1:
-            names = "; ".join(shown[i] for i in hits[:3])
-            raise RecalignInputError(f"{what} title {t!r} is ambiguous ({names}); give the exact title")
-        close = difflib.get_close_matches(t_clean, shown, n=3, cutoff=0.6)
-        hint = f"; did you mean: {'; '.join(close)}" if close else ""
-        raise RecalignInputError(f"unknown {what} title {t!r} (not in the {dataset.name} catalogue){hint}")
-    return out
+#: bad input lines listed before "... and N more"
+MAX_REPORTED = 20
+_LINE_KEYS = {"history", "k", "candidates", "user", "id", "sample"}
 
 
 def recommend(
@@ -89,87 +64,60 @@ def recommend(
     k: int = 10,
     seed: int = 0,
     max_history: int = 10,
+    method: str = "exact",
     progress: bool = True,
 ) -> list[Recommendation]:
-    """Top-``k`` items for a typed history (titles), best first; see the module docstring for modes."""
-    import torch
-    from tqdm.auto import tqdm
+    """Top-``k`` items for a typed history (titles), best first (see the module docstring for modes).
 
-    from recalign.lm.prompts import (
-        build_candidate_prompt,
-        build_open_prompt,
-        display_titles,
-        encode_answer,
-        encode_prompt,
+    A one-call wrapper around :class:`~recalign.lm.recommend.RecommendSession` (which keeps the title
+    trie between calls: use it directly for more than one history).
+    """
+    from recalign.lm.recommend import RecommendSession
+
+    session = RecommendSession(model, tokenizer, dataset, seed=seed, max_history=max_history)
+    return session.recommend(
+        history, k=k, candidates=candidates, sample=sample, method=method, progress=progress
     )
-    from recalign.lm.scoring import answer_logprobs
 
-    if k < 1:
-        raise RecalignInputError(f"-k must be >= 1, got {k}", source="command line")
-    if not history:
-        raise RecalignInputError("--history needs at least one title", source="command line")
-    hist = match_titles(dataset, history, "history")
-    titles = display_titles(dataset)
-    seen = set(hist)
-    if candidates:
-        pool = match_titles(dataset, candidates, "candidate")
-        pool = list(dict.fromkeys(pool))  # a title given twice is one candidate
-    elif sample:
-        unseen = np.array([i for i in range(dataset.n_items) if i not in seen], dtype=np.int64)
-        if sample < 1:
-            raise RecalignInputError(f"--sample must be >= 1, got {sample}", source="command line")
-        rng = np.random.default_rng([seed, len(hist)])
-        pool = rng.choice(unseen, size=min(sample, len(unseen)), replace=False).tolist()
-    else:
-        pool = [i for i in range(dataset.n_items) if i not in seen]
-    if not pool:
-        raise RecalignInputError("nothing to rank: every catalogue item is in the history")
 
-    listed = bool(candidates) or bool(sample)
-    if listed:
-        prompt = build_candidate_prompt(
-            dataset, hist, pool, seed=seed, user=0, position=len(hist), max_history=max_history
-        )
-    else:
-        prompt = build_open_prompt(
-            dataset, hist, seed=seed, user=0, position=len(hist), max_history=max_history
-        )
-    p_ids = encode_prompt(tokenizer, prompt)
-    answers = [encode_answer(tokenizer, titles[i]) for i in pool]
-    chunk = len(answers) if listed else CATALOGUE_CHUNK
-    starts = range(0, len(answers), chunk)
-    scores: list[float] = []
-    model.eval()
-    with torch.inference_mode():
-        for s in tqdm(starts, desc="scoring catalogue", disable=not (progress and len(starts) > 1)):
-            res = answer_logprobs(model, [p_ids], [answers[s : s + chunk]])
-            scores.extend(res.sum[0].float().tolist())
-    order = np.argsort(-np.asarray(scores), kind="stable")[: min(k, len(pool))]
-    ids = dataset.items["item_id"].tolist()
-    return [
-        Recommendation(
-            rank=r + 1,
-            item_idx=int(pool[j]),
-            item_id=str(ids[pool[j]]),
-            title=titles[pool[j]],
-            score=float(scores[j]),
-        )
-        for r, j in enumerate(order)
-    ]
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype``, ``--threads`` and the catalogue source (shared with explain / serve)."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run directory, adapter directory, base model name/path, or a CLLM4Rec run directory",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16"],
+        help="model weights (default float32: scores exactly as evaluation computes them; bfloat16 is "
+        "~2x faster on CPUs with native bf16 and rounds scores to ~3 digits)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_source_args(p, default=None)
+
+
+def add_retriever_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--retriever",
+        default=None,
+        choices=list(RETRIEVERS),
+        help="classical model for --method two-stage (trained on the catalogue's interactions at start)",
+    )
+    p.add_argument(
+        "--retrieve", type=int, default=20, metavar="N", help="items the retriever hands the LM (default 20)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from recalign.cli.cmd_data import _add_source_args
-
     p = subparsers.add_parser(
         "recommend",
-        help="rank items for a typed history with a saved LM",
+        help="rank items for a typed history (or a JSONL file of histories) with a saved model",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", required=True, help="run directory, adapter directory or base model name/path")
-    p.add_argument(
-        "--history", nargs="+", required=True, metavar="TITLE", help="watched titles, oldest first"
-    )
+    add_model_args(p)
+    p.add_argument("--history", nargs="+", default=None, metavar="TITLE", help="watched titles, oldest first")
     p.add_argument("--candidates", nargs="+", default=None, metavar="TITLE", help="rank only these titles")
     p.add_argument(
         "--sample",
@@ -178,66 +126,204 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="rank N random unseen items (seeded) instead of all",
     )
-    p.add_argument("-k", type=int, default=10, help="how many recommendations to print (default 10)")
+    p.add_argument("-k", type=int, default=10, help="how many recommendations (default 10)")
+    p.add_argument(
+        "--method",
+        default="exact",
+        choices=list(METHODS),
+        help="whole-catalogue ranking: exact (pruned search, default), exhaustive (score every title), "
+        "two-stage (--retriever retrieves, the LM re-ranks)",
+    )
+    add_retriever_args(p)
+    p.add_argument("--user", default=None, help="CLLM4Rec: a known user id whose user token to use")
+    p.add_argument("--explain", action="store_true", help="add a short rationale per recommended item")
     p.add_argument(
         "--seed", type=int, default=None, help="prompt phrasing / sample seed (default: the model's)"
     )
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="model weights (default auto)",
-    )
-    _add_source_args(p, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--input", default=None, metavar="FILE.jsonl", help="batch mode: one history per line")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="batch mode: where to write results")
     p.set_defaults(func=cmd_recommend)
 
 
-def _catalogue_source(args: argparse.Namespace, run_dir: Path) -> tuple[str, str | None, dict]:
-    from recalign.cli.cmd_data import _parse_opts
+def _check_args(args: argparse.Namespace) -> None:
+    if args.input is None and not args.history:
+        raise RecalignInputError("give --history TITLE ... or --input FILE.jsonl", source="command line")
+    if args.input is not None and args.history:
+        raise RecalignInputError("give either --history or --input, not both", source="command line")
+    if args.input is not None and not args.output:
+        raise RecalignInputError("--input needs --output FILE.jsonl", source="command line")
+    if args.output and args.input is None:
+        raise RecalignInputError("--output is for batch mode (--input FILE.jsonl)", source="command line")
+    if args.k < 1:
+        raise RecalignInputError(f"-k must be >= 1, got {args.k}", source="command line")
+    if args.sample is not None and args.sample < 1:
+        raise RecalignInputError(f"--sample must be >= 1, got {args.sample}", source="command line")
+    if args.method == "two-stage" and not args.retriever:
+        raise RecalignInputError(
+            "--method two-stage needs --retriever pop|sasrec|gru4rec", source="command line"
+        )
+    if args.retrieve < 1:
+        raise RecalignInputError(f"--retrieve must be >= 1, got {args.retrieve}", source="command line")
 
-    if args.dataset or args.path:
-        return args.dataset or "ml-100k", args.path, _parse_opts(args.opt)
-    cfg = run_dir / "config.yaml"
-    if run_dir.is_dir() and cfg.is_file():
-        from recalign.config import read_yaml
 
-        data = read_yaml(cfg).get("data") or {}
-        if isinstance(data, dict) and data.get("dataset"):
-            return str(data["dataset"]), data.get("path"), dict(data.get("options") or {})
-    return "ml-100k", None, {}
+def read_requests(path: str | Path, dataset, *, default_k: int) -> list[dict]:
+    """The requests of a batch file, every line checked (titles included); all problems in one error
+    list: raises :class:`RecalignInputError` for the first, with ``.all`` holding every message."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecalignInputError("no such file", source=path)
+    requests, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                requests.append(_parse_line(raw, n, dataset, default_k))
+            except RecalignInputError as e:
+                problems.append(RecalignInputError(e.problem, source=path, line=n, field=e.field))
+            except UnicodeDecodeError:  # pragma: no cover - raised by the file iterator instead
+                problems.append(RecalignInputError("not UTF-8 text", source=path, line=n))
+    if not requests and not problems:
+        raise RecalignInputError("no histories in the file (every line is blank)", source=path)
+    if problems:
+        err = problems[0]
+        err.all = problems  # type: ignore[attr-defined]
+        raise err
+    return requests
 
 
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from recalign.cli.cmd_data import load_with_options
-    from recalign.lm.lora import ADAPTER_META, load_lm, resolve_model
+def _parse_line(raw: str, n: int, dataset, default_k: int) -> dict:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RecalignInputError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, list):
+        value = {"history": value}
+    if not isinstance(value, dict):
+        raise RecalignInputError(f"expected a list of titles or an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - _LINE_KEYS)
+    if unknown:
+        raise RecalignInputError(f"unknown key '{unknown[0]}' (known: {', '.join(sorted(_LINE_KEYS))})")
+    hist = value.get("history")
+    if not isinstance(hist, list) or not hist:
+        raise RecalignInputError("needs a non-empty list of titles", field="history")
+    match_titles(dataset, hist, "history")
+    k = value.get("k", default_k)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= dataset.n_items:
+        raise RecalignInputError(f"must be an integer between 1 and {dataset.n_items}, got {k!r}", field="k")
+    cands = value.get("candidates")
+    if cands is not None:
+        if not isinstance(cands, list) or not cands:
+            raise RecalignInputError("must be a non-empty list of titles", field="candidates")
+        match_titles(dataset, cands, "candidate")
+    sample = value.get("sample")
+    if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < 1):
+        raise RecalignInputError(f"must be a positive integer, got {sample!r}", field="sample")
+    user = value.get("user")
+    if user is not None and not isinstance(user, str | int):
+        raise RecalignInputError("must be a user id (string)", field="user")
+    return {"line": n, **value, "k": k}
 
-    src = resolve_model(args.model)
-    meta = {}
-    if src.adapter is not None and (src.adapter / ADAPTER_META).is_file():
-        meta = json.loads((src.adapter / ADAPTER_META).read_text(encoding="utf-8"))
-    name, path, opts = _catalogue_source(args, Path(args.model))
-    dataset = load_with_options(name, path, opts)
-    # Validate titles before the (slower) model load, so a typo fails fast.
-    match_titles(dataset, args.history, "history")
-    if args.candidates:
-        match_titles(dataset, args.candidates, "candidate")
-    model, tok, _ = load_lm(args.model, dtype=args.dtype)
-    recs = recommend(
-        model,
-        tok,
-        dataset,
-        args.history,
-        candidates=args.candidates,
-        sample=args.sample,
-        k=args.k,
-        seed=args.seed if args.seed is not None else int(meta.get("seed", 0)),
-        max_history=int(meta.get("max_history", 10)),
-    )
-    if args.json:
-        print(json.dumps([r.__dict__ for r in recs], indent=2))
-        return 0
+
+def _prepare_output(path: str | Path) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise RecalignInputError("is a directory; give a file name, e.g. recs.jsonl", source=out)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        from recalign.rundir import open_output_dir
+    except ImportError:  # pragma: no cover - older trees without the output-directory guard
+        parent.mkdir(parents=True, exist_ok=True)
+    else:
+        open_output_dir(parent, option="--output", lock=False)
+    if not os.access(parent, os.W_OK):
+        raise RecalignInputError("cannot write here", source=parent)
+    return out
+
+
+def _print_table(recs: list[Recommendation]) -> None:
     width = max(len(r.title) for r in recs)
     for r in recs:
         print(f"{r.rank:>3}. {r.title:<{width}}  {r.score:9.3f}")
+        if r.explanation is not None:
+            print(f"     {r.explanation}")
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from recalign.lm.recommend import RecommendSession, load_catalogue
+
+    _check_args(args)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    dataset = load_catalogue(args.model, args.dataset, args.path, parse_opts(args.opt))
+    # Check every title before the (slower) model load, so that a typo fails fast.
+    requests = None
+    out_path = None
+    if args.input is not None:
+        out_path = _prepare_output(args.output)
+        try:
+            requests = read_requests(args.input, dataset, default_k=args.k)
+        except RecalignInputError as e:
+            problems = getattr(e, "all", [e])
+            for p in problems[:MAX_REPORTED]:
+                print(f"error: {p}", file=sys.stderr)
+            if len(problems) > MAX_REPORTED:
+                print(f"error: ... and {len(problems) - MAX_REPORTED} more bad lines", file=sys.stderr)
+            return 2
+    else:
+        try:
+            match_titles(dataset, args.history, "history")
+            if args.candidates:
+                match_titles(dataset, args.candidates, "candidate")
+        except RecalignInputError as e:
+            raise RecalignInputError(e.problem, source="command line") from None
+    session = RecommendSession.load(
+        args.model, catalogue=dataset, dtype=args.dtype, retriever=args.retriever, retrieve=args.retrieve,
+        progress=True,
+    )  # fmt: skip
+    if args.seed is not None:
+        session.seed = args.seed
+    if requests is not None:
+        return _run_batch(session, requests, args, out_path)
+    try:
+        recs = session.recommend(
+            args.history, k=args.k, candidates=args.candidates, sample=args.sample, method=args.method,
+            user=args.user, explain=args.explain, progress=True,
+        )  # fmt: skip
+    except RecalignInputError as e:
+        raise RecalignInputError(e.problem, source="command line", field=e.field) from None
+    if args.json:
+        print(json.dumps([r.to_dict() for r in recs], indent=2))
+    else:
+        _print_table(recs)
+    st = session.last_stats
+    print(f"({st.get('method')}: top {len(recs)} in {st.get('seconds', 0):.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _run_batch(session, requests: list[dict], args: argparse.Namespace, out_path: Path) -> int:
+    from tqdm.auto import tqdm
+
+    from recalign.io import atomic_write_bytes
+
+    lines = []
+    for req in tqdm(requests, desc="recommending", unit="user"):
+        try:
+            recs = session.recommend(
+                req["history"], k=req["k"], candidates=req.get("candidates"), sample=req.get("sample"),
+                method=args.method, user=req.get("user", args.user), explain=args.explain,
+            )  # fmt: skip
+        except RecalignInputError as e:  # e.g. two-stage k above --retrieve: this line, nothing written
+            raise RecalignInputError(e.problem, source=args.input, line=req["line"], field=e.field) from None
+        row = {"line": req["line"]}
+        if "id" in req:
+            row["id"] = req["id"]
+        row["history"] = req["history"]
+        row["recommendations"] = [r.to_dict() for r in recs]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_bytes(out_path, ("\n".join(lines) + "\n").encode("utf-8"))
+    print(f"wrote {len(lines)} lines to {out_path}", file=sys.stderr)
     return 0

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("cmd_"):
             importlib.import_module(f"recalign.cli.{info.name}").register(sub)
+    from recalign.logs import add_verbose_flag
+
+    add_verbose_flag(parser)  # -v anywhere: library progress bars and warnings (quiet by default)
     return parser
 
 
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from recalign.logs import configure
+
+    configure(getattr(args, "verbose", 0))
     from recalign.evaluation import records
 
     records.set_command_argv(sys.argv[1:] if argv is None else argv)
