@@ -221,3 +221,26 @@ def test_session_explains(session):
     assert all(isinstance(r.explanation, str) for r in recs)
     assert "explanation" in recs[0].to_dict()
     assert "explanation" not in session.recommend(["Toy Story (1995)"], k=1)[0].to_dict()
+
+
+def test_session_hybrid_prompts_fast_equals_exhaustive(tiny_dataset, tiny_model, tiny_tokenizer):
+    """A model with soft item tokens (LLaRA-style projector) gets hybrid prompts, and the exact search
+    still equals exhaustive scoring."""
+    import copy
+
+    from recalign.lm.hybrid import attach_item_tokens, new_item_tokens
+    from recalign.lm.recommend import RecommendSession
+
+    ds = tiny_dataset()
+    model = copy.deepcopy(tiny_model)
+    torch.manual_seed(0)
+    attach_item_tokens(model, new_item_tokens(model, torch.randn(ds.n_items, 8) * 0.1, hidden=16))
+    session = RecommendSession(model, tiny_tokenizer, ds, max_history=3)
+    assert session._item_tokens() and min(session._open_prompt_ids([0, 1])) < 0  # soft tokens in the prompt
+    hist = ["Toy Story (1995)", "Heat (1995)"]
+    fast = session.recommend(hist, k=6)
+    slow = session.recommend(hist, k=6, method="exhaustive")
+    assert [r.item_idx for r in fast] == [r.item_idx for r in slow]
+    np.testing.assert_allclose([r.score for r in fast], [r.score for r in slow], atol=1e-4)
+    plain = RecommendSession(tiny_model, tiny_tokenizer, ds, max_history=3).recommend(hist, k=6)
+    assert [r.score for r in plain] != [r.score for r in fast]  # the soft tokens change the scores

@@ -311,12 +311,19 @@ class RecommendSession:
         attn = getattr(getattr(_unwrap(self.model), "config", None), "_attn_implementation", None)
         return not is_seq2seq(self.model) and attn in (None, "eager", "sdpa")
 
+    def _item_tokens(self) -> bool:
+        """Whether the model reads soft item tokens (LLaRA-style hybrid prompts) after listed titles."""
+        from recalign.lm.hybrid import uses_item_tokens
+
+        return uses_item_tokens(self.model, self.dataset)
+
     def _open_prompt_ids(self, hist: list[int]) -> list[int]:
         from recalign.lm.prompts import build_open_prompt
 
         prompt = build_open_prompt(
-            self.dataset, hist, seed=self.seed, user=0, position=len(hist), max_history=self.max_history
-        )
+            self.dataset, hist, seed=self.seed, user=0, position=len(hist), max_history=self.max_history,
+            item_tokens=self._item_tokens(),
+        )  # fmt: skip
         return self._encoders()[0](prompt)
 
     def _exact(self, hist, k, stats) -> tuple[list[int], list[float]]:
@@ -368,8 +375,9 @@ class RecommendSession:
         from recalign.lm.scoring import answer_logprobs
 
         prompt = build_candidate_prompt(
-            self.dataset, hist, pool, seed=self.seed, user=0, position=len(hist), max_history=self.max_history
-        )
+            self.dataset, hist, pool, seed=self.seed, user=0, position=len(hist), max_history=self.max_history,
+            item_tokens=self._item_tokens(),
+        )  # fmt: skip
         p_ids = self._encoders()[0](prompt)
         self.model.eval()
         with torch.inference_mode():
