@@ -73,13 +73,14 @@ def text_signal_check(cfg, run_dir: Path) -> dict:
     import numpy as np
 
     from recalign.data.prepare import prepare
-    from recalign.methods.dpo4rec import recipe as R
+    from recalign.methods.dpo4rec import stages as S
+    from recalign.methods.dpo4rec.encoder import make_encoder
     from recalign.methods.dpo4rec.summaries import SummaryRecord, read_jsonl
 
     split, ds, _ = prepare(cfg.data)
-    sasrec, _ = R.fit_or_load_sasrec(cfg, ds, split, run_dir, False)
-    enc = R.make_encoder(cfg.encoder.kind)
-    item_text = R.item_text_embeddings(ds, enc) if cfg.fusion.item_text else None
+    sasrec, _ = S.fit_or_load_sasrec(cfg, ds, split, run_dir, False)
+    enc = make_encoder(cfg.encoder.kind)
+    item_text = S.item_text_embeddings(ds, enc) if cfg.fusion.item_text else None
     fcfg = dataclasses.replace(cfg.fusion, holdout_fraction=0.2)
     cfg2 = dataclasses.replace(cfg, fusion=fcfg, progress=False)
     users = {d["user"]: d["fold"] for d in json.loads((run_dir / "users.json").read_text())["users"]}
@@ -94,14 +95,14 @@ def text_signal_check(cfg, run_dir: Path) -> dict:
     ]
     out = {}
     for name, recs, valid in (
-        ("lm_summaries", lm, R._one_per_user(valid_all, users)),
+        ("lm_summaries", lm, S.one_per_user(valid_all, users)),
         ("rule_summaries_all_users", rule, valid_all),
     ):
-        hist, emb, tgt, _ = R._fusion_inputs(recs, valid, enc)
+        hist, emb, tgt, _ = S.fusion_inputs(recs, valid, enc)
         groups = np.array([r.user for r in recs])
         row = {"examples": len(recs), "users": len(set(groups.tolist())), "example_text": recs[0].text}
         for variant, e in (("own", emb), ("shuffled", emb[np.random.default_rng(0).permutation(len(emb))])):
-            m = R._make_fusion(cfg2, sasrec, enc.dim, item_text, False)
+            m = S.make_fusion(cfg2, sasrec, enc.dim, item_text, False)
             m.fit(hist, e, tgt, groups)
             h = m.fit_info["history"]
             row[variant] = {

@@ -12,7 +12,9 @@ The pipeline, one module per step:
    the candidates as re-ranked by the augmented recommender given that summary.
 5. :mod:`~recalign.methods.dpo4rec.pairs` -- best and worst of a user's N summaries form a DPO pair
    (ties counted, not paired).
-6. :mod:`~recalign.methods.dpo4rec.recipe` -- the whole run: stages written atomically and skipped when
-   complete, DPO with LoRA and an adapter-disabled (or cached) reference, T iterations, evaluation of
-   SASRec alone and with unaligned / aligned summaries on the same test users.
+6. :mod:`~recalign.methods.dpo4rec.recipe` -- the whole run as a list of named stages (``STAGES``: data,
+   sasrec, summaries, fusion, iterations, test) over one ``RunState``; the stage bodies (written atomically
+   and skipped when complete, DPO with LoRA and an adapter-disabled or cached reference) are in
+   :mod:`~recalign.methods.dpo4rec.stages`, the evaluation of SASRec alone and with unaligned / aligned
+   summaries on the same test users and the written metrics/records in :mod:`~recalign.methods.dpo4rec.report`.
 """
