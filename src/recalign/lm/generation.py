@@ -28,15 +28,8 @@ from tqdm.auto import tqdm
 from recalign.data.dataset import RecDataset
 from recalign.evaluation.generation import generation_metrics, match_answer
 from recalign.lm.hybrid import decoder_inputs, uses_item_tokens
+from recalign.lm.modules import is_seq2seq, unwrap_peft
 from recalign.lm.prompts import PromptExample, encode_prompt, examples_to_prompts, stop_token_ids
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _is_seq2seq(model) -> bool:
-    return bool(getattr(_base(model).config, "is_encoder_decoder", False))
 
 
 def _pad_id(tokenizer) -> int:
@@ -75,7 +68,7 @@ def generate_answers(
     makes a sampled batch reproducible.
     """
     texts = [p.prompt if isinstance(p, PromptExample) else str(p) for p in prompts]
-    seq2seq = _is_seq2seq(model)
+    seq2seq = is_seq2seq(model)
     if seq2seq:
         from recalign.lm.seq2seq import encode_source
 
@@ -85,7 +78,7 @@ def generate_answers(
         encoded = [encode_prompt(tokenizer, t) for t in texts]
         stops = stop_token_ids(tokenizer)
     pad = _pad_id(tokenizer)
-    device = next(_base(model).parameters()).device
+    device = next(unwrap_peft(model).parameters()).device
     was_training = model.training
     model.eval()
     out: list[str] = []

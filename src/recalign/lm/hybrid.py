@@ -46,6 +46,7 @@ from torch import nn
 
 from recalign.errors import RecalignInputError
 from recalign.io import atomic_write_bytes, atomic_write_json
+from recalign.lm.modules import unwrap_peft
 
 #: attribute of the ``*ForCausalLM`` holding its :class:`ItemTokens`
 ATTR = "recalign_item_tokens"
@@ -136,9 +137,7 @@ def _causal_lm(model) -> nn.Module:
     """The ``*ForCausalLM`` under DDP and peft wrappers (where :data:`ATTR` lives)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
+    return unwrap_peft(model)
 
 
 def item_tokens_of(model) -> ItemTokens | None:

@@ -55,17 +55,13 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.scoring import (
-    AnswerScores,
-    _assemble,
-    _model_dtype_device,
-    _softcap,
-    _unwrap,
-    _validate,
-    decoder_and_head,
-    packed_batch,
-    packed_scores,
-)
+from recalign.lm.modules import AnswerScores
+from recalign.lm.modules import assemble_scores as _assemble
+from recalign.lm.modules import model_dtype_device as _model_dtype_device
+from recalign.lm.modules import softcap as _softcap
+from recalign.lm.modules import unwrap_peft as _unwrap
+from recalign.lm.modules import validate_answers as _validate
+from recalign.lm.scoring import decoder_and_head, packed_batch, packed_scores
 
 #: generation-config fields that would add a logits processor / stopping rule the joint loop does not apply
 _PROCESSOR_FIELDS = {

@@ -55,6 +55,12 @@ import torch
 from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
+from recalign.lm.modules import AnswerScores
+from recalign.lm.modules import assemble_scores as _assemble
+from recalign.lm.modules import model_dtype_device as _model_dtype_device
+from recalign.lm.modules import softcap as _softcap
+from recalign.lm.modules import unwrap_peft as _unwrap
+from recalign.lm.modules import validate_answers as _validate
 
 IMPLS = ("packed", "kv")
 #: answer-token rows per LM-head matmul: bounds the [rows, vocab] logits tensor (2048 x 49k x 4 B = 400 MB).
@@ -65,35 +71,7 @@ HEAD_CHUNK = 1024
 KV_CACHE_TOKENS = 16384
 
 
-@dataclass
-class AnswerScores:
-    """Per-answer log-probabilities, padded to ``[B, A_max]``.
-
-    ``sum``: summed log-prob of each answer's tokens given its prompt; padded entries are ``-inf``.
-    ``n_tokens``: answer lengths in tokens (0 where padded). ``mask``: which entries are real answers.
-    """
-
-    sum: torch.Tensor
-    n_tokens: torch.Tensor
-    mask: torch.Tensor
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Length-normalised log-prob (``sum / n_tokens``); ``-inf`` where padded."""
-        return torch.where(self.mask, self.sum / self.n_tokens.clamp(min=1), self.sum)
-
-    def select(self, length_normalize: bool = False) -> torch.Tensor:
-        return self.mean if length_normalize else self.sum
-
-
 # ---------------------------------------------------------------------- model plumbing
-def _unwrap(model):
-    """The ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected), or the model itself."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body (input ids -> final hidden states) and the LM head of a causal LM."""
     base = _unwrap(model)
@@ -104,17 +82,6 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     if decoder is None or head is None:
         raise TypeError(f"cannot find decoder and LM head of {type(base).__name__}")
     return decoder, head
-
-
-def _softcap(model) -> float | None:
-    cfg = _unwrap(model).config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(cfg, "final_logit_softcapping", None)
-
-
-def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
-    p = next(_unwrap(model).parameters())
-    return p.dtype, p.device
 
 
 def _token_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -128,42 +95,6 @@ def _token_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) ->
         lp = logits.log_softmax(-1)
         out.append(lp.gather(-1, targets[start : start + HEAD_CHUNK, None]).squeeze(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _validate(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]]) -> int:
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
-    a_max = 0
-    for b, (p, ans) in enumerate(zip(prompts, answers)):
-        if len(p) == 0:
-            raise ValueError(f"prompt {b} is empty (it must contain at least one token)")
-        for j, a in enumerate(ans):
-            if len(a) == 0:
-                raise ValueError(f"answer {j} of prompt {b} is empty")
-            if min(a) < 0:
-                raise ValueError(f"answer {j} of prompt {b} holds a soft item token (answers are plain ids)")
-        a_max = max(a_max, len(ans))
-    return a_max
-
-
-def _assemble(
-    per_answer: list[tuple[int, int, torch.Tensor]], n_tokens: list[list[int]], a_max: int, device
-) -> AnswerScores:
-    """Scatter per-answer sums into a ``[B, A_max]`` tensor of ``-inf`` (differentiably)."""
-    b_n = len(n_tokens)
-    ntok = torch.zeros(b_n, a_max, dtype=torch.long, device=device)
-    mask = torch.zeros(b_n, a_max, dtype=torch.bool, device=device)
-    for b, lens in enumerate(n_tokens):
-        if lens:
-            ntok[b, : len(lens)] = torch.tensor(lens, dtype=torch.long, device=device)
-            mask[b, : len(lens)] = True
-    out = torch.full((b_n, a_max), float("-inf"), device=device)
-    if per_answer:
-        rows = torch.tensor([b for b, _, _ in per_answer], device=device)
-        cols = torch.tensor([j for _, j, _ in per_answer], device=device)
-        vals = torch.stack([v for _, _, v in per_answer])
-        out = out.index_put((rows, cols), vals)
-    return AnswerScores(sum=out, n_tokens=ntok, mask=mask)
 
 
 def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:

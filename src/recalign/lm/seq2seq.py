@@ -33,7 +33,8 @@ from functools import partial
 import torch
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from recalign.lm.scoring import AnswerScores, _validate
+from recalign.lm.modules import AnswerScores, assemble_scores, is_seq2seq, unwrap_peft
+from recalign.lm.modules import validate_answers as _validate
 
 IMPLS = ("shared", "naive")
 #: answer-token rows per LM-head matmul (bounds the ``[rows, vocab]`` logits tensor).
@@ -41,16 +42,6 @@ HEAD_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------- family and tokenisation
-def unwrap(model) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_seq2seq(model) -> bool:
-    """True for encoder-decoder models (T5, FLAN-T5, BART, ...)."""
-    return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
-
-
 def encode_source(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Encoder input ids of ``prompt``: text tokens, then EOS."""
     ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -64,7 +55,7 @@ def encode_target(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
 
 
 def decoder_start_id(model) -> int:
-    cfg = unwrap(model).config
+    cfg = unwrap_peft(model).config
     start = getattr(cfg, "decoder_start_token_id", None)
     if start is None:
         start = cfg.pad_token_id
@@ -110,22 +101,10 @@ def build_tiny_t5(
 
 
 # ---------------------------------------------------------------------- scoring helpers (inputs are
-# checked by recalign.lm.scoring's _validate: one rule for both families)
+# checked by recalign.lm.modules.validate_answers: one rule for both families)
 def _assemble(values: dict[tuple[int, int], torch.Tensor], answers, a_max: int, device) -> AnswerScores:
-    b_n = len(answers)
-    ntok = torch.zeros(b_n, a_max, dtype=torch.long, device=device)
-    mask = torch.zeros(b_n, a_max, dtype=torch.bool, device=device)
-    for b, ans in enumerate(answers):
-        for j, a in enumerate(ans):
-            ntok[b, j] = len(a)
-            mask[b, j] = True
-    out = torch.full((b_n, a_max), float("-inf"), device=device)
-    if values:
-        keys = list(values)
-        rows = torch.tensor([b for b, _ in keys], device=device)
-        cols = torch.tensor([j for _, j in keys], device=device)
-        out = out.index_put((rows, cols), torch.stack([values[k] for k in keys]))
-    return AnswerScores(sum=out, n_tokens=ntok, mask=mask)
+    per_answer = [(b, j, v) for (b, j), v in values.items()]
+    return assemble_scores(per_answer, [[len(a) for a in ans] for ans in answers], a_max, device)
 
 
 def _head_logprobs(base, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -157,7 +136,7 @@ def naive_seq2seq_answer_logprobs(
 ) -> AnswerScores:
     """One full forward (encoder + decoder, full logits) per (prompt, answer) pair: the obvious way."""
     a_max = _validate(prompts, answers)
-    base = unwrap(model)
+    base = unwrap_peft(model)
     device = next(base.parameters()).device
     start = decoder_start_id(model)
     values = {}
@@ -201,7 +180,7 @@ def seq2seq_answer_logprobs(
     if impl == "naive":
         return naive_seq2seq_answer_logprobs(model, prompts, answers)
     a_max = _validate(prompts, answers)
-    base = unwrap(model)
+    base = unwrap_peft(model)
     device = next(base.parameters()).device
     if a_max == 0:
         return _assemble({}, answers, 0, device)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
+from recalign.lm.modules import softcap
 from recalign.lm.prompts import display_titles, item_noun, recent_history
 
 #: Document header (``{nouns}``: "movies", "items", ... from the dataset's catalogue).
@@ -190,9 +191,7 @@ def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     rows, pos, tgt = _target_positions(batch)
     h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
     targets = torch.tensor(tgt, device=device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    cap = getattr(cfg, "final_logit_softcapping", None)
+    cap = softcap(model)
     out = []
     for s in range(0, h.shape[0], HEAD_CHUNK):
         logits = head(h[s : s + HEAD_CHUNK]).float()

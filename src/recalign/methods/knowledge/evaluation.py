@@ -352,9 +352,9 @@ def evaluate_generation(
     trie = TitleTrie.from_titles(tasks.titles, enc_answer)
     matcher = TitleMatcher(tasks.titles)
     stop = answer_stop_ids(model, tokenizer)
-    from recalign.lm.seq2seq import is_seq2seq, unwrap
+    from recalign.lm.modules import is_seq2seq, unwrap_peft
 
-    base = unwrap(model)
+    base = unwrap_peft(model)
     offset_seq2seq = is_seq2seq(model)
     hits_c, hits_n, valid, details = [], [], [], []
     was_training = model.training

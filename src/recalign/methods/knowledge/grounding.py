@@ -151,9 +151,9 @@ def constrained_generate(
     beams ranked by ``sum log-prob / length**length_penalty``); 0 ranks them by the summed log-prob, the
     score every other part of recalign ranks titles by.
     """
-    from recalign.lm.seq2seq import is_seq2seq, unwrap
+    from recalign.lm.modules import is_seq2seq, unwrap_peft
 
-    base = unwrap(model)
+    base = unwrap_peft(model)
     device = next(base.parameters()).device
     seq2seq = is_seq2seq(model)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
@@ -210,12 +210,13 @@ def trie_beam_search(
     """
     from transformers import DynamicCache
 
-    from recalign.lm.scoring import _softcap, _unwrap, decoder_and_head
+    from recalign.lm.modules import softcap, unwrap_peft
+    from recalign.lm.scoring import decoder_and_head
 
     decoder, head = decoder_and_head(model)
-    device = next(_unwrap(model).parameters()).device
-    cap = _softcap(model)
-    cache = DynamicCache(config=_unwrap(model).config)
+    device = next(unwrap_peft(model).parameters()).device
+    cap = softcap(model)
+    cache = DynamicCache(config=unwrap_peft(model).config)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     hidden = decoder(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
     live: list[tuple[tuple[int, ...], float, dict]] = [((), 0.0, trie.root)]  # prefix, score, trie node
