@@ -7,7 +7,6 @@ truncation is exercised.
 
 from __future__ import annotations
 
-from conformance import RecommenderConformance
 from recalign.baselines import (
     BPRMFConfig,
     BPRMFRecommender,
@@ -18,6 +17,7 @@ from recalign.baselines import (
     SASRec,
     SASRecConfig,
 )
+from recalign.testing import RecommenderConformance
 
 
 class TestPopConformance(RecommenderConformance):

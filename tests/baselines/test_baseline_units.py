@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conformance import chain_data
 from recalign.baselines import (
     BPRMFConfig,
     BPRMFRecommender,
@@ -24,6 +23,7 @@ from recalign.data.dataset import RecDataset
 from recalign.data.splits import build_split
 from recalign.errors import RecalignInputError
 from recalign.evaluation.protocols import evaluate_full
+from recalign.testing import chain_data
 
 TINY_SASREC = dict(
     epochs=6, batch_size=32, lr=5e-3, patience=2, threads=1, max_len=6, hidden_size=16, inner_size=32

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conformance import chain_data
 from recalign.cli.main import main
 from recalign.data.loaders.registry import DATASETS
 from recalign.evaluation.protocols import evaluate_candidates
 from recalign.evaluation.records import read_records
+from recalign.testing import chain_data
 
 
 @pytest.fixture()
@@ -91,8 +91,8 @@ def test_prepared_split_is_used_as_is(chains, tmp_path):
 
 
 def test_prepared_split_from_another_dataset_is_rejected(chains, tmp_path, monkeypatch, capsys):
-    from conformance import chain_log, dataset_from_log
     from recalign.data.splits import build_split
+    from recalign.testing import chain_log, dataset_from_log
 
     other = dataset_from_log(chain_log(seed=5), 60)
     build_split(other, "loo", seed=0).save(tmp_path / "prep")
