@@ -8,6 +8,10 @@ Design:
   coerced to the annotated type, and every problem is a one-line :class:`RecalignInputError` naming the
   file and the key.
 - Nested configs are nested dataclasses; overrides reach them with dots (``model.lora_r=16``).
+- Range constraints live in the annotation, ``dim: Annotated[int, Ge(1)]`` / ``lr: Annotated[float, Gt(0)]``,
+  and the loader enforces them (one-line ``must be >= 1`` naming the dotted key) before the config's own
+  ``validate()``; ``validate()`` calls :func:`check_constraints` too, so a config built in Python is held
+  to the same rules.
 - ``save_config`` writes the resolved config next to the outputs so a run can be reproduced exactly.
 """
 
@@ -41,6 +45,58 @@ def cfg_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any)
 
 def _resolve_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ge:
+    """Field constraint ``value >= bound`` (in ``Annotated[int, Ge(1)]``)."""
+
+    bound: float
+
+    def fails(self, value: Any) -> bool:
+        return value < self.bound
+
+    def problem(self) -> str:
+        return f"must be >= {self.bound:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gt:
+    """Field constraint ``value > bound`` (in ``Annotated[float, Gt(0)]``)."""
+
+    bound: float
+
+    def fails(self, value: Any) -> bool:
+        return value <= self.bound
+
+    def problem(self) -> str:
+        return f"must be > {self.bound:g}"
+
+
+def _constraints(cls: type) -> dict[str, tuple[Ge | Gt, ...]]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = {}
+    for name, tp in hints.items():
+        if typing.get_origin(tp) is typing.Annotated:
+            marks = tuple(m for m in tp.__metadata__ if isinstance(m, Ge | Gt))
+            if marks:
+                out[name] = marks
+    return out
+
+
+def check_constraints(cfg: Any, prefix: str = "", *, nested: bool = True) -> None:
+    """Enforce the ``Ge`` / ``Gt`` annotations of ``cfg``'s fields (None passes), and with ``nested``
+    those of its nested configs; the first violation is a one-line error naming the dotted key."""
+    for name, marks in _constraints(type(cfg)).items():
+        value = getattr(cfg, name)
+        for mark in marks:
+            if value is not None and mark.fails(value):
+                raise RecalignInputError(mark.problem(), field=prefix + name)
+    if nested:
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                check_constraints(value, f"{prefix}{f.name}.")
 
 
 def _coerce(value: Any, tp: Any, where: str, source: str | None) -> Any:
@@ -143,6 +199,7 @@ def _from_dict(cls: type[T], data: dict, source: str | None, prefix: str = "") -
         obj = cls(**kwargs)
     except TypeError as e:
         raise RecalignInputError(str(e), source=source) from None
+    check_constraints(obj, prefix, nested=False)  # nested configs were checked as they were built
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

@@ -10,27 +10,27 @@ reaches a real position because the recurrence only runs forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from recalign.baselines.sequential import SequenceEncoder, SequentialRecommender, SequentialTrainConfig
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field
 from recalign.errors import RecalignInputError
 
 
 @dataclass
 class GRU4RecConfig(SequentialTrainConfig):
-    embedding_size: int = cfg_field(64, "item embedding width (also the output/scoring width)")
-    hidden_size: int = cfg_field(64, "GRU hidden state width")
-    n_layers: int = cfg_field(1, "stacked GRU layers")
+    embedding_size: Annotated[int, Ge(1)] = cfg_field(
+        64, "item embedding width (also the output/scoring width)"
+    )
+    hidden_size: Annotated[int, Ge(1)] = cfg_field(64, "GRU hidden state width")
+    n_layers: Annotated[int, Ge(1)] = cfg_field(1, "stacked GRU layers")
     dropout_prob: float = cfg_field(0.3, "dropout on the item embeddings fed to the GRU (RecBole default)")
 
     def validate(self) -> None:
-        super().validate()
-        for name in ("embedding_size", "hidden_size", "n_layers"):
-            if getattr(self, name) < 1:
-                raise RecalignInputError("must be >= 1", field=name)
+        super().validate()  # with the Ge annotations of these fields
         if not 0.0 <= self.dropout_prob < 1.0:
             raise RecalignInputError("must be in [0, 1)", field="dropout_prob")
 

@@ -9,15 +9,15 @@ deterministic; ties between equally popular items are ranked against the target 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
 from recalign.baselines.common import candidates_of, check_fitted, check_items
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
-from recalign.errors import RecalignInputError
 
 
 @dataclass
@@ -25,13 +25,12 @@ class PopConfig:
     seed: int = cfg_field(
         0, "unused by popularity (it is deterministic); kept so every baseline takes a seed"
     )
-    smoothing: float = cfg_field(
+    smoothing: Annotated[float, Ge(0)] = cfg_field(
         0.0, "added to every count; > 0 only changes anything for never-seen items (they tie at the bottom)"
     )
 
     def validate(self) -> None:
-        if self.smoothing < 0:
-            raise RecalignInputError("must be >= 0", field="smoothing")
+        check_constraints(self)
 
 
 class PopRecommender:

@@ -15,32 +15,30 @@ import :class:`SASRecEncoder` (or call :meth:`SASRec.encode`) without touching t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recalign.baselines.sequential import SequenceEncoder, SequentialRecommender, SequentialTrainConfig
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field
 from recalign.errors import RecalignInputError
 
 
 @dataclass
 class SASRecConfig(SequentialTrainConfig):
-    n_layers: int = cfg_field(2, "Transformer blocks")
-    n_heads: int = cfg_field(2, "attention heads per block (must divide hidden_size)")
-    hidden_size: int = cfg_field(64, "width of item/position embeddings and of every block")
-    inner_size: int = cfg_field(256, "width of the feed-forward layer inside each block")
+    n_layers: Annotated[int, Ge(1)] = cfg_field(2, "Transformer blocks")
+    n_heads: Annotated[int, Ge(1)] = cfg_field(2, "attention heads per block (must divide hidden_size)")
+    hidden_size: Annotated[int, Ge(1)] = cfg_field(64, "width of item/position embeddings and of every block")
+    inner_size: Annotated[int, Ge(1)] = cfg_field(256, "width of the feed-forward layer inside each block")
     hidden_dropout_prob: float = cfg_field(0.5, "dropout on embeddings and block outputs (RecBole default)")
     attn_dropout_prob: float = cfg_field(0.5, "dropout on attention probabilities (RecBole default)")
     layer_norm_eps: float = cfg_field(1e-12, "LayerNorm epsilon (RecBole default)")
     initializer_range: float = cfg_field(0.02, "std of the normal initialisation of weights")
 
     def validate(self) -> None:
-        super().validate()
-        for name in ("n_layers", "n_heads", "hidden_size", "inner_size"):
-            if getattr(self, name) < 1:
-                raise RecalignInputError("must be >= 1", field=name)
+        super().validate()  # with the Ge annotations of these fields
         if self.hidden_size % self.n_heads:
             raise RecalignInputError(
                 f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}", field="n_heads"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -48,7 +48,7 @@ from recalign.baselines.common import (
     seeded,
     torch_threads,
 )
-from recalign.config import cfg_field
+from recalign.config import Ge, Gt, cfg_field, check_constraints
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
 from recalign.errors import RecalignInputError
@@ -60,16 +60,22 @@ IGNORE = -100  # target value of positions without a loss (padding, or targets o
 class SequentialTrainConfig:
     """Training fields shared by every sequence baseline (model fields live in subclasses)."""
 
-    max_len: int = cfg_field(50, "most recent items of a history the model reads")
-    epochs: int = cfg_field(100, "maximum training epochs (early stopping usually ends sooner)")
-    batch_size: int = cfg_field(64, "training windows (sequences of <= max_len items) per optimiser step")
-    lr: float = cfg_field(1e-3, "Adam learning rate")
-    weight_decay: float = cfg_field(0.0, "Adam L2 weight decay")
+    max_len: Annotated[int, Ge(1)] = cfg_field(50, "most recent items of a history the model reads")
+    epochs: Annotated[int, Ge(1)] = cfg_field(
+        100, "maximum training epochs (early stopping usually ends sooner)"
+    )
+    batch_size: Annotated[int, Ge(1)] = cfg_field(
+        64, "training windows (sequences of <= max_len items) per optimiser step"
+    )
+    lr: Annotated[float, Gt(0)] = cfg_field(1e-3, "Adam learning rate")
+    weight_decay: Annotated[float, Ge(0)] = cfg_field(0.0, "Adam L2 weight decay")
     early_stopping: bool = cfg_field(
         True, "stop when the validation metric stops improving (needs a valid stage)"
     )
-    patience: int = cfg_field(10, "validation evaluations without improvement before stopping")
-    eval_every: int = cfg_field(1, "epochs between validation evaluations")
+    patience: Annotated[int, Ge(1)] = cfg_field(
+        10, "validation evaluations without improvement before stopping"
+    )
+    eval_every: Annotated[int, Ge(1)] = cfg_field(1, "epochs between validation evaluations")
     valid_protocol: Literal["full", "candidates"] = cfg_field(
         "full", "protocol of the early-stopping metric on the valid stage"
     )
@@ -83,13 +89,7 @@ class SequentialTrainConfig:
     )
 
     def validate(self) -> None:
-        for name in ("max_len", "epochs", "batch_size", "patience", "eval_every"):
-            if getattr(self, name) < 1:
-                raise RecalignInputError("must be >= 1", field=name)
-        if self.lr <= 0:
-            raise RecalignInputError("must be > 0", field="lr")
-        if self.weight_decay < 0:
-            raise RecalignInputError("must be >= 0", field="weight_decay")
+        check_constraints(self)  # also the fields of a subclass (SASRec, GRU4Rec)
         kind, _, k = self.valid_metric.partition("@")
         if kind not in ("HR", "NDCG", "MRR") or k not in ("1", "5", "10", "20"):
             raise RecalignInputError(f"unsupported metric {self.valid_metric!r}", field="valid_metric")

