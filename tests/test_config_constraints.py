@@ -82,3 +82,23 @@ def test_converted_configs_keep_their_one_line_errors(cls, overrides, message):
 def test_help_config_shows_the_plain_type():
     assert any(line.startswith("dim (int, default 64): ") for line in describe_config(BPRMFConfig))
     assert any(line.startswith("leaf.lr (float, default 0.1): ") for line in describe_config(Tree))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["pretrain.batch_size=0"], "field 'pretrain.batch_size': must be >= 1, got 0"),
+        (["finetune.max_items=1"], "field 'finetune.max_items': must be >= 2, got 1"),
+        (["finetune.lr=0"], "field 'finetune.lr': must be > 0, got 0.0"),
+        (["pretrain.mutual_lambda=-1"], "field 'pretrain.mutual_lambda': must be >= 0, got -1.0"),
+        (["model.num_layers=0"], "field 'model.num_layers': must be >= 1, got 0"),
+        (["eval.max_users=-1"], "field 'eval.max_users': must be >= 0, got -1"),
+    ],
+)
+def test_cllm4rec_keeps_its_errors_with_the_value(overrides, message):
+    from recalign.methods.cllm4rec.config import CLLM4RecConfig
+
+    with pytest.raises(RecalignInputError) as e:
+        load_config(CLLM4RecConfig, None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    load_config(CLLM4RecConfig, None, ["model.num_layers=null"])  # None passes

@@ -52,12 +52,14 @@ class Ge:
     """Field constraint ``value >= bound`` (in ``Annotated[int, Ge(1)]``)."""
 
     bound: float
+    #: say the value too (``must be >= 1, got 0``), as some configs always have
+    show_value: bool = False
 
     def fails(self, value: Any) -> bool:
         return value < self.bound
 
-    def problem(self) -> str:
-        return f"must be >= {self.bound:g}"
+    def problem(self, value: Any) -> str:
+        return f"must be >= {self.bound:g}" + (f", got {value}" if self.show_value else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +67,14 @@ class Gt:
     """Field constraint ``value > bound`` (in ``Annotated[float, Gt(0)]``)."""
 
     bound: float
+    #: say the value too (``must be > 1, got 0``), as some configs always have
+    show_value: bool = False
 
     def fails(self, value: Any) -> bool:
         return value <= self.bound
 
-    def problem(self) -> str:
-        return f"must be > {self.bound:g}"
+    def problem(self, value: Any) -> str:
+        return f"must be > {self.bound:g}" + (f", got {value}" if self.show_value else "")
 
 
 def _constraints(cls: type) -> dict[str, tuple[Ge | Gt, ...]]:
@@ -91,7 +95,7 @@ def check_constraints(cfg: Any, prefix: str = "", *, nested: bool = True) -> Non
         value = getattr(cfg, name)
         for mark in marks:
             if value is not None and mark.fails(value):
-                raise RecalignInputError(mark.problem(), field=prefix + name)
+                raise RecalignInputError(mark.problem(value), field=prefix + name)
     if nested:
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)

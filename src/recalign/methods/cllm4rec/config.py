@@ -8,9 +8,9 @@ is described by a single resolved file. Defaults are sized for the embedded Smol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from recalign.config import cfg_field
+from recalign.config import Ge, Gt, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
 
 
@@ -34,7 +34,7 @@ class ModelConfig:
         None, "std of the ID-embedding init; null = std of the word embeddings"
     )
     add_bos: bool = cfg_field(True, "start every document with the backbone's BOS token")
-    num_layers: int | None = cfg_field(
+    num_layers: Annotated[int | None, Ge(1, show_value=True)] = cfg_field(
         None,
         "keep only the first N decoder layers of the frozen backbone (null = all). A compute knob for "
         "CPU budgets, not part of the paper: step cost is linear in the layers kept",
@@ -43,49 +43,71 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    collab_steps: int = cfg_field(60, "optimiser steps of the collaborative LM")
-    content_ratio: int = cfg_field(
+    collab_steps: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        60, "optimiser steps of the collaborative LM"
+    )
+    content_ratio: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         1, "content-LM steps after each collaborative step (0 = no content LM, the 'no-content' ablation)"
     )
-    batch_size: int = cfg_field(
+    batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         16, "collaborative documents per step and process (global batch: this x processes)"
     )
-    content_batch_size: int = cfg_field(16, "content documents per step and process")
-    max_items: int = cfg_field(30, "items per collaborative document (a random sub-list per epoch)")
-    docs_per_user: int = cfg_field(1, "collaborative documents per user and epoch (disjoint sub-lists)")
-    max_text_tokens: int = cfg_field(40, "word tokens kept of each review / description")
-    lr: float = cfg_field(1e-2, "Adam learning rate of the ID tables")
-    mutual_lambda: float = cfg_field(
+    content_batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        16, "content documents per step and process"
+    )
+    max_items: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        30, "items per collaborative document (a random sub-list per epoch)"
+    )
+    docs_per_user: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        1, "collaborative documents per user and epoch (disjoint sub-lists)"
+    )
+    max_text_tokens: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        40, "word tokens kept of each review / description"
+    )
+    lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
+    mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(
         1.0, "λ of the mutual regulariser λ·mean‖z_collab − sg(z_content)‖² (0 = the 'no-mutual' ablation)"
     )
-    checkpoint_every: int = cfg_field(
+    checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at the end)"
     )
 
 
 @dataclass
 class FinetuneConfig:
-    steps: int = cfg_field(60, "optimiser steps of the recommendation (masked-history) objective")
-    content_ratio: int = cfg_field(0, "content-LM steps after each recommendation step (0 = none)")
-    batch_size: int = cfg_field(16, "users per step and process (global batch: this x processes)")
-    max_items: int = cfg_field(
+    steps: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        60, "optimiser steps of the recommendation (masked-history) objective"
+    )
+    content_ratio: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        0, "content-LM steps after each recommendation step (0 = none)"
+    )
+    batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        16, "users per step and process (global batch: this x processes)"
+    )
+    max_items: Annotated[int, Ge(2, show_value=True)] = cfg_field(
         50, "history items per prompt (random sub-history in training, most recent at inference)"
     )
     mask_ratio: float = cfg_field(
         0.2, "fraction of the (sub-)history held out as targets (at least one item)"
     )
-    lr: float = cfg_field(1e-2, "Adam learning rate of the ID tables")
-    mutual_lambda: float = cfg_field(1.0, "λ of the mutual regulariser during fine-tuning (0 = off)")
-    checkpoint_every: int = cfg_field(
+    lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
+    mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(
+        1.0, "λ of the mutual regulariser during fine-tuning (0 = off)"
+    )
+    checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at the end)"
     )
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = cfg_field(32, "prompts per forward pass when scoring")
+    batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        32, "prompts per forward pass when scoring"
+    )
     stage: Literal["test", "valid"] = cfg_field("test", "which stage of the split to evaluate")
-    max_users: int = cfg_field(0, "evaluate only the first N examples (0 = all; for smoke runs)")
+    max_users: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        0, "evaluate only the first N examples (0 = all; for smoke runs)"
+    )
 
 
 @dataclass
@@ -101,36 +123,7 @@ class CLLM4RecConfig:
     eval: EvalConfig = cfg_field(EvalConfig(), "evaluation")
 
     def validate(self) -> None:
-        checks = [
-            ("pretrain.collab_steps", self.pretrain.collab_steps, 0),
-            ("pretrain.content_ratio", self.pretrain.content_ratio, 0),
-            ("pretrain.batch_size", self.pretrain.batch_size, 1),
-            ("pretrain.content_batch_size", self.pretrain.content_batch_size, 1),
-            ("pretrain.max_items", self.pretrain.max_items, 1),
-            ("pretrain.docs_per_user", self.pretrain.docs_per_user, 1),
-            ("pretrain.max_text_tokens", self.pretrain.max_text_tokens, 1),
-            ("pretrain.checkpoint_every", self.pretrain.checkpoint_every, 0),
-            ("finetune.steps", self.finetune.steps, 0),
-            ("finetune.content_ratio", self.finetune.content_ratio, 0),
-            ("finetune.batch_size", self.finetune.batch_size, 1),
-            ("finetune.max_items", self.finetune.max_items, 2),
-            ("finetune.checkpoint_every", self.finetune.checkpoint_every, 0),
-            ("eval.batch_size", self.eval.batch_size, 1),
-            ("eval.max_users", self.eval.max_users, 0),
-            ("model.num_layers", self.model.num_layers if self.model.num_layers is not None else 1, 1),
-        ]
-        for name, value, low in checks:
-            if value < low:
-                raise RecalignInputError(f"must be >= {low}, got {value}", field=name)
-        for name, value in (("pretrain.lr", self.pretrain.lr), ("finetune.lr", self.finetune.lr)):
-            if value <= 0:
-                raise RecalignInputError(f"must be > 0, got {value}", field=name)
-        for name, value in (
-            ("pretrain.mutual_lambda", self.pretrain.mutual_lambda),
-            ("finetune.mutual_lambda", self.finetune.mutual_lambda),
-        ):
-            if value < 0:
-                raise RecalignInputError(f"must be >= 0, got {value}", field=name)
+        check_constraints(self)  # the Ge / Gt annotations of every section, with dotted names
         if not 0 < self.finetune.mask_ratio < 1:
             raise RecalignInputError("must be in (0, 1)", field="finetune.mask_ratio")
         if not 0 < self.data.holdout_ratio < 1:
