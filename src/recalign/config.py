@@ -268,6 +268,8 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise RecalignInputError("is a directory, not a YAML config file", source=path)
     if not path.is_file():
         raise RecalignInputError("config file not found", source=path)
     try:

@@ -143,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise RecalignInputError("--output DIR is required", source="command line")
+    from recalign.rundir import open_output_dir
     from recalign.training import distributed
+
+    open_output_dir(args.output)  # before training: not a file, writable, not held by another run
 
     if not distributed.is_main():
         print(
@@ -175,7 +178,6 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     metrics = {
         "method": args.method,
         "dataset": split.dataset,

@@ -52,8 +52,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
 
     from recalign.methods.cllm4rec import pipeline
+    from recalign.rundir import open_output_dir
     from recalign.training import distributed
 
+    open_output_dir(args.output)  # held across the stages of 'run' (each stage re-enters it)
     stages = ("pretrain", "finetune", "evaluate") if args.stage == "run" else (args.stage,)
     for stage in stages:
         if stage == "evaluate":

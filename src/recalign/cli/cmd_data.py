@@ -163,6 +163,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _prepare_config(args)
     if not cfg.output:
         raise RecalignInputError("an output directory is required (--output DIR or output: in the config)")
+    from recalign.rundir import open_output_dir
+
+    open_output_dir(cfg.output)  # not a file, writable, not held by another live run
     split, ds, reports = prepare(cfg)
     print(f"dataset {ds.name}: {ds.n_users} users, {ds.n_items} items, {ds.n_interactions} interactions")
     for rep in reports:
@@ -182,6 +185,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from recalign.rundir import open_output_dir
+
+    open_output_dir(args.output)  # not a file, writable, not held by another live run
     ds = load_with_options(args.dataset, args.path, parse_opts(args.opt))
     from recalign.data.loaders.recbole import write_recbole
 

@@ -101,6 +101,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         candidates=args.candidates,
     )
     data_cfg.validate()
+    from recalign.rundir import open_output_dir
+
+    open_output_dir(args.output)  # before loading: not a file, writable, not held by another run
     set_threads(args.threads)
     records = evaluate_saved_model(
         args.model,

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     records = collect_records(args.results)
     if args.output:
+        from recalign.rundir import open_output_dir
+
+        open_output_dir(args.output)  # not a file, writable, not held by another live run
         md_path, png_path, table = write_report(records, args.output, metrics, sources=args.results)
         print(table, end="")
         print(f"wrote {md_path} and {png_path}", file=sys.stderr)

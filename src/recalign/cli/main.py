@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from recalign.rundir import scope
+
     try:
-        code = args.func(args)
+        with scope():  # output directories locked by the command are released when it ends
+            code = args.func(args)
     except RecalignInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

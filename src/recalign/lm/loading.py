@@ -128,7 +128,10 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
     name = str(name_or_path)
     if name.lower() in EMBEDDED_ALIASES:
         name = str(convert_smollm2())
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RecalignInputError(f"cannot load tokenizer: {str(e).splitlines()[0]}", source=name) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -148,17 +151,193 @@ def load_model(
     name = str(name_or_path)
     if name.lower() in EMBEDDED_ALIASES:
         name = str(convert_smollm2())
-    elif Path(name).exists() and not (Path(name) / "config.json").is_file():
-        raise RecalignInputError("not a model directory (no config.json)", source=name)
+    else:
+        check_model_source(name, trust_remote_code=trust_remote_code)  # one-line errors, named files
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except OSError as e:
         raise RecalignInputError(f"cannot load model: {str(e).splitlines()[0]}", source=name) from None
+    except Exception as e:  # e.g. a corrupt file the checks above could not see
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        raise RecalignInputError(
+            f"cannot load model: unreadable safetensors file ({e})", source=name
+        ) from None
     _drop_gguf_leftovers(model)
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     return model, tok
+
+
+# ---------------------------------------------------------------------- model path checks
+#: any of these makes a directory hold a tokenizer
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
+#: safetensors headers larger than this are corrupt (real ones are kilobytes to a few megabytes)
+_MAX_HEADER = 100 * 2**20
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether ``name`` is a hub model whose config is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, or no cache
+        return False
+
+
+def unknown_model_problem(name: str) -> str | None:
+    """Why ``name`` names no model here (None when it may: a path, an embedded name, a cached or, when
+    online, downloadable hub model). The phrase lists the known embedded names."""
+    if name.lower() in EMBEDDED_ALIASES or Path(name).exists() or _in_hub_cache(name):
+        return None
+    if not _offline() and name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+        return None  # a hub id transformers may download (only when the hub is not switched off)
+    return (
+        f"no such model directory, and not an embedded model name ({', '.join(EMBEDDED_ALIASES)}) "
+        "nor a model in the local Hugging Face cache"
+    )
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header; a one-line error naming ``path`` when the file is cut
+    short or is not safetensors at all (read without loading any tensor)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, _MAX_HEADER):
+            raise RecalignInputError(
+                f"cannot load model: truncated or not a safetensors file ({size} bytes, header unreadable)",
+                source=path,
+            )
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise RecalignInputError("cannot load model: corrupt safetensors header", source=path)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise RecalignInputError("cannot load model: corrupt safetensors header", source=path) from None
+    if 8 + n + end > size:
+        raise RecalignInputError(
+            f"cannot load model: truncated safetensors file ({size} bytes; its header describes "
+            f"{8 + n + end})",
+            source=path,
+        )
+    return shapes
+
+
+def _weight_files(d: Path) -> list[Path]:
+    """The safetensors weight files of model directory ``d`` (one-line error when there are none)."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise RecalignInputError("cannot load model: not a valid weight index", source=index) from None
+        for s in shards:
+            if not (d / s).is_file():
+                raise RecalignInputError(
+                    f"cannot load model: no such file (listed in {index.name})", source=d / s
+                )
+        return [d / s for s in shards]
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt*"))
+    if pickled:
+        raise RecalignInputError(
+            f"cannot load model: no such file, only the pickled {pickled[0]}, which recalign never "
+            "unpickles (convert the weights to safetensors)",
+            source=single,
+        )
+    raise RecalignInputError(
+        "cannot load model: no such file (the directory has config.json but no weights)", source=single
+    )
+
+
+def _check_shapes(d: Path, files: list[Path], shapes: dict[str, list[int]], trust_remote_code: bool) -> None:
+    """Tensors whose shape differs from what ``config.json`` builds: a one-line error (transformers
+    would print a table of them and raise)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise RecalignInputError(
+            f"cannot load model: {str(e).splitlines()[0]}", source=d / "config.json"
+        ) from None
+    except Exception:  # an architecture that cannot be built on the meta device: transformers checks
+        return
+    want = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+    bad = [k for k in shapes if k in want and shapes[k] != want[k]]
+    if bad:
+        k = bad[0]
+        where = (
+            next((f for f in files if k in _safetensors_shapes(f)), files[0]) if len(files) > 1 else files[0]
+        )
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RecalignInputError(
+            f"cannot load model: tensor '{k}' has shape {shapes[k]} but config.json gives {want[k]}{more}",
+            source=where,
+        )
+
+
+def check_model_source(name: str, *, trust_remote_code: bool = False) -> None:
+    """One-line errors, naming the file, for a model argument that cannot load: no such directory or
+    known name, a file instead of a directory, no or invalid ``config.json``, no safetensors weights
+    (pickles are never read), a truncated or corrupt safetensors file, tensors of the wrong shape."""
+    problem = unknown_model_problem(name)
+    if problem:
+        raise RecalignInputError(problem, source=name)
+    d = Path(name)
+    if not d.exists():
+        return  # a hub name: transformers resolves it
+    if not d.is_dir():
+        raise RecalignInputError("cannot load model: a file, not a model directory", source=d)
+    config = d / "config.json"
+    if not config.is_file():
+        raise RecalignInputError("not a model directory (no config.json)", source=d)
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecalignInputError(f"cannot load model: not valid JSON ({e})", source=config) from None
+    if not isinstance(parsed, dict):
+        raise RecalignInputError("cannot load model: expected a JSON object", source=config)
+    files = _weight_files(d)
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        shapes.update(_safetensors_shapes(f))
+    if "quantization_config" not in parsed:  # packed quantised tensors have shapes of their own
+        _check_shapes(d, files, shapes, trust_remote_code)
+    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise RecalignInputError(
+            "cannot load model: no tokenizer next to the weights (no tokenizer.json or tokenizer_config.json)",
+            source=d,
+        )
 
 
 def _drop_gguf_leftovers(model: PreTrainedModel) -> None:

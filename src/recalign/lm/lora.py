@@ -156,11 +156,8 @@ def resolve_model(name_or_dir: str | Path) -> ModelSource:
         saved = json.loads(record.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise RecalignInputError(f"not valid JSON ({e})", source=record) from None
-    base = (
-        (saved.get("base_model") if record == meta else saved.get("base_model_name_or_path"))
-        if isinstance(saved, dict)
-        else None
-    )
+    key = "base_model" if record == meta else "base_model_name_or_path"
+    base = saved.get(key) if isinstance(saved, dict) else None
     if not base:
         raise RecalignInputError("adapter does not say which base model it belongs to", source=adapter)
     from recalign.lm.loading import unknown_model_problem

@@ -24,10 +24,12 @@ the scorer (``1e-3`` for float32 weights; bfloat16 activations round to ~3 signi
 wider default there, :func:`default_margin`).
 
 The cost is the number of trie nodes whose prefix scores at least the k-th best title -- for SmolLM2 on
-ML-100K and k = 10 a few hundred to a few thousand tokens instead of the catalogue's ~17k, and no prompt
-re-runs. ``seed_beams`` optionally runs :func:`~recalign.methods.knowledge.grounding.trie_beam_search`
-first (the knowledge-retrieval seeds) so that ``tau`` is known from the first round; the best-first order
-finds the top titles about as early, so it is off by default (measured in ``benchmarks/recommend.py``).
+ML-100K and k = 10 about 2,200-3,000 tokens (``results/recommend_ml100k.json``) instead of the
+catalogue's ~20k answer tokens, and no prompt re-runs. ``seed_beams`` optionally runs
+:func:`~recalign.methods.knowledge.grounding.trie_beam_search` first (the knowledge-retrieval seeds) so
+that ``tau`` is known from the first round; best-first order finds the top titles before it has to
+expand the nodes that need it anyway, so seeding expands the same nodes and only adds the beam search's
+own cost: off by default (measured in ``benchmarks/recommend.py``).
 
 Decoder-only models only (attention ``eager`` or ``sdpa``, which accept custom 4-D masks).
 """
@@ -185,7 +187,7 @@ def exact_top_k(
                 s = score + v
                 child = node[tok]
                 if not child:  # the end-of-answer token: a complete title
-                    for item in trie.leaf_items.get(_path_key(anc_tokens(anc) + (tok,)), []):
+                    for item in trie.items(anc_tokens(anc) + (tok,)):
                         add_title(item, s)
                     continue
                 if s >= tau - margin:
@@ -268,10 +270,6 @@ def exact_top_k(
     finally:
         if was_training:
             model.train()
-
-
-def _path_key(tokens: tuple[int, ...]) -> tuple[int, ...]:
-    return tokens
 
 
 def _CACHE_ARG(decoder) -> str:  # noqa: N802

@@ -49,6 +49,7 @@ from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.lm_recipe import llara_data
 from recalign.methods.zeroshot import EvalConfig
+from recalign.rundir import open_output_dir, releasing
 from recalign.training.config import TrainingConfig
 
 
@@ -375,6 +376,7 @@ def render_report(records: list[ResultRecord], out: Path) -> tuple[str, Path]:
     return table, png
 
 
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_quickstart(
     cfg: QuickstartConfig,
     output_dir: str | Path,
@@ -386,14 +388,13 @@ def run_quickstart(
     """Run the configured stages on shared test rows, then write results and the report."""
     cfg.validate()
     t_start = time.perf_counter()
-    out = Path(output_dir)
+    out = open_output_dir(output_dir)  # not a file, writable, locked against a second live run
     done = {s: _stage_file(out, s).is_file() for s in cfg.stages}
     if any(done.values()) and not resume:
         raise RecalignInputError(
             "already holds a quickstart run; pass --resume to continue it, or choose another --output",
             source=out,
         )
-    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     set_threads(cfg.threads)
     data = load_data(cfg.data)

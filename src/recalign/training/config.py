@@ -25,7 +25,10 @@ class TrainingConfig:
 
     learning_rate: float = cfg_field(2e-4, "peak learning rate (AdamW); LoRA tolerates ~1e-4..1e-3")
     epochs: float = cfg_field(1.0, "passes over the training examples (ignored when max_steps > 0)")
-    max_steps: int = cfg_field(-1, "optimiser steps to run; > 0 overrides epochs")
+    max_steps: int = cfg_field(
+        -1,
+        "optimiser steps to run: -1 trains for 'epochs', a value > 0 overrides epochs (nothing else is valid)",
+    )
     batch_size: int = cfg_field(8, "examples per device per forward/backward pass")
     grad_accum: int = cfg_field(
         1, "passes accumulated per optimiser step (effective batch = batch_size x this)"
@@ -60,6 +63,10 @@ class TrainingConfig:
                 raise RecalignInputError(f"must be >= 1, got {v}", field=f"training.{name}")
         if self.learning_rate <= 0:
             raise RecalignInputError(f"must be > 0, got {self.learning_rate}", field="training.learning_rate")
+        if self.max_steps != -1 and self.max_steps <= 0:
+            raise RecalignInputError(
+                f"must be -1 (train for 'epochs') or > 0, got {self.max_steps}", field="training.max_steps"
+            )
         if self.max_steps <= 0 and self.epochs <= 0:
             raise RecalignInputError("set epochs > 0 or max_steps > 0", field="training.epochs")
         for name in ("warmup_steps", "num_workers"):

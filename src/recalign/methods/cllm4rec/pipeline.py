@@ -43,6 +43,7 @@ from recalign.methods.cllm4rec.protocol import HOLDOUT_SPLIT, evaluate_multi_tar
 from recalign.methods.cllm4rec.recommender import CLLM4RecRecommender, build_model
 from recalign.methods.cllm4rec.training import StageResult, TrainingData, run_stage
 from recalign.methods.cllm4rec.vocab import IDTokenizer
+from recalign.rundir import open_output_dir, releasing
 
 # Sections of the config that define the trained tables; a stage refuses a directory whose saved
 # config differs in one of them (evaluation options and the method label may change freely).
@@ -71,8 +72,7 @@ def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
     (every process checks; the main process writes)."""
     from recalign.training import distributed
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output_dir(output)  # not a file, writable, not held by another live run
     saved_path = out / "config.yaml"
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -103,6 +103,7 @@ def _model(cfg: CLLM4RecConfig, dataset: RecDataset, backbone=None, base_tokeniz
     return build_model(cfg, dataset.n_users, dataset.n_items, backbone, base_tokenizer)
 
 
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def _train(
     cfg: CLLM4RecConfig,
     output: str | Path,
@@ -231,6 +232,7 @@ def evaluate_recommender(
     return records
 
 
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def evaluate(
     cfg: CLLM4RecConfig, output: str | Path, backbone=None, base_tokenizer=None
 ) -> list[ResultRecord]:

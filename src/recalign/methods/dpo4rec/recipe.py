@@ -89,6 +89,7 @@ from recalign.methods.dpo4rec.stages import (
     summaries_stage,
 )
 from recalign.methods.dpo4rec.summaries import build_requests
+from recalign.rundir import open_output_dir, releasing
 
 
 @dataclasses.dataclass
@@ -320,6 +321,7 @@ STAGES: tuple[tuple[str, Callable[[RunState], None]], ...] = (
 )
 
 
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_dpo4rec(
     cfg: DPO4RecConfig,
     output: str | Path,
@@ -342,7 +344,7 @@ def run_dpo4rec(
     cfg.validate()
     out = Path(output)
     distributed.init()
-    out.mkdir(parents=True, exist_ok=True)
+    open_output_dir(out)  # not a file, writable, not held by another live run (main process locks)
     check_or_save_config(cfg, out, save=distributed.is_main())
     if not distributed.is_main():
         with torch_threads(cfg.threads):

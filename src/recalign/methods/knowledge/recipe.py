@@ -52,6 +52,7 @@ from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig
 from recalign.methods.knowledge.templates import ALL_TASKS, AUX_TASKS, REC_TASKS
 from recalign.methods.lm_recipe import open_run_dir, validate_lm_recipe
+from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
 EVAL_TASKS = ("retrieval", "ranking", "rating", "next_item", "generation")
@@ -289,6 +290,7 @@ def evaluate_scored_task(scorer, tasks, task: str, stage, e: KnowledgeEvalConfig
 
 
 # ---------------------------------------------------------------------- the recipe
+@releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_knowledge(
     cfg: KnowledgeConfig,
     output_dir: str | Path,

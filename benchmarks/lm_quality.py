@@ -1,0 +1,269 @@
+"""LM recommenders on ML-100K llara, measured side by side with popularity and SASRec on the same rows.
+
+Stages (each writes ``<run>/<stage>/records.json`` and is skipped when that file exists, so a killed
+benchmark resumes by running the same command again; training stages resume from their checkpoints):
+
+``refs``
+    popularity and SASRec fitted on the split's training sequences, scored on the ``--n-test`` seeded test
+    rows (and on their first ``--n-small`` rows, the subset the cheaper LM variants use), with the shared
+    20-candidate lists of candidate seed 0 and of candidate seed 1 (``data.seed=1``: same rows, other
+    negatives).
+``sft-sequence``
+    ``recalign sft --config configs/sft_sequence_ml100k.yaml`` (sequence SFT, :mod:`recalign.lm.sequence`),
+    then the adapter on all ``--n-test`` rows.
+``curve``
+    the same run's checkpoints (steps ``--curve-steps``) on the first ``--n-curve`` rows: how HR@1 moves
+    with training.
+``zeroshot``
+    the untrained SmolLM2 with the same history-only prompt on the first ``--n-small`` rows.
+``sdpo``
+    S-DPO K=3 (beta 1, random distractors from each example's candidates, a fresh LoRA adapter on the
+    merged sequence-SFT model, which is the reference) on the sequence prompt, evaluated on all rows.
+``seed1``
+    the sequence-SFT adapter on the same rows with candidate seed 1.
+``merge``
+    every stage's records, the text-SFT / zero-shot rows of ``results/sft_ml100k.json`` (llara candidate
+    prompt, 200 rows; labelled with their source) and the throughput rows of
+    ``results/sft_throughput.json`` into ``--output``.
+
+Run:  python benchmarks/lm_quality.py --output results/lm_ml100k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STAGES = ("refs", "sft-sequence", "curve", "zeroshot", "sdpo", "seed1", "merge")
+BASELINE_OVERRIDES = {"pop": {}, "sasrec": {"epochs": 30, "patience": 5}}
+SFT_CONFIG = "configs/sft_sequence_ml100k.yaml"
+SDPO_OVERRIDES = {
+    "loss": "sdpo", "negatives": 3, "beta": 1.0, "strategy": "random", "n_train": 160, "max_history": 20,
+    "threads": 1, "method": "sdpo-k3-sequence",
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "training": {"learning_rate": 5e-4, "max_steps": 40, "batch_size": 4, "warmup_steps": 4,
+                 "save_steps": 20, "logging_steps": 5, "seed": 0},
+    "eval": {"n_test": 0, "protocols": ["candidates"], "batch_size": 8},
+}  # fmt: skip
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def load(seed: int):
+    from recalign.data.prepare import DataPrepareConfig
+    from recalign.methods import load_data
+
+    return load_data(DataPrepareConfig(dataset="ml-100k", split="llara", seed=seed, candidates=20))
+
+
+def test_rows(data, n: int):
+    from recalign.methods import sample_examples
+
+    return sample_examples(data.split.stage("test"), n, 0, stage="test")
+
+
+def lm_records(model, tok, data, rows, method: str, extra: dict, command: str) -> list:
+    from recalign.methods.zeroshot import EvalConfig, evaluate_lm
+
+    return evaluate_lm(
+        model, tok, data.dataset, rows, method=method, split_name=data.split.name,
+        cfg=EvalConfig(n_test=len(rows), protocols=["candidates"], batch_size=8), seed=0, max_history=20,
+        command=command, progress=True, extra=extra, prompt_format="sequence",
+    )  # fmt: skip
+
+
+def stage_refs(args, run: Path, command: str) -> list:
+    from recalign.baselines import make_baseline
+    from recalign.evaluation.protocols import evaluate_candidates
+    from recalign.evaluation.records import ResultRecord
+
+    records = []
+    for cand_seed in (0, 1):
+        data = load(cand_seed)
+        rows = test_rows(data, args.n_test)
+        for name, over in BASELINE_OVERRIDES.items():
+            t0 = time.perf_counter()
+            model = make_baseline(name, **over).fit(data.dataset, data.split)
+            fit = time.perf_counter() - t0
+            for n in (args.n_test, args.n_small):
+                sub = rows.iloc[:n]
+                metrics = evaluate_candidates(model, sub)
+                records.append(ResultRecord(
+                    dataset=data.dataset.name, split=data.split.name, protocol="candidates", method=name,
+                    metrics=metrics, n_examples=len(sub), seed=0, seconds=round(fit, 2), command=command,
+                    extra={"candidate_seed": cand_seed, "rows": f"first {n} of the {args.n_test} test rows", **over},
+                ))  # fmt: skip
+                print(f"{name} seed {cand_seed} n={n}: HR@1={metrics['HR@1']:.4f}", flush=True)
+    return records
+
+
+def sft_config(args):
+    from recalign.config import load_config
+    from recalign.methods.sft import SFTConfig
+
+    return load_config(SFTConfig, path=SFT_CONFIG, overrides={"eval": {"n_test": 0}})
+
+
+def stage_sft(args, run: Path, command: str) -> list:
+    from recalign.lm.lora import load_lm, resolve_dtype
+    from recalign.methods.sft import run_sft
+
+    cfg = sft_config(args)
+    cfg.training.resume = True
+    out = run / "sft-sequence" / "model"
+    res = run_sft(cfg, out, command=f"recalign sft --config {SFT_CONFIG} --output {out} eval.n_test=0")
+    data = load(0)
+    model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
+    info = {
+        "model": str(out), "config": SFT_CONFIG, "format": "sequence", "candidate_seed": 0,
+        "train_steps": res.train_steps, **{k: res.metrics["run"].get(k) for k in
+            ("train_counts", "examples_seen", "targets_seen", "train_cpu_seconds", "train_seconds", "dtype")},
+    }  # fmt: skip
+    return lm_records(model, tok, data, test_rows(data, args.n_test), "sft-sequence", info, command)
+
+
+def stage_curve(args, run: Path, command: str) -> list:
+    from recalign.lm.lora import load_lm, resolve_dtype
+
+    cfg = sft_config(args)
+    data = load(0)
+    rows = test_rows(data, args.n_test).iloc[: args.n_curve]
+    ckpts = run / "sft-sequence" / "model" / "checkpoints"
+    records = []
+    for step in args.curve_steps:
+        path = ckpts / f"checkpoint-{step}"
+        model, tok, _ = load_lm(str(path), dtype=resolve_dtype(cfg.dtype))
+        info = {"model": str(path), "train_steps": step, "examples_seen": step * cfg.training.batch_size,
+                "candidate_seed": 0, "rows": f"first {args.n_curve} of the {args.n_test} test rows"}  # fmt: skip
+        records += lm_records(model, tok, data, rows, f"sft-sequence-step{step}", info, command)
+    return records
+
+
+def stage_zeroshot(args, run: Path, command: str) -> list:
+    from recalign.lm.lora import load_lm, resolve_dtype
+
+    data = load(0)
+    model, tok, _ = load_lm("smollm2", dtype=resolve_dtype("auto"))
+    rows = test_rows(data, args.n_test).iloc[: args.n_small]
+    info = {
+        "model": "smollm2",
+        "candidate_seed": 0,
+        "rows": f"first {args.n_small} of the {args.n_test} test rows",
+    }
+    return lm_records(model, tok, data, rows, "zeroshot-sequence", info, command)
+
+
+def stage_sdpo(args, run: Path, command: str) -> list:
+    from recalign.config import load_config
+    from recalign.lm.lora import load_lm, resolve_dtype
+    from recalign.methods.align import AlignConfig, run_align
+
+    start = run / "sft-sequence" / "model"
+    cfg = load_config(AlignConfig, overrides={"model": str(start), **SDPO_OVERRIDES})
+    cfg.training.resume = True
+    out = run / "sdpo" / "model"
+    res = run_align(cfg, out, command=command)
+    data = load(0)
+    model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
+    info = {"model": str(out), "start": str(start), "candidate_seed": 0, "train_steps": res.train_steps,
+            "n_train": res.metrics["run"]["n_train"], "negatives": 3, "beta": 1.0, "strategy": "random",
+            "learning_rate": cfg.training.learning_rate,
+            "final_diagnostics": res.metrics["run"]["final_diagnostics"],
+            "train_seconds": res.metrics["run"]["train_seconds"]}  # fmt: skip
+    return lm_records(model, tok, data, test_rows(data, args.n_test), "sdpo-k3-sequence", info, command)
+
+
+def stage_seed1(args, run: Path, command: str) -> list:
+    from recalign.lm.lora import load_lm, resolve_dtype
+
+    d0, d1 = load(0), load(1)
+    r0, r1 = test_rows(d0, args.n_test), test_rows(d1, args.n_test)
+    assert r0[["user", "position"]].equals(r1[["user", "position"]]), (
+        "seed-1 candidates must be on the same rows"
+    )
+    model, tok, _ = load_lm(str(run / "sft-sequence" / "model"), dtype=resolve_dtype("auto"))
+    info = {"model": str(run / "sft-sequence" / "model"), "candidate_seed": 1}
+    return lm_records(model, tok, d1, r1, "sft-sequence", info, command)
+
+
+def stage_merge(args, run: Path, command: str) -> dict:
+    from recalign.evaluation.records import read_records
+
+    records = []
+    for stage in STAGES[:-1]:
+        path = run / stage / "records.json"
+        if path.is_file():
+            records += [r.to_dict() for r in read_records(path)]
+    legacy = Path("results/sft_ml100k.json")
+    if legacy.is_file():
+        for r in json.loads(legacy.read_text())["records"]:
+            if r["method"] in ("sft", "zeroshot"):
+                r = dict(r)
+                r["method"] = f"{r['method']}-candidates-prompt"
+                r.setdefault("extra", {})["source"] = (
+                    "results/sft_ml100k.json (llara candidate prompt, 200 test rows drawn with seed 0: not the "
+                    "same rows as the other records)"
+                )
+                records.append(r)
+    out = {"records": records, "command": command}
+    thr = Path("results/sft_throughput.json")
+    if thr.is_file():
+        t = json.loads(thr.read_text())
+        out["throughput"] = {"command": t["command"], "speedup_targets_per_cpu_second":
+                             t["speedup_targets_per_cpu_second"],
+                             "rows": [{k: v for k, v in r.items() if k != "steps"} for r in t["rows"]]}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    ap.add_argument("--run", default="runs/lm_quality", help="working directory (resumable)")
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--n-small", type=int, default=500)
+    ap.add_argument("--n-curve", type=int, default=300)
+    ap.add_argument("--curve-steps", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--output", default="results/lm_ml100k.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from recalign.evaluation.records import write_records
+    from recalign.io import atomic_write_json
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    command = command_line()
+    fns = {"refs": stage_refs, "sft-sequence": stage_sft, "curve": stage_curve, "zeroshot": stage_zeroshot,
+           "sdpo": stage_sdpo, "seed1": stage_seed1}  # fmt: skip
+    for stage in args.stages.split(","):
+        if stage not in STAGES:
+            raise SystemExit(f"error: --stages: unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+        if stage == "merge":
+            atomic_write_json(Path(args.output), stage_merge(args, run, command))
+            print(f"wrote {args.output}", flush=True)
+            continue
+        path = run / stage / "records.json"
+        if path.is_file():
+            print(f"{stage}: done ({path})", flush=True)
+            continue
+        t0 = time.perf_counter()
+        records = fns[stage](args, run, command)
+        write_records(path, records)
+        print(f"{stage}: {len(records)} records in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
