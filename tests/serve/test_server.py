@@ -174,7 +174,10 @@ def test_cli_serve_starts_answers_and_stops(tmp_path):
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.2)
         r = httpx.post(f"{url}/recommend", json={"history": HIST, "k": 3}, timeout=60)
-        assert r.status_code == 200 and len(r.json()["recommendations"]) == 3
+        if r.status_code != 200:  # show the server's own log (uvicorn prints the traceback of a 500)
+            proc.terminate()
+            pytest.fail(f"{r.status_code} {r.text}\n{proc.communicate(timeout=30)[1]}")
+        assert len(r.json()["recommendations"]) == 3
     finally:
         proc.terminate()
         try:
