@@ -196,6 +196,17 @@ def stage_seed1(args, run: Path, command: str) -> list:
     return lm_records(model, tok, d1, r1, "sft-sequence", info, command)
 
 
+NOTES = [
+    "sft-sequence was trained by `recalign sft --config configs/sft_sequence_ml100k.yaml --output "
+    "runs/lm_quality/sft-sequence eval.n_test=0` (the same config as the sft-sequence stage) in 1925 s wall with "
+    "one thread (~32 CPU-minutes: 300 steps x 4 documents = 1,200 of 4,202 windows, ~22k of 76,996 next-item "
+    "targets); the stage then resumed the finished run, so its train_seconds/train_cpu_seconds (0.46) are "
+    "the no-op resume's, not the training's.",
+    "sdpo-k3-sequence: 40 steps x 4 of 160 training examples (lr 5e-4), a small budget that fit the session.",
+    "curve and seed1 stages were not run in this session.",
+]
+
+
 def stage_merge(args, run: Path, command: str) -> dict:
     from recalign.evaluation.records import read_records
 
@@ -215,7 +226,7 @@ def stage_merge(args, run: Path, command: str) -> dict:
                     "same rows as the other records)"
                 )
                 records.append(r)
-    out = {"records": records, "command": command}
+    out = {"records": records, "command": command, "notes": NOTES}
     thr = Path("results/sft_throughput.json")
     if thr.is_file():
         t = json.loads(thr.read_text())
