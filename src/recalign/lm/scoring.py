@@ -84,8 +84,9 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return decoder, head
 
 
-def _token_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target | hidden) for ``[N, H]`` hidden states, LM head applied in row chunks."""
+def token_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | hidden) for ``[N, H]`` hidden states, LM head applied in row chunks (soft-capped
+    where the model's config asks): the one place where hidden states meet the vocabulary."""
     cap = _softcap(model)
     out = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
@@ -242,7 +243,7 @@ def packed_scores(
     if not batch.gathers:
         return []
     h = hidden[torch.tensor(flat_rows, device=device), torch.tensor(flat_pos, device=device)]
-    tok_lp = _token_logprobs(model, head, h, torch.tensor(targets, device=device))
+    tok_lp = token_logprobs(model, head, h, torch.tensor(targets, device=device))
     sums = torch.zeros(len(batch.gathers), device=device, dtype=tok_lp.dtype).index_add(
         0, torch.tensor(owner, device=device), tok_lp
     )
@@ -295,7 +296,9 @@ def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tenso
         ids[b, : len(p)] = torch.tensor(list(p), device=device)
         att[b, : len(p)] = 1
     cache = DynamicCache(config=cfg)
-    prompt_out = decoder(**decoder_inputs(model, ids), attention_mask=att, past_key_values=cache, use_cache=True)
+    prompt_out = decoder(
+        **decoder_inputs(model, ids), attention_mask=att, past_key_values=cache, use_cache=True
+    )
     prompt_hidden = prompt_out.last_hidden_state  # [B, P_max, H]
     cache = prompt_out.past_key_values
     layers = [(layer.keys, layer.values) for layer in cache.layers]
@@ -354,7 +357,7 @@ def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tenso
             targets.extend(a)
             tok_owner.extend([r] * len(a))
         h = torch.cat(h_parts)
-        tok_lp = _token_logprobs(model, head, h, torch.tensor(targets, device=device))
+        tok_lp = token_logprobs(model, head, h, torch.tensor(targets, device=device))
         sums = torch.zeros(n, device=device, dtype=tok_lp.dtype).index_add(
             0, torch.tensor(tok_owner, device=device), tok_lp
         )

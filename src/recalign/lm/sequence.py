@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
-from recalign.lm.modules import softcap
 from recalign.lm.prompts import display_titles, item_noun, recent_history
 
 #: Document header (``{nouns}``: "movies", "items", ... from the dataset's catalogue).
@@ -176,7 +175,7 @@ def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     Documents are right-padded into one batch with a 2-D attention mask; the LM head (the vocabulary,
     the dominant CPU cost) runs only on the hidden states that predict a target token.
     """
-    from recalign.lm.scoring import HEAD_CHUNK, decoder_and_head
+    from recalign.lm.scoring import decoder_and_head, token_logprobs
 
     decoder, head = decoder_and_head(model)
     device = head.weight.device
@@ -191,14 +190,7 @@ def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     rows, pos, tgt = _target_positions(batch)
     h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
     targets = torch.tensor(tgt, device=device)
-    cap = softcap(model)
-    out = []
-    for s in range(0, h.shape[0], HEAD_CHUNK):
-        logits = head(h[s : s + HEAD_CHUNK]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        out.append(logits.log_softmax(-1).gather(-1, targets[s : s + HEAD_CHUNK, None]).squeeze(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    return token_logprobs(model, head, h, targets)
 
 
 class SequenceObjective:
