@@ -102,3 +102,56 @@ def test_cllm4rec_keeps_its_errors_with_the_value(overrides, message):
         load_config(CLLM4RecConfig, None, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
     load_config(CLLM4RecConfig, None, ["model.num_layers=null"])  # None passes
+
+
+@pytest.mark.parametrize(
+    "cls_path, overrides, message",
+    [
+        ("recalign.methods.sft:SFTConfig", ["training.batch_size=0"], "field 'training.batch_size': must be >= 1, got 0"),
+        ("recalign.methods.sft:SFTConfig", ["training.learning_rate=0"], "field 'training.learning_rate': must be > 0, got 0.0"),
+        ("recalign.methods.sft:SFTConfig", ["training.warmup_steps=-1"], "field 'training.warmup_steps': must be >= 0"),
+        ("recalign.methods.sft:SFTConfig", ["training.max_grad_norm=-1"], "field 'training.max_grad_norm': must be >= 0"),
+        ("recalign.methods.sft:SFTConfig", ["lora.alpha=0"], "field 'lora.alpha': must be >= 1, got 0"),
+        ("recalign.methods.sft:SFTConfig", ["max_history=0"], "field 'max_history': must be >= 1"),
+        ("recalign.methods.sft:SFTConfig", ["threads=-1"], "field 'threads': must be >= 0"),
+        ("recalign.methods.sft:SFTConfig", ["eval.max_new_tokens=0"], "field 'eval.max_new_tokens': must be >= 1"),
+        ("recalign.methods.sft:SFTConfig", ["eval.max_pairs=-1"], "field 'eval.max_pairs': must be >= 0, got -1"),
+        ("recalign.methods.sft:SFTConfig", ["data.candidates=1"], "field 'data.candidates': must be >= 2, got 1"),
+        ("recalign.methods.sft:SFTConfig", ["data.preprocess.item_core=-1"], "field 'data.preprocess.item_core': must be >= 0, got -1"),
+        ("recalign.methods.align:AlignConfig", ["beta=0"], "field 'beta': must be > 0, got 0.0"),
+        ("recalign.methods.align:AlignConfig", ["n_train=0"], "field 'n_train': must be >= 1, got 0"),
+        ("recalign.methods.quickstart:QuickstartConfig", ["sdpo.n_train=0"], "field 'sdpo.n_train': must be >= 1, got 0"),
+        ("recalign.methods.quickstart:QuickstartConfig", ["sdpo.training.save_steps=0"], "field 'sdpo.training.save_steps': must be >= 1, got 0"),
+        ("recalign.methods.quickstart:QuickstartConfig", ["n_train=0"], "field 'n_train': must be >= 1"),
+        ("recalign.methods.quickstart:QuickstartConfig", ["threads=-1"], "field 'threads': must be >= 0"),
+    ],
+)  # fmt: skip
+def test_lm_recipes_keep_their_one_line_errors(cls_path, overrides, message):
+    import importlib
+
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(RecalignInputError) as e:
+        load_config(cls, None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sections_built_in_python_keep_their_section_names():
+    from recalign.data.preprocess import PreprocessConfig
+    from recalign.lm.lora import LoRAConfig
+    from recalign.methods.quickstart import QuickstartSDPOConfig
+    from recalign.methods.zeroshot import EvalConfig
+    from recalign.training.config import TrainingConfig
+
+    cases = [
+        (TrainingConfig(grad_accum=0), "field 'training.grad_accum': must be >= 1, got 0"),
+        (TrainingConfig(num_workers=-1), "field 'training.num_workers': must be >= 0"),
+        (LoRAConfig(r=0), "field 'lora.r': must be >= 1, got 0"),
+        (PreprocessConfig(kcore=-2), "field 'preprocess.kcore': must be >= 0, got -2"),
+        (EvalConfig(batch_size=0), "field 'eval.batch_size': must be >= 1"),
+        (QuickstartSDPOConfig(beta=0.0), "field 'sdpo.beta': must be > 0, got 0.0"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(RecalignInputError) as e:
+            cfg.validate()
+        assert message in str(e.value), (cfg, str(e.value))

@@ -14,11 +14,11 @@ import codecs
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 
-from recalign.config import cfg_field, save_config
+from recalign.config import Ge, cfg_field, check_constraints, save_config
 from recalign.data.dataset import RecDataset
 from recalign.data.loaders.registry import DATASETS, check_option_names, import_all, load_dataset
 from recalign.data.preprocess import FilterReport, PreprocessConfig, preprocess
@@ -39,15 +39,16 @@ class DataPrepareConfig:
         "loo", "loo (last item test, second-last valid) or llara (8:1:1)"
     )
     seed: int = cfg_field(0, "seed of the candidate sets")
-    candidates: int = cfg_field(20, "candidates per example: the target plus candidates-1 unseen items")
+    candidates: Annotated[int, Ge(2, show_value=True)] = cfg_field(
+        20, "candidates per example: the target plus candidates-1 unseen items"
+    )
     preprocess: PreprocessConfig = cfg_field(
         help="filtering before the split", default_factory=PreprocessConfig
     )
     output: str | None = cfg_field(None, "directory for examples.parquet, split.json and config.yaml")
 
     def validate(self) -> None:
-        if self.candidates < 2:
-            raise RecalignInputError(f"must be >= 2, got {self.candidates}", field="candidates")
+        check_constraints(self, nested=False)
         self.preprocess.validate()
 
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import numpy as np
 import pandas as pd
 
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.data.dataset import RecDataset
 from recalign.errors import RecalignInputError
 
@@ -218,9 +218,15 @@ class PreprocessConfig:
     """Filtering applied to a dataset before splitting."""
 
     dedup: bool = cfg_field(True, "drop repeated (user, item) events, keeping the earliest")
-    kcore: int = cfg_field(0, "k-core: minimum interactions per user and per item (0 = off)")
-    user_core: int | None = cfg_field(None, "minimum interactions per user; overrides kcore for users")
-    item_core: int | None = cfg_field(None, "minimum interactions per item; overrides kcore for items")
+    kcore: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        0, "k-core: minimum interactions per user and per item (0 = off)"
+    )
+    user_core: Annotated[int | None, Ge(0, show_value=True)] = cfg_field(
+        None, "minimum interactions per user; overrides kcore for users"
+    )
+    item_core: Annotated[int | None, Ge(0, show_value=True)] = cfg_field(
+        None, "minimum interactions per item; overrides kcore for items"
+    )
     min_rating: float | None = cfg_field(
         None, "keep only events rated at least this (implicit feedback); None keeps all"
     )
@@ -233,10 +239,7 @@ class PreprocessConfig:
     )
 
     def validate(self) -> None:
-        for name in ("kcore", "user_core", "item_core"):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise RecalignInputError(f"must be >= 0, got {v}", field=f"preprocess.{name}")
+        check_constraints(self, "preprocess.")  # the Ge annotations, named as the section ``preprocess``
 
     @property
     def user_k(self) -> int:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
 from recalign.io import atomic_write_json
 
@@ -36,8 +37,10 @@ class LoRAConfig:
     """LoRA hyper-parameters (peft ``LoraConfig`` under a typed, documented, validated face)."""
 
     enabled: bool = cfg_field(True, "train a LoRA adapter; false trains nothing (zero-shot)")
-    r: int = cfg_field(8, "adapter rank")
-    alpha: int = cfg_field(16, "scaling numerator: the update is scaled by alpha / r")
+    r: Annotated[int, Ge(1, show_value=True)] = cfg_field(8, "adapter rank")
+    alpha: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        16, "scaling numerator: the update is scaled by alpha / r"
+    )
     dropout: float = cfg_field(0.05, "dropout on the adapter input during training")
     target_modules: list[str] = cfg_field(
         ["q_proj", "v_proj"],
@@ -46,10 +49,7 @@ class LoRAConfig:
     bias: str = cfg_field("none", "which biases to train: none, all or lora_only")
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise RecalignInputError(f"must be >= 1, got {self.r}", field="lora.r")
-        if self.alpha < 1:
-            raise RecalignInputError(f"must be >= 1, got {self.alpha}", field="lora.alpha")
+        check_constraints(self, "lora.")  # the Ge annotations, named as the section ``lora``
         if not 0.0 <= self.dropout < 1.0:
             raise RecalignInputError(f"must be in [0, 1), got {self.dropout}", field="lora.dropout")
         if not self.target_modules:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
 
-from recalign.config import cfg_field
+from recalign.config import Ge, Gt, cfg_field, check_constraints
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import current_command
@@ -65,18 +65,24 @@ class AlignConfig:
         "smollm2", "start model (and reference): an SFT run dir, adapter dir or base model"
     )
     loss: LossName = cfg_field("sdpo", "preference loss: dpo (K=1), sdpo (softmax over K), dmpo (mean of K)")
-    negatives: int = cfg_field(3, "K, negatives per positive (dpo needs 1)")
+    negatives: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        3, "K, negatives per positive (dpo needs 1)"
+    )
     strategy: Literal["random", "popularity", "hard"] = cfg_field(
         "random", "negatives: random distractors, popularity-weighted, or hard (start model's top wrong ones)"
     )
-    beta: float = cfg_field(1.0, "temperature β of the implicit reward (S-DPO's scripts use 1)")
+    beta: Annotated[float, Gt(0, show_value=True)] = cfg_field(
+        1.0, "temperature β of the implicit reward (S-DPO's scripts use 1)"
+    )
     nll_weight: float = cfg_field(1.0, "DMPO only: weight λ of the chosen answer's NLL term (0 disables)")
     reference: Literal["precomputed", "adapter-disabled"] = cfg_field(
         "precomputed", "reference log-probs: cached once per data+model, or a per-step adapter-off pass"
     )
     method: str = cfg_field("", "method name in result records (default: dpo, sdpo-k3, dmpo-k3, ...)")
     data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
-    n_train: int = cfg_field(128, "training examples (each with 1+K answers) sampled from the train stage")
+    n_train: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        128, "training examples (each with 1+K answers) sampled from the train stage"
+    )
     sample_seed: int | None = cfg_field(
         None,
         "seed for drawing the training examples (default: seed); another value draws examples SFT did not train on",
@@ -93,7 +99,9 @@ class AlignConfig:
         "auto",
         "base weights: auto (bfloat16 where native, else float32), float32 or bfloat16; LoRA stays float32",
     )
-    threads: int = cfg_field(0, "torch CPU threads (0: torch's default; 1 is faster on a shared, busy CPU)")
+    threads: Annotated[int, Ge(0)] = cfg_field(
+        0, "torch CPU threads (0: torch's default; 1 is faster on a shared, busy CPU)"
+    )
     lora: LoRAConfig = cfg_field(
         help="the new LoRA adapter trained on top of the start model", default_factory=LoRAConfig
     )
@@ -103,8 +111,7 @@ class AlignConfig:
     eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
 
     def validate(self) -> None:
-        if self.negatives < 1:
-            raise RecalignInputError(f"must be >= 1, got {self.negatives}", field="negatives")
+        check_constraints(self, nested=False)  # the nested configs: validate_lm_recipe below
         if self.loss == "dpo" and self.negatives != 1:
             raise RecalignInputError(
                 "DPO compares one pair: set negatives=1 (or use sdpo)", field="negatives"
@@ -113,10 +120,6 @@ class AlignConfig:
             raise RecalignInputError(
                 f"{self.negatives} negatives need at least {self.negatives + 1} candidates", field="negatives"
             )
-        if self.beta <= 0:
-            raise RecalignInputError(f"must be > 0, got {self.beta}", field="beta")
-        if self.n_train < 1:
-            raise RecalignInputError(f"must be >= 1, got {self.n_train}", field="n_train")
         validate_lm_recipe(self, "alignment trains an adapter; lora.enabled must be true")
 
     def method_name(self) -> str:

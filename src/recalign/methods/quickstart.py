@@ -36,11 +36,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 
-from recalign.config import cfg_field, save_config
+from recalign.config import Ge, Gt, cfg_field, check_constraints, save_config
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
@@ -82,13 +82,17 @@ def _sdpo_training() -> TrainingConfig:
 class QuickstartSDPOConfig:
     """The ``sdpo`` stage: S-DPO on the SFT stage's model (:class:`~recalign.methods.align.AlignConfig`)."""
 
-    negatives: int = cfg_field(3, "K, negatives per positive (S-DPO's scripts use 3)")
-    beta: float = cfg_field(1.0, "temperature beta of the implicit reward (S-DPO's scripts use 1)")
+    negatives: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        3, "K, negatives per positive (S-DPO's scripts use 3)"
+    )
+    beta: Annotated[float, Gt(0, show_value=True)] = cfg_field(
+        1.0, "temperature beta of the implicit reward (S-DPO's scripts use 1)"
+    )
     strategy: Literal["random", "popularity", "hard"] = cfg_field(
         "random",
         "negatives: the prompt's random distractors, popularity-weighted, or hard (SFT model's top wrong ones)",
     )
-    n_train: int = cfg_field(
+    n_train: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         64, "preference examples (each 1 positive + K negatives) sampled from the train stage with seed"
     )
     reference: Literal["precomputed", "adapter-disabled"] = cfg_field(
@@ -100,12 +104,7 @@ class QuickstartSDPOConfig:
     training: TrainingConfig = cfg_field(help="S-DPO optimisation", default_factory=_sdpo_training)
 
     def validate(self) -> None:
-        if self.negatives < 1:
-            raise RecalignInputError(f"must be >= 1, got {self.negatives}", field="sdpo.negatives")
-        if self.beta <= 0:
-            raise RecalignInputError(f"must be > 0, got {self.beta}", field="sdpo.beta")
-        if self.n_train < 1:
-            raise RecalignInputError(f"must be >= 1, got {self.n_train}", field="sdpo.n_train")
+        check_constraints(self, "sdpo.", nested=False)  # named as the section ``sdpo``
         if not self.lora.enabled:
             raise RecalignInputError("S-DPO trains an adapter; must be true", field="sdpo.lora.enabled")
         self.lora.validate()
@@ -120,7 +119,7 @@ class QuickstartConfig:
     dtype: str = cfg_field(
         "auto", "LM weights: auto (bfloat16 where native, else float32), float32, bfloat16"
     )
-    threads: int = cfg_field(
+    threads: Annotated[int, Ge(0)] = cfg_field(
         0,
         "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
     )
@@ -134,7 +133,7 @@ class QuickstartConfig:
         {"sasrec": {"epochs": 10, "patience": 3}},
         "per-baseline config overrides (SASRec capped to fit the time budget)",
     )
-    n_train: int = cfg_field(256, "SFT training examples (few-shot), sampled with seed")
+    n_train: Annotated[int, Ge(1)] = cfg_field(256, "SFT training examples (few-shot), sampled with seed")
     max_history: int = cfg_field(10, "history items in prompts")
     seed: int = cfg_field(0, "seed of example sampling and prompt phrasing")
     lora: LoRAConfig = cfg_field(help="LoRA adapter of the SFT stage", default_factory=_lora)
@@ -151,14 +150,13 @@ class QuickstartConfig:
     )
 
     def validate(self) -> None:
+        check_constraints(self, nested=False)  # the nested configs validate themselves below
         _register_builtin()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise RecalignInputError(
                 f"unknown stage '{unknown[0]}' (registered: {', '.join(STAGES)})", field="stages"
             )
-        if self.n_train < 1:
-            raise RecalignInputError("must be >= 1", field="n_train")
         if "sdpo" in self.stages and "sft" not in self.stages[: self.stages.index("sdpo")]:
             raise RecalignInputError(
                 "the sdpo stage starts from the SFT model: list sft before sdpo", field="stages"
@@ -168,8 +166,6 @@ class QuickstartConfig:
                 f"{self.sdpo.negatives} negatives need at least {self.sdpo.negatives + 1} candidates",
                 field="sdpo.negatives",
             )
-        if self.threads < 0:
-            raise RecalignInputError("must be >= 0", field="threads")
         resolve_dtype(self.dtype)
         self.data.validate()
         self.lora.validate()

@@ -30,12 +30,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
 
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import current_command
@@ -84,7 +85,7 @@ class SFTConfig:
         256,
         "training examples sampled from the train stage (format=sequence: documents/windows) (<= 0: all)",
     )
-    max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
+    max_history: Annotated[int, Ge(1)] = cfg_field(10, "history items shown in the prompt (most recent)")
     seed: int = cfg_field(
         0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
     )
@@ -94,7 +95,7 @@ class SFTConfig:
         "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
         "bfloat16; the LoRA adapter always trains in float32",
     )
-    threads: int = cfg_field(
+    threads: Annotated[int, Ge(0)] = cfg_field(
         0,
         "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
     )
@@ -109,6 +110,7 @@ class SFTConfig:
     )
 
     def validate(self) -> None:
+        check_constraints(self, nested=False)  # the nested configs: validate_lm_recipe below
         self.hybrid.validate()
         if self.hybrid.enabled and self.format != "candidates":
             raise RecalignInputError("hybrid item tokens need format=candidates", field="hybrid.enabled")
@@ -126,8 +128,6 @@ class SFTConfig:
             check_sequence_protocols(self.eval.protocols)
         if self.scoring_impl not in ("packed", "kv"):
             raise RecalignInputError(f"must be packed or kv, got {self.scoring_impl!r}", field="scoring_impl")
-        if self.max_history < 1:
-            raise RecalignInputError("must be >= 1", field="max_history")
         validate_lm_recipe(self, "SFT trains an adapter; use `recalign evaluate` for zero-shot")
 
 

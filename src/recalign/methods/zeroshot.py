@@ -37,10 +37,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.data.dataset import RecDataset
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
@@ -61,13 +62,15 @@ class EvalConfig:
         ["candidates", "generation"],
         "protocols to run: candidates, generation, full (slow), pairwise (DMPO's A-or-B prompt)",
     )
-    batch_size: int = cfg_field(8, "examples per forward pass when scoring / generating")
-    max_new_tokens: int = cfg_field(32, "generation length limit (titles are ~10-20 tokens)")
+    batch_size: Annotated[int, Ge(1)] = cfg_field(8, "examples per forward pass when scoring / generating")
+    max_new_tokens: Annotated[int, Ge(1)] = cfg_field(
+        32, "generation length limit (titles are ~10-20 tokens)"
+    )
     length_normalize: bool = cfg_field(
         False, "rank candidates by mean instead of summed answer-token log-prob"
     )
     stage: str = cfg_field("test", "which split stage to evaluate on: test or valid")
-    max_pairs: int = cfg_field(
+    max_pairs: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         1,
         "pairwise protocol: negative candidates paired with the target per example, drawn with the seed "
         "(0: all candidates - 1; DMPO's setting is one pair)",
@@ -84,12 +87,9 @@ class EvalConfig:
             raise RecalignInputError(
                 f"unknown protocol '{bad[0]}' (choose from {', '.join(LM_PROTOCOLS)})", field="eval.protocols"
             )
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise RecalignInputError("must be >= 1", field="eval.batch_size/max_new_tokens")
+        check_constraints(self, "eval.")  # the Ge annotations, named as the section ``eval``
         if self.stage not in ("test", "valid"):
             raise RecalignInputError(f"must be test or valid, got {self.stage!r}", field="eval.stage")
-        if self.max_pairs < 0:
-            raise RecalignInputError(f"must be >= 0, got {self.max_pairs}", field="eval.max_pairs")
 
 
 def metric_keys_flat(records: list[ResultRecord]) -> dict[str, float]:

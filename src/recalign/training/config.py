@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from recalign.config import cfg_field
+from recalign.config import Ge, Gt, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
 
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -23,24 +23,34 @@ Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 class TrainingConfig:
     """Optimisation, checkpointing and logging settings shared by SFT and preference training."""
 
-    learning_rate: float = cfg_field(2e-4, "peak learning rate (AdamW); LoRA tolerates ~1e-4..1e-3")
+    learning_rate: Annotated[float, Gt(0, show_value=True)] = cfg_field(
+        2e-4, "peak learning rate (AdamW); LoRA tolerates ~1e-4..1e-3"
+    )
     epochs: float = cfg_field(1.0, "passes over the training examples (ignored when max_steps > 0)")
     max_steps: int = cfg_field(
         -1,
         "optimiser steps to run: -1 trains for 'epochs', a value > 0 overrides epochs (nothing else is valid)",
     )
-    batch_size: int = cfg_field(8, "examples per device per forward/backward pass")
-    grad_accum: int = cfg_field(
+    batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        8, "examples per device per forward/backward pass"
+    )
+    grad_accum: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         1, "passes accumulated per optimiser step (effective batch = batch_size x this)"
     )
-    warmup_steps: int = cfg_field(0, "linear learning-rate warm-up, in optimiser steps")
+    warmup_steps: Annotated[int, Ge(0)] = cfg_field(0, "linear learning-rate warm-up, in optimiser steps")
     lr_scheduler: Scheduler = cfg_field("linear", "learning-rate schedule after warm-up")
-    weight_decay: float = cfg_field(0.0, "AdamW decoupled weight decay")
-    max_grad_norm: float = cfg_field(1.0, "gradient clipping norm (0 disables clipping)")
+    weight_decay: Annotated[float, Ge(0)] = cfg_field(0.0, "AdamW decoupled weight decay")
+    max_grad_norm: Annotated[float, Ge(0)] = cfg_field(1.0, "gradient clipping norm (0 disables clipping)")
     seed: int = cfg_field(0, "seed for weight init of the adapter, data order and dropout")
-    save_steps: int = cfg_field(50, "write a checkpoint every N optimiser steps (and at the end)")
-    save_total_limit: int = cfg_field(2, "checkpoints kept on disk; older ones are deleted")
-    logging_steps: int = cfg_field(5, "log loss and objective diagnostics every N optimiser steps")
+    save_steps: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        50, "write a checkpoint every N optimiser steps (and at the end)"
+    )
+    save_total_limit: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        2, "checkpoints kept on disk; older ones are deleted"
+    )
+    logging_steps: Annotated[int, Ge(1, show_value=True)] = cfg_field(
+        5, "log loss and objective diagnostics every N optimiser steps"
+    )
     resume: bool = cfg_field(
         False,
         "continue from the last checkpoint-N in the output directory; without it a directory that "
@@ -48,32 +58,19 @@ class TrainingConfig:
     )
     progress: bool = cfg_field(True, "show a progress bar")
     gradient_checkpointing: bool = cfg_field(False, "recompute activations in backward to save memory")
-    num_workers: int = cfg_field(0, "data-loader worker processes (tokenised data is in memory: 0 is fine)")
+    num_workers: Annotated[int, Ge(0)] = cfg_field(
+        0, "data-loader worker processes (tokenised data is in memory: 0 is fine)"
+    )
 
     def validate(self) -> None:
-        positive = {
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "save_steps": self.save_steps,
-            "save_total_limit": self.save_total_limit,
-            "logging_steps": self.logging_steps,
-        }
-        for name, v in positive.items():
-            if v < 1:
-                raise RecalignInputError(f"must be >= 1, got {v}", field=f"training.{name}")
-        if self.learning_rate <= 0:
-            raise RecalignInputError(f"must be > 0, got {self.learning_rate}", field="training.learning_rate")
+        # The Ge / Gt annotations; a config built in Python names its fields as the section ``training``.
+        check_constraints(self, "training.")
         if self.max_steps != -1 and self.max_steps <= 0:
             raise RecalignInputError(
                 f"must be -1 (train for 'epochs') or > 0, got {self.max_steps}", field="training.max_steps"
             )
         if self.max_steps <= 0 and self.epochs <= 0:
             raise RecalignInputError("set epochs > 0 or max_steps > 0", field="training.epochs")
-        for name in ("warmup_steps", "num_workers"):
-            if getattr(self, name) < 0:
-                raise RecalignInputError("must be >= 0", field=f"training.{name}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise RecalignInputError("must be >= 0", field="training.weight_decay/max_grad_norm")
 
     def to_arguments(self, output_dir: str | Path, **overrides):
         """The ``TrainingArguments`` for this config, writing checkpoints to ``output_dir``."""
