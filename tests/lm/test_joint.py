@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recalign.data.splits import build_split
-from recalign.lm.generation import _pad_id, generate_answers
+from recalign.lm.generation import generate_answers, pad_id
 from recalign.lm.joint import joint_unsupported, score_and_generate
 from recalign.lm.prompts import encode_answer, encode_prompt, stop_token_ids
 from recalign.lm.recommender import LMRecommender
@@ -40,7 +40,7 @@ def _hf_greedy_ids(model, tok, prompts, max_new_tokens):
     stops = stop_token_ids(tok)
     enc = [encode_prompt(tok, p) for p in prompts]
     width = max(len(e) for e in enc)
-    ids = torch.full((len(enc), width), _pad_id(tok), dtype=torch.long)
+    ids = torch.full((len(enc), width), pad_id(tok), dtype=torch.long)
     att = torch.zeros((len(enc), width), dtype=torch.long)
     for r, e in enumerate(enc):
         ids[r, width - len(e) :] = torch.tensor(e)
@@ -53,7 +53,7 @@ def _hf_greedy_ids(model, tok, prompts, max_new_tokens):
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=stops,
-            pad_token_id=_pad_id(tok),
+            pad_token_id=pad_id(tok),
         )
     rows = []
     for row in out[:, width:].tolist():
@@ -127,7 +127,7 @@ def test_joint_greedy_equals_generate(stopping, tiny_tokenizer, titles):
             a_ids,
             stop_ids=stop_token_ids(tok),
             max_new_tokens=MAX_NEW,
-            pad_id=_pad_id(tok),
+            pad_id=pad_id(tok),
         )
     want = _hf_greedy_ids(stopping_model, tok, PROMPTS, MAX_NEW)
     assert got.generated == want

@@ -198,10 +198,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# Old private spellings: cmd_recommend.py (owned by issue #18) still imports these two.
-_add_source_args = add_source_args
-_parse_opts = parse_opts
-
 __all__ = [
     "DataPrepareConfig",
     "add_source_args",

@@ -37,14 +37,9 @@ import os
 import sys
 from pathlib import Path
 
+from recalign.cli.cmd_data import add_source_args, parse_opts
 from recalign.errors import RecalignInputError
 from recalign.lm.recommend import METHODS, RETRIEVERS, Recommendation, match_titles
-
-try:  # the public spellings (data-layer split); older trees only have the private ones
-    from recalign.cli.cmd_data import add_source_args, parse_opts
-except ImportError:  # pragma: no cover
-    from recalign.cli.cmd_data import _add_source_args as add_source_args
-    from recalign.cli.cmd_data import _parse_opts as parse_opts
 
 __all__ = ["Recommendation", "match_titles", "recommend", "register"]
 

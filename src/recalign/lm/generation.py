@@ -32,7 +32,8 @@ from recalign.lm.modules import is_seq2seq, unwrap_peft
 from recalign.lm.prompts import PromptExample, encode_prompt, examples_to_prompts, stop_token_ids
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
             return int(tid)
@@ -77,7 +78,7 @@ def generate_answers(
     else:
         encoded = [encode_prompt(tokenizer, t) for t in texts]
         stops = stop_token_ids(tokenizer)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     device = next(unwrap_peft(model).parameters()).device
     was_training = model.training
     model.eval()

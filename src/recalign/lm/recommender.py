@@ -161,7 +161,7 @@ class LMRecommender:
         :func:`~recalign.lm.generation.generate_answers` (``batch_size`` prompts per pass), for
         decoder-only models that :func:`recalign.lm.joint.joint_unsupported` accepts (raises otherwise).
         """
-        from recalign.lm.generation import _pad_id, decode_answer
+        from recalign.lm.generation import decode_answer, pad_id
         from recalign.lm.joint import joint_unsupported, score_and_generate
 
         reason = joint_unsupported(self.model, max_new_tokens=max_new_tokens)
@@ -182,7 +182,7 @@ class LMRecommender:
         out = np.full((len(prompts), n_c), -np.inf)
         titles = self.title_ids()
         stops = stop_token_ids(self.tokenizer)
-        pad = _pad_id(self.tokenizer)
+        pad = pad_id(self.tokenizer)
         seconds = {
             "prepare": time.perf_counter() - t0,
             "shared_forward": 0.0,

@@ -263,7 +263,8 @@ def _packed_pass(
     return packed_scores(model, head, hidden, batch)
 
 
-def _check_attn_impl(model) -> None:
+def check_attn_impl(model) -> None:
+    """Refuse an attention implementation that cannot take packed scoring's custom 4-D masks."""
     impl = getattr(_unwrap(model).config, "_attn_implementation", None)
     if impl not in (None, "eager", "sdpa"):
         raise ValueError(
@@ -272,7 +273,7 @@ def _check_attn_impl(model) -> None:
 
 
 def _packed(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tensor]]:
-    _check_attn_impl(model)
+    check_attn_impl(model)
     decoder, head = decoder_and_head(model)
     dtype, device = _model_dtype_device(model)
     out = []
@@ -283,7 +284,7 @@ def _packed(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.T
 
 # ---------------------------------------------------------------------- kv: prompt cache expanded
 def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tensor]]:
-    _check_attn_impl(model)
+    check_attn_impl(model)
     decoder, head = decoder_and_head(model)
     dtype, device = _model_dtype_device(model)
     cfg = _unwrap(model).config

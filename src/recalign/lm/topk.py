@@ -45,7 +45,8 @@ import torch
 from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.scoring import _check_attn_impl, _softcap, _unwrap, answer_logprobs, decoder_and_head
+from recalign.lm.modules import softcap, unwrap_peft
+from recalign.lm.scoring import answer_logprobs, check_attn_impl, decoder_and_head
 
 #: nodes fed per forward pass of the search (one token each)
 NODES_PER_PASS = 128
@@ -53,7 +54,7 @@ NODES_PER_PASS = 128
 
 def default_margin(model) -> float:
     """``1e-3`` for float32 weights, ``0.25`` for 16-bit ones (see the module docstring)."""
-    dtype = next(_unwrap(model).parameters()).dtype
+    dtype = next(unwrap_peft(model).parameters()).dtype
     return 1e-3 if dtype == torch.float32 else 0.25
 
 
@@ -125,13 +126,13 @@ def exact_top_k(
     ``rescore=False`` returns the search's own scores (same items, float-level differences).
     """
     t0 = time.perf_counter()
-    _check_attn_impl(model)
+    check_attn_impl(model)
     margin = default_margin(model) if margin is None else float(margin)
     decoder, head = decoder_and_head(model)
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     device = next(base.parameters()).device
     dtype = next(base.parameters()).dtype
-    cap = _softcap(model)
+    cap = softcap(model)
     n_items = len(trie.sequences)
     k_eff = min(int(k), n_items - len([i for i in exclude if 0 <= i < n_items]))
     if k_eff < 1:

@@ -104,13 +104,14 @@ class TrainingConfig:
             eval_strategy="no",
             # Explicit CPU when there is no accelerator: under `accelerate launch` / torchrun this is
             # what makes the processes join one gloo process group instead of training alone.
-            use_cpu=not _accelerator_available(),
+            use_cpu=not accelerator_available(),
         )
         kwargs.update(overrides)
         return TrainingArguments(**kwargs)
 
 
-def _accelerator_available() -> bool:
+def accelerator_available() -> bool:
+    """Whether torch sees a CUDA, MPS or XPU device (else training runs, and joins processes, on CPU)."""
     import torch
 
     mps = getattr(torch.backends, "mps", None)

@@ -67,10 +67,10 @@ def init() -> None:
     if not dist.is_initialized():
         from accelerate import PartialState
 
-        from recalign.training.config import _accelerator_available
+        from recalign.training.config import accelerator_available
 
         # the same call the Trainer makes (TrainingConfig passes use_cpu when there is no GPU): gloo on CPU
-        PartialState(cpu=not _accelerator_available())
+        PartialState(cpu=not accelerator_available())
     if _wait_group is None:
         _wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
 
