@@ -1,5 +1,7 @@
-"""DMPO's settings: the pairwise prompt (exact text), pairwise accuracy (against a naive recomputation),
-the genre-domain filter (exact survivors on a hand-written log) and ``recalign align prompt=pairwise``."""
+"""DMPO's settings: the pair-ranking prompt (exact text, answers each other's reversal), the pairwise
+protocol (hand-worked metrics, against a naive recomputation), the few-shot recipe (records carry the rows
+trained on), the genre-domain filter (exact survivors on a hand-written log) and the choice prompt of
+``recalign align prompt=pairwise``."""
 
 from __future__ import annotations
 
@@ -23,9 +25,13 @@ from recalign.errors import RecalignInputError  # noqa: E402
 from recalign.lm.prompts import choose_template, display_titles  # noqa: E402
 from recalign.methods.dmpo import (  # noqa: E402
     option_order,
+    ordering_answer,
+    pair_ranking_prompt,
+    pair_ranking_rows,
     pairwise_accuracy,
     pairwise_metrics,
     pairwise_prompt,
+    parse_ordering,
     preference_pairwise_prompts,
 )
 
@@ -82,17 +88,84 @@ def test_pairwise_prompt_with_k_negatives_lists_all_options():
         pairwise_prompt(ds, [0], [2, 2])
 
 
-# ---------------------------------------------------------------------- metrics
-def test_pairwise_metrics_by_hand():
-    # pairs of example 0: correct, tie (1/2); example 1: wrong, correct
-    m = pairwise_metrics(
-        np.array([1.0, 0.0, 2.0, 5.0]), np.array([0.0, 0.0, 3.0, 4.0]), np.array([0, 0, 1, 1])
+# ---------------------------------------------------------------------- pair-ranking prompt
+def test_pair_ranking_prompt_exact_text_and_reversed_answers():
+    ds = _four_movies()
+    prompt, shown = pair_ranking_prompt(
+        ds, [0, 1], [2, 3], seed=1, user=1, position=2, template="pair_rank_list"
     )
-    assert m["PairAcc"] == pytest.approx(2.5 / 4)
-    assert m["PairAcc (per-example)"] == pytest.approx((0.75 + 0.5) / 2)
+    assert shown == [2, 3]
+    assert prompt == (
+        "This user has watched these movies, oldest first:\n1. Heat (1995)\n2. Fargo (1996)\n\n"
+        "Rank the likelihood of the user watching A and B:\nA. Babe (1995)\nB. Jaws (1975)\n\n"
+        "List both movies, the one the user is more likely to watch first.\nAnswer:"
+    )
+    prompt, shown = pair_ranking_prompt(
+        ds, [0, 1], [2, 3], seed=0, user=1, position=2, template="pair_rank_quoted"
+    )
+    assert shown == [3, 2]
+    assert prompt == (
+        'A user\'s most recent movies: "Heat (1995)", "Fargo (1996)".\n'
+        "Rank the likelihood of this user watching A and B, most likely first:\nA. Jaws (1975)\nB. Babe (1995)\n"
+        "Answer:"
+    )
+    assert pair_ranking_prompt(ds, [0, 1], [3, 2], seed=0, user=1, position=2)[1] == [3, 2]
+    with pytest.raises(RecalignInputError, match="exactly two"):
+        pair_ranking_prompt(ds, [0], [2, 3, 1])
+    assert ordering_answer(["Babe (1995)", "Jaws (1975)"], 1) == "B. Jaws (1975)\nA. Babe (1995)"
+
+
+def test_pair_ranking_rows_k_prompts_and_answers_are_reversals():
+    """Each negative gives one prompt naming exactly the positive and that negative; the rejected answer
+    is the chosen one with its two lines reversed, the chosen one puts the positive first."""
+    ds = _four_movies()
+    titles = display_titles(ds)
+    frame = pd.DataFrame({"user": [1, 2], "position": [3, 4], "history": [np.array([0]), np.array([0, 2])],
+                          "target": [1, 3]})  # fmt: skip
+    groups = pair_ranking_rows(ds, frame, [[2, 3], [1, 2]], seed=0)
+    assert [len(g) for g in groups] == [2, 2]
+    firsts = set()
+    for g, target in zip(groups, [1, 3]):
+        for r in g:
+            options = re.findall(r"^([AB])\. (.+)$", r.prompt, flags=re.M)
+            assert sorted(t for _, t in options) == sorted([titles[target], titles[r.negative]])
+            assert r.rejected.splitlines() == r.chosen.splitlines()[::-1]
+            assert parse_ordering(r.rejected) == parse_ordering(r.chosen)[::-1]
+            assert sorted(parse_ordering(r.chosen)) == ["A", "B"]
+            assert r.chosen.splitlines()[0].endswith(titles[target])  # positive ranked first
+            letter = parse_ordering(r.chosen)[0]
+            assert dict(options)[letter] == titles[target]
+            firsts.add(r.positive_is_a)
+    with pytest.raises(RecalignInputError, match="equals the target"):
+        pair_ranking_rows(ds, frame.head(1), [[1]], seed=0)
+
+
+# ---------------------------------------------------------------------- metrics
+def test_pairwise_metrics_hand_worked():
+    # four pairs: log-prob of ordering "positive first" / "negative first", positive shown as A or B
+    pos = np.array([-1.0, -2.0, -3.0, -1.0])
+    neg = np.array([-2.0, -2.0, -1.0, -4.0])
+    rows = np.array([0, 0, 1, 1])
+    pos_a = np.array([True, False, True, False])
+    m = pairwise_metrics(pos, neg, rows, pos_a)
+    # margins 1, 0 (tie: wrong), -2, 3 -> 2 of 4 correct
+    assert m["PairAcc"] == pytest.approx(0.5)
+    assert m["PairAcc SE"] == pytest.approx(math.sqrt(0.25 / 4))
+    assert m["PairAcc (per-example)"] == pytest.approx((0.5 + 0.5) / 2)
+    # A-first scores: pair0 (pos=A) +1, pair1 (pos=B) -0 = 0, pair2 (pos=A) -2, pair3 (pos=B) -3.
+    # label-1 pairs {0: +1, 2: -2}, label-0 pairs {1: 0, 3: -3}: +1 beats both, -2 beats -3 -> 3 of 4
+    assert m["AUC"] == pytest.approx(3 / 4)
+    assert m["A-first rate"] == pytest.approx(1 / 4)  # only pair 0 prefers the A-first ordering
     assert m["n_pairs"] == 4
-    m = pairwise_metrics(np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 2.0]), np.array([0, 0, 1]))
-    assert m["PairAcc"] == pytest.approx(2 / 3) and m["PairAcc (per-example)"] == pytest.approx(0.5)
+    # a model that always prefers the A-first ordering by the same amount: PairAcc is the share of
+    # pairs showing the positive as A, AUC counts the ties as losses (0, never above chance)
+    m = pairwise_metrics(
+        np.array([0.0, -1.0]), np.array([-1.0, 0.0]), np.array([0, 1]), np.array([True, False])
+    )
+    assert m["PairAcc"] == 0.5 and m["AUC"] == 0.0 and m["A-first rate"] == 1.0
+    # NaN scores lose
+    m = pairwise_metrics(np.array([np.nan, 1.0]), np.array([0.0, 0.0]), np.array([0, 1]))
+    assert m["PairAcc"] == 0.5 and "AUC" not in m
 
 
 @pytest.fixture(scope="module")
@@ -122,18 +195,19 @@ def test_pairwise_accuracy_matches_naive_scoring(env):
     correct = []
     for k, it in enumerate(res.items):
         row = test.iloc[it.row]
-        assert it.target == row["target"] and it.negative in set(row["candidates"]) - {it.target}
-        # the prompt names exactly the two items of the pair
-        assert titles[it.target] in it.prompt and titles[it.negative] in it.prompt
+        assert it.positive == row["target"] and it.negative in set(row["candidates"]) - {it.positive}
+        # the prompt names exactly the two items of the pair; the answers are its two orderings
+        assert titles[it.positive] in it.prompt and titles[it.negative] in it.prompt
+        assert it.rejected.splitlines() == it.chosen.splitlines()[::-1]
         with torch.no_grad():
             s = naive_answer_logprobs(
                 model,
                 [encode_prompt(tok, it.prompt)],
-                [[encode_answer(tok, titles[it.target]), encode_answer(tok, titles[it.negative])]],
+                [[encode_answer(tok, it.chosen), encode_answer(tok, it.rejected)]],
             ).sum[0]
-        assert res.target_scores[k] == pytest.approx(s[0].item(), abs=1e-4)
-        assert res.negative_scores[k] == pytest.approx(s[1].item(), abs=1e-4)
-        correct.append(1.0 if s[0] > s[1] else 0.5 if s[0] == s[1] else 0.0)
+        assert res.positive_first[k] == pytest.approx(s[0].item(), abs=1e-4)
+        assert res.negative_first[k] == pytest.approx(s[1].item(), abs=1e-4)
+        correct.append(1.0 if s[0] > s[1] else 0.0)
     assert res.metrics["PairAcc"] == pytest.approx(np.mean(correct))
     # max_pairs=0: every negative candidate (candidates - 1 = 4 per example)
     full = pairwise_accuracy(model, tok, data.dataset, test.head(2), seed=0, max_history=4)
@@ -150,16 +224,15 @@ def test_pairwise_accuracy_uses_the_seq2seq_tokenisation_for_encoder_decoders(en
     data = _data(env)
     test = data.split.stage("test").head(2).reset_index(drop=True)
     res = pairwise_accuracy(model, tok, data.dataset, test, seed=0, max_history=4, max_pairs=2)
-    titles = display_titles(data.dataset)
     for k, it in enumerate(res.items):
         with torch.no_grad():
             s = naive_seq2seq_answer_logprobs(
                 model,
                 [encode_source(tok, it.prompt)],
-                [[encode_target(tok, titles[it.target]), encode_target(tok, titles[it.negative])]],
+                [[encode_target(tok, it.chosen), encode_target(tok, it.rejected)]],
             ).sum[0]
-        assert res.target_scores[k] == pytest.approx(s[0].item(), abs=1e-4)
-        assert res.negative_scores[k] == pytest.approx(s[1].item(), abs=1e-4)
+        assert res.positive_first[k] == pytest.approx(s[0].item(), abs=1e-4)
+        assert res.negative_first[k] == pytest.approx(s[1].item(), abs=1e-4)
 
 
 # ---------------------------------------------------------------------- genre domains
@@ -280,3 +353,134 @@ def test_align_with_pairwise_prompt_trains(env, tmp_path):
     assert losses[-1] != pytest.approx(losses[0], abs=1e-6)  # and training moved it
     run = json.loads((tmp_path / "dmpo" / "metrics.json").read_text())["run"]
     assert run["prompt"] == "pairwise" and run["loss"] == "dmpo"
+
+
+# ---------------------------------------------------------------------- few-shot recipe
+def _genre_ml_dir(root: Path) -> Path:
+    """The tiny ML-100K directory with two genre halves: odd items Action, even items Comedy."""
+    d = _lm_tiny.write_ml100k_dir(root)
+    lines = []
+    for line in (d / "u.item").read_bytes().decode("latin-1").splitlines():
+        parts = line.split("|")
+        flags = ["0"] * 19
+        flags[1 if int(parts[0]) % 2 else 5] = "1"  # 1 = Action, 5 = Comedy
+        lines.append("|".join(parts[:5] + flags))
+    (d / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return d
+
+
+def _fewshot_cfg(root: Path, model: Path, **over):
+    from recalign.methods.dmpo_fewshot import DMPOFewShotConfig
+
+    o = {
+        "model": str(model),
+        "negatives": 2,
+        "nll_weight": 0.0,
+        "data": {"dataset": "ml-100k", "path": str(_genre_ml_dir(root / "ml")), "split": "llara",
+                 "candidates": 4, "preprocess": {"item_genres_include": ["Action"]}},
+        "n_sft": 6,
+        "n_pref": 4,
+        "max_history": 3,
+        "dtype": "float32",
+        "threads": 1,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "sft_training": {"learning_rate": 1e-2, "epochs": 2, "batch_size": 4, "save_steps": 50,
+                         "logging_steps": 1, "progress": False},
+        "pref_training": {"learning_rate": 1e-2, "epochs": 1, "batch_size": 2, "save_steps": 50,
+                          "logging_steps": 1, "progress": False, "lr_scheduler": "constant"},
+        "eval": {"n_test": 3, "max_pairs": 2, "batch_size": 4},
+    }  # fmt: skip
+    o.update(over)
+    return load_config(DMPOFewShotConfig, overrides=o)
+
+
+@pytest.mark.parametrize("prompt", ["pairwise", "candidates"])
+def test_fewshot_records_carry_the_rows_trained_on(env, tmp_path, monkeypatch, prompt):
+    import recalign.training as training
+    from recalign.methods.dmpo_fewshot import run_dmpo_fewshot
+
+    seen = []
+    real_train = training.train
+
+    def spy(model, examples, objective, cfg, ckpt, **kw):
+        out = real_train(model, examples, objective, cfg, ckpt, **kw)
+        seen.append((type(objective).__name__, len(examples), examples[0], out.global_step))
+        return out
+
+    monkeypatch.setattr(training, "train", spy)
+    cfg = _fewshot_cfg(tmp_path, env[2], prompt=prompt)
+    res = run_dmpo_fewshot(cfg, tmp_path / "run", command="test", progress=False)
+    # one SFT stage and one stage per loss, each trained on exactly the configured rows
+    assert [(name, n) for name, n, _, _ in seen] == [
+        ("SFTObjective", 6),
+        ("PairRankingObjective" if prompt == "pairwise" else "PreferenceObjective", 4),
+        ("PairRankingObjective" if prompt == "pairwise" else "PreferenceObjective", 4),
+    ]
+    sft_ex, pref_ex = seen[0][2], seen[1][2]
+    if prompt == "pairwise":
+        assert len(pref_ex["prompt"]) == 2 and all(len(a) == 2 for a in pref_ex["answers"])  # K prompts
+        assert tuple(pref_ex["ref"].shape) == (2, 2)
+    else:
+        assert len(pref_ex["answers"]) == 3  # target + K negatives in one candidate prompt
+    assert len(sft_ex["answers"]) == 1
+    protocols = [(r.method, r.protocol) for r in res.records]
+    for stage in ("sft", "dmpo-k2", "sdpo-k2"):
+        for proto in (
+            "pairwise/in-genre",
+            "candidates/in-genre",
+            "pairwise/cross-genre",
+            "candidates/cross-genre",
+        ):
+            assert (f"{stage}-fewshot-{prompt}", proto) in protocols
+    for r in res.records:
+        x = r.extra
+        assert x["n_sft_rows"] == 6 and x["sft_rows_seen"] == 12  # 2 epochs of 6 rows
+        assert x["trained_prompt"] == prompt and x["eval_prompt"] == r.protocol.split("/")[0]
+        if r.method.startswith("sft"):
+            assert x["n_train"] == 6 and x["train_steps"] == seen[0][3] == 4  # ceil(6/4) x 2
+            assert "n_pref_rows" not in x
+        else:
+            assert x["n_pref_rows"] == 4 and x["n_pref_pairs"] == 8 and x["pref_rows_seen"] == 4
+            assert x["n_pref_prompts"] == (8 if prompt == "pairwise" else 4)
+            assert x["n_train"] == 10 and x["train_steps"] == 2
+        if r.protocol.startswith("pairwise"):
+            assert r.metrics["n_pairs"] == 6 and 0 <= r.metrics["PairAcc"] <= 1
+            if not r.method.startswith("sft"):
+                assert set(x["vs_sft"]) == {"diff", "se", "n"} and x["vs_sft"]["n"] == 6
+    assert read_back(tmp_path / "run" / "records.json") == len(res.records)
+    # a rerun with resume reuses every finished stage (no training) and gives the same records
+    seen.clear()
+    again = run_dmpo_fewshot(cfg, tmp_path / "run", command="test", progress=False)
+    assert seen == []
+    assert [r.metrics for r in again.records] == [r.metrics for r in res.records]
+
+
+def read_back(path: Path) -> int:
+    from recalign.evaluation.records import read_records
+
+    return len(read_records(path))
+
+
+def test_pair_ranking_objective_is_log2_at_the_reference_and_dpo_for_one_negative():
+    from recalign.lm.loading import build_tiny_llama, train_bpe_tokenizer
+    from recalign.methods.dmpo_fewshot import PairRankingObjective
+
+    tok = train_bpe_tokenizer(["A. Heat B. Jaws Rank the likelihood"] * 4, vocab_size=120)
+    model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0).eval()
+    prompts = [[[1, 5, 6, 7], [1, 8, 9]], [[1, 10, 11], [1, 12, 13, 14]]]
+    answers = [[[[20, 21], [21, 20]], [[22, 23], [23, 22]]], [[[24, 25], [25, 24]], [[26], [27]]]]
+    from recalign.lm.scoring import answer_logprobs
+
+    with torch.no_grad():
+        ref = answer_logprobs(model, [p for r in prompts for p in r], [a for r in answers for a in r]).sum
+    batch = {"prompt": prompts, "answers": answers, "ref": ref.reshape(2, 2, 2)}
+    for loss in ("dmpo", "sdpo"):
+        value, _ = PairRankingObjective(loss, beta=1.0)(model, batch)
+        expect = math.log(2) if loss == "dmpo" else math.log(3)  # S-DPO: log(1 + K) at the reference
+        assert float(value.detach()) == pytest.approx(expect, abs=1e-5)
+    # shifted reference: DMPO = softplus(mean rejected reward - mean chosen reward), per row
+    shift = torch.tensor([[[0.0, 1.0], [0.5, 0.0]], [[0.0, 0.0], [2.0, -1.0]]])
+    value, _ = PairRankingObjective("dmpo", beta=1.0)(model, {**batch, "ref": ref.reshape(2, 2, 2) + shift})
+    r = -shift  # policy == ref - shift's complement: reward = policy - (ref + shift) = -shift
+    per_row = torch.nn.functional.softplus(r[:, :, 1].mean(1) - r[:, :, 0].mean(1))
+    assert float(value.detach()) == pytest.approx(float(per_row.mean()), abs=1e-5)
