@@ -61,7 +61,7 @@ def test_run_writes_records_and_resumes(files, tmp_path, capsys):
     assert [(r["split"], r["protocol"], r["method"]) for r in recs] == [("holdout", "full", "cllm4rec")]
     assert {"Recall@20", "Recall@40", "NDCG@100"} <= set(recs[0]["metrics"]) and recs[0]["n_examples"] == 16
     steps = [json.loads(line)["step"] for line in (out / "progress.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 1, 2]  # 2 collab + 2 content, then 2 rec steps
+    assert steps == [1, 2, 3, 4, 1, 2, 3, 4]  # 2 collab + 2 content, then 2 rec + 2 content steps
     capsys.readouterr()
     # a finished stage is skipped, not redone
     assert main(["cllm4rec", "pretrain", "--config", str(files), "--output", str(out)]) == 0

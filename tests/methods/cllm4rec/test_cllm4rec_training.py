@@ -48,9 +48,11 @@ def test_pretrain_and_finetune_losses_decrease(make_model, make_config, dataset,
     pre = run_stage(model, data, cfg, "pretrain")
     fine = run_stage(model, data, cfg, "finetune")
     assert pre.steps == 40 and [r["kind"] for r in pre.log[:4]] == ["collab", "content"] * 2
-    assert pre.mean_loss("collab", False, 3) < pre.mean_loss("collab", True, 3) - 0.1
+    # batches hold documents of similar length (a loss per batch depends on it): compare whole epochs
+    n_pre, n_fine = pre.batches_per_epoch, fine.batches_per_epoch
+    assert pre.mean_loss("collab", False, n_pre) < pre.mean_loss("collab", True, n_pre) - 0.1
     assert max(r["reg"] for r in pre.log) > 0  # the sides drift and are pulled together
-    assert fine.mean_loss("rec", False, 3) < fine.mean_loss("rec", True, 3) - 0.1
+    assert fine.mean_loss("rec", False, n_fine) < fine.mean_loss("rec", True, n_fine) - 0.1
     # the fitted model separates the two taste clusters: a cluster-A user's top items are cluster-A items
     rec = CLLM4RecRecommender(cfg, model=model, tokenizer=tok)
     test = split.stage("test")

@@ -1,8 +1,11 @@
 """Typed configuration of a CLLM4Rec run (``configs/cllm4rec_ml100k.yaml``).
 
 One config drives all three stages (``pretrain``, ``finetune``, ``evaluate``) so that a run directory
-is described by a single resolved file. Defaults are sized for the embedded SmolLM2-135M on a shared
-2-core CPU (see the YAML for the ML-100K budget); every field is documented by ``--help-config``.
+is described by a single resolved file. The defaults are the paper's setting: the whole backbone, the
+content LM alternating with the collaborative LM in pretraining *and* fine-tuning, the whole history
+in the recommendation prompt, every interaction in every pretraining epoch, and fine-tuning until the
+validation Recall@20 stops improving. Every field is documented by ``--help-config``; result records
+list the fields that differ from these defaults (:func:`non_default_settings`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ class DataConfig:
         "(multi-target full ranking, CLLM4Rec's Recall@K protocol); loo / llara = the shared next-item splits",
     )
     holdout_ratio: float = cfg_field(0.2, "fraction of each user's interactions held out (split=holdout)")
+    valid_ratio: float = cfg_field(
+        0.1,
+        "split=holdout: fraction of each user's interactions just before the test part held out as the "
+        "validation target set (early stopping); 0 = no validation stage. loo / llara have their own",
+    )
     split_seed: int = cfg_field(0, "seed of the split's candidate sets (shared with every other method)")
 
 
@@ -36,15 +44,24 @@ class ModelConfig:
     add_bos: bool = cfg_field(True, "start every document with the backbone's BOS token")
     num_layers: Annotated[int | None, Ge(1, show_value=True)] = cfg_field(
         None,
-        "keep only the first N decoder layers of the frozen backbone (null = all). A compute knob for "
-        "CPU budgets, not part of the paper: step cost is linear in the layers kept",
+        "keep only the first N decoder layers of the frozen backbone (null = all, the paper). Not part of "
+        "the paper: accepted only if the truncated backbone's untrained content-LM loss is below the "
+        "uniform bound ln(vocab), checked before training (else a one-line error)",
+    )
+    dtype: Literal["float32", "bfloat16", "auto"] = cfg_field(
+        "float32",
+        "compute dtype of the frozen backbone (ID tables, gradients and Adam stay float32); auto = "
+        "bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX), else float32",
     )
 
 
 @dataclass
 class PretrainConfig:
+    epochs: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        10, "passes over the collaborative documents (each covers every training interaction once)"
+    )
     collab_steps: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        60, "optimiser steps of the collaborative LM"
+        0, "if > 0: exactly this many collaborative steps instead of 'epochs' (smoke runs, budgets)"
     )
     content_ratio: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         1, "content-LM steps after each collaborative step (0 = no content LM, the 'no-content' ablation)"
@@ -55,47 +72,68 @@ class PretrainConfig:
     content_batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         16, "content documents per step and process"
     )
-    max_items: Annotated[int, Ge(1, show_value=True)] = cfg_field(
-        30, "items per collaborative document (a random sub-list per epoch)"
-    )
-    docs_per_user: Annotated[int, Ge(1, show_value=True)] = cfg_field(
-        1, "collaborative documents per user and epoch (disjoint sub-lists)"
+    max_items: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        30,
+        "items per collaborative document: a longer history is cut into consecutive chunks of its "
+        "per-epoch shuffle (every interaction once per epoch); 0 = one document per user",
     )
     max_text_tokens: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         40, "word tokens kept of each review / description"
+    )
+    pack_tokens: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        128,
+        "pack collaborative / content documents into rows of up to N tokens (block-diagonal mask, exact; "
+        "less padding); 0 = one padded row per document",
     )
     lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
     mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(
         1.0, "λ of the mutual regulariser λ·mean‖z_collab − sg(z_content)‖² (0 = the 'no-mutual' ablation)"
     )
+    validate_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        1, "validation Recall@20 (the curve) every N epochs, through the recommendation prompt (0 = never)"
+    )
+    patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        0, "stop after N validations without a better Recall@20 and keep the best tables (0 = all epochs)"
+    )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        20, "save ID tables + optimiser state every N steps (0 = only at the end)"
+        20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
     )
 
 
 @dataclass
 class FinetuneConfig:
+    epochs: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        50, "at most this many passes over the users (early stopping usually ends sooner)"
+    )
     steps: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        60, "optimiser steps of the recommendation (masked-history) objective"
+        0, "if > 0: exactly this many recommendation steps instead of 'epochs' (smoke runs, budgets)"
     )
     content_ratio: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        0, "content-LM steps after each recommendation step (0 = none)"
+        1,
+        "content-LM steps after each recommendation step (the paper and its released code keep the "
+        "content LM in fine-tuning; 0 = none)",
     )
     batch_size: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         16, "users per step and process (global batch: this x processes)"
     )
-    max_items: Annotated[int, Ge(2, show_value=True)] = cfg_field(
-        50, "history items per prompt (random sub-history in training, most recent at inference)"
+    max_items: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        0,
+        "history items per prompt: 0 = the whole history (the paper); N > 0 caps it (a random "
+        "sub-history in training, the N most recent at inference)",
     )
-    mask_ratio: float = cfg_field(
-        0.2, "fraction of the (sub-)history held out as targets (at least one item)"
-    )
+    mask_ratio: float = cfg_field(0.2, "fraction of the history held out as targets (at least one item)")
     lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
     mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(
         1.0, "λ of the mutual regulariser during fine-tuning (0 = off)"
     )
+    validate_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        1, "validation Recall@20 every N epochs (0 = never: no early stopping)"
+    )
+    patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        3, "stop after N validations without a better Recall@20 and keep the best tables (0 = all epochs)"
+    )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        20, "save ID tables + optimiser state every N steps (0 = only at the end)"
+        20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
     )
 
 
@@ -107,6 +145,9 @@ class EvalConfig:
     stage: Literal["test", "valid"] = cfg_field("test", "which stage of the split to evaluate")
     max_users: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         0, "evaluate only the first N examples (0 = all; for smoke runs)"
+    )
+    valid_max_users: Annotated[int, Ge(0, show_value=True)] = cfg_field(
+        0, "validate (early stopping) on the first N validation examples only (0 = all)"
     )
 
 
@@ -128,3 +169,27 @@ class CLLM4RecConfig:
             raise RecalignInputError("must be in (0, 1)", field="finetune.mask_ratio")
         if not 0 < self.data.holdout_ratio < 1:
             raise RecalignInputError("must be in (0, 1)", field="data.holdout_ratio")
+        if not 0 <= self.data.valid_ratio < 1 - self.data.holdout_ratio:
+            raise RecalignInputError("must be in [0, 1 - data.holdout_ratio)", field="data.valid_ratio")
+
+
+# Fields that say how a run is *executed*, not what it computes: left out of "settings that differ".
+_EXECUTION_FIELDS = {"progress", "threads", "method"}
+
+
+def non_default_settings(cfg: CLLM4RecConfig) -> dict:
+    """``{dotted.key: value}`` of every setting of ``cfg`` that differs from the defaults (the paper's
+    setting), execution-only fields (threads, progress bars, the method label) left out."""
+    from recalign.config import config_to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    now, default = flat(config_to_dict(cfg)), flat(config_to_dict(CLLM4RecConfig()))
+    return {k: v for k, v in now.items() if k not in _EXECUTION_FIELDS and default.get(k) != v}

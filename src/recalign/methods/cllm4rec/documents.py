@@ -3,20 +3,27 @@
 - **Collaborative** (pretraining): ``"<user_i> has interacted with <item_a> <item_b> …"``. The user token
   is the *soft* part of the prompt, "has interacted with" the *hard* part, the item list the main text.
   Interactions are a set, not a sentence, so the list is shuffled anew every epoch (the paper's
-  stochastic reordering) and long histories are cut into random sub-lists of at most ``max_items``
-  (the frozen backbone's cost grows with length; a random sub-list per epoch still visits everything).
-  Loss positions: every item of the main text, predicted from the token before it.
+  stochastic reordering); a history longer than ``max_items`` is cut into consecutive chunks of that
+  shuffle (balanced sizes, at most ``max_items`` each), so **every interaction of every user is a
+  target once per epoch**. Loss positions: every item of the main text, predicted from the token
+  before it.
 - **Content** (pretraining): ``"<user_i> writes the following review for <item_j>: …"`` when the dataset
   has reviews (only reviews of *training* interactions — a review of a test item would leak it), else
   an item description ``"<item_j> is titled …; genres: …"`` built from title, year and genres. Loss
   positions: the word tokens of the main text.
 - **Recommendation** (fine-tuning): ``"<user_i> has interacted with <kept items>; the user will interact
-  with:"`` where ~20% of the (sub-sampled) history is *held out* (masked) and becomes the target set of a
-  multinomial likelihood over the item head. The targets are exactly the held-out items (the paper),
+  with:"`` where ~20% of the history (the whole history by default; ``max_items`` > 0 is a documented
+  cap: a random sub-history) is *held out* (masked) and becomes the target set of a multinomial
+  likelihood over the item head. The targets are exactly the held-out items (the paper),
   not all past items (the released code).
 
 All sampling is a pure function of ``(seed, stream, epoch)`` so that a resumed run sees exactly the
 batches an uninterrupted run would have seen.
+
+Batching (:func:`length_buckets`, :func:`collate_lm`): an epoch's shuffled documents are grouped into
+batches of similar length (less padding), and LM documents can be *packed* several to a row with a
+block-diagonal causal 4-D mask and positions restarting at 0 per document — the same computation as
+one row per document (exact up to float rounding), without the padding of short documents.
 """
 
 from __future__ import annotations
@@ -55,17 +62,28 @@ def item_list_text(items) -> str:
     return "".join(" " + item_token(i) for i in items)
 
 
+def chunk_sizes(n: int, max_items: int) -> list[int]:
+    """Sizes of the consecutive chunks an ``n``-item list is cut into: ``ceil(n / max_items)`` chunks
+    of balanced sizes (differing by at most one), so no chunk is a stub; ``max_items`` 0 = one chunk."""
+    if n <= 0:
+        return []
+    if max_items <= 0 or n <= max_items:
+        return [n]
+    k = -(-n // max_items)
+    base, extra = divmod(n, k)
+    return [base + 1] * extra + [base] * (k - extra)
+
+
 def collab_documents(
     tok: IDTokenizer,
     sequences: list[np.ndarray],
     max_items: int,
     seed: int,
     epoch: int,
-    docs_per_user: int = 1,
 ) -> list[Document]:
-    """One shuffled sub-list of at most ``max_items`` items per user (``docs_per_user`` > 1 takes
-    further disjoint sub-lists of the same shuffle, for long histories). Users without items are skipped.
-    The returned list is in a seeded random order."""
+    """Every user's distinct training items, shuffled, cut into consecutive chunks of at most
+    ``max_items`` (:func:`chunk_sizes`; 0 = one document per user): one epoch makes every interaction a
+    target exactly once. Users without items are skipped. The list is in a seeded random order."""
     rng = np.random.default_rng([seed, STREAM_COLLAB, epoch])
     docs: list[Document] = []
     for u, seq in enumerate(sequences):
@@ -73,10 +91,10 @@ def collab_documents(
             continue
         perm = rng.permutation(np.unique(np.asarray(seq, dtype=np.int64)))
         prompt = tok.encode(COLLAB_PROMPT.format(user=user_token(u)), add_bos=True)
-        for k in range(docs_per_user):
-            chunk = perm[k * max_items : (k + 1) * max_items].tolist()
-            if not chunk:
-                break
+        start = 0
+        for size in chunk_sizes(len(perm), max_items):
+            chunk = perm[start : start + size].tolist()
+            start += size
             main = tok.encode(item_list_text(chunk))
             docs.append(Document(u, prompt, main, chunk, chunk))
     order = rng.permutation(len(docs))
@@ -183,15 +201,18 @@ def rec_documents(
     seed: int,
     epoch: int,
 ) -> list[Document]:
-    """Per user with >= 2 training items: a random sub-history of at most ``max_items`` items, of which
-    ``mask_ratio`` are held out as targets and the rest form the prompt (shuffled). Seeded per epoch."""
+    """Per user with >= 2 training items: the whole distinct history (``max_items`` > 0: a random
+    sub-history of at most that many), of which ``mask_ratio`` are held out as targets and the rest
+    form the prompt (shuffled). Seeded per epoch."""
     rng = np.random.default_rng([seed, STREAM_REC, epoch])
     docs = []
     for u, seq in enumerate(sequences):
         uniq = np.unique(np.asarray(seq, dtype=np.int64))
         if len(uniq) < 2:
             continue
-        sub = rng.permutation(uniq)[:max_items]
+        sub = rng.permutation(uniq)
+        if max_items > 0:
+            sub = sub[:max_items]
         kept, held = mask_history(sub, mask_ratio, rng)
         docs.append(Document(u, rec_prompt(tok, u, kept.tolist()), [], held.tolist(), sub.tolist()))
     order = rng.permutation(len(docs))
@@ -199,27 +220,96 @@ def rec_documents(
 
 
 # ---------------------------------------------------------------------- batching
-def collate_lm(docs: list[Document], pad_id: int) -> dict:
-    """Right-padded ``prompt + main`` sequences with the (row, position) of every hidden state that
-    predicts a main-text token: position ``len(prompt) + k - 1`` predicts ``main[k]``."""
+def doc_length(d: Document) -> int:
+    return len(d.prompt) + len(d.main)
+
+
+def length_buckets(docs: list[Document], batch_size: int, seed: int, epoch: int, window: int = 16):
+    """The epoch's documents as batches of similar length: windows of ``window x batch_size``
+    consecutive (already shuffled) documents are sorted by length and cut into batches, and the batch
+    order is shuffled again (seeded). Every document is in exactly one batch; less padding per batch."""
+    rng = np.random.default_rng([seed, 99, epoch])
+    batches: list[list[Document]] = []
+    span = max(1, window) * batch_size
+    for start in range(0, len(docs), span):
+        part = sorted(docs[start : start + span], key=doc_length)
+        batches.extend(part[b : b + batch_size] for b in range(0, len(part), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit-decreasing packing of documents (by length) into rows of at most ``width`` tokens
+    (a longer document gets a row of its own). Returns document indices per row, in document order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        L = lengths[i]
+        for r, left in enumerate(room):
+            if left >= L:
+                rows[r].append(i)
+                room[r] -= L
+                break
+        else:
+            rows.append([i])
+            room.append(max(width, L) - L)
+    return [sorted(r) for r in rows]
+
+
+def collate_lm(docs: list[Document], pad_id: int, pack: int = 0) -> dict:
+    """``prompt + main`` sequences with the (row, position) of every hidden state that predicts a
+    main-text token: position ``start + len(prompt) + k - 1`` predicts ``main[k]``.
+
+    ``pack`` 0: one right-padded row per document and a 2-D padding mask. ``pack`` > 0: documents are
+    packed into rows of at most ``max(pack, longest)`` tokens; each document keeps positions
+    ``0..len-1`` and attends causally to itself only (an additive ``[rows, 1, T, T]`` mask in
+    ``batch["mask_dtype"]``, built by :func:`packed_attention`), so the hidden states equal the
+    unpacked ones.
+    """
     seqs = [d.prompt + d.main for d in docs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(docs), width), dtype=torch.long)
+    layout = pack_rows([len(s) for s in seqs], pack) if pack > 0 else [[i] for i in range(len(docs))]
+    width = max(sum(len(seqs[i]) for i in row) for row in layout)
+    ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(layout), width), dtype=torch.long)
+    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    segment = torch.full((len(layout), width), -1, dtype=torch.long)
     pred, targets = [], []
-    for r, (d, s) in enumerate(zip(docs, seqs)):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, : len(s)] = 1
-        for k, t in enumerate(d.targets):
-            pred.append((r, len(d.prompt) + k - 1))
-            targets.append(t)
-    return {
+    for r, row in enumerate(layout):
+        start = 0
+        for i in row:
+            d, s = docs[i], seqs[i]
+            ids[r, start : start + len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, start : start + len(s)] = 1
+            positions[r, start : start + len(s)] = torch.arange(len(s))
+            segment[r, start : start + len(s)] = i
+            for k, t in enumerate(d.targets):
+                pred.append((r, start + len(d.prompt) + k - 1))
+                targets.append(t)
+            start += len(s)
+    batch = {
         "input_ids": ids,
         "attention_mask": mask,
         "pred_pos": torch.tensor(pred, dtype=torch.long).reshape(-1, 2),
         "targets": torch.tensor(targets, dtype=torch.long),
         **ids_in(docs),
     }
+    if pack > 0:
+        batch["position_ids"] = positions
+        batch["segment"] = segment
+    return batch
+
+
+def packed_attention(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[rows, 1, T, T]`` mask: causal within a document, nothing across documents; padding
+    queries see only themselves (their outputs are never read)."""
+    t = segment.shape[1]
+    idx = torch.arange(t)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    sq, sk = segment[:, :, None], segment[:, None, :]
+    allowed = causal & (sk == sq) & (sk != -1)
+    allowed = allowed | ((sq == -1) & (idx[None, :, None] == idx[None, None, :]))
+    out = torch.zeros(segment.shape[0], 1, t, t, dtype=dtype)
+    return out.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
 def collate_rec(docs: list[Document], pad_id: int) -> dict:

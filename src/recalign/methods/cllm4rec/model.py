@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from recalign.io import atomic_write_bytes
+from recalign.methods.cllm4rec.documents import packed_attention
 
 Side = Literal["collab", "content"]
 TABLES = ("collab_user", "collab_item", "content_user", "content_item")
@@ -102,7 +103,8 @@ class CLLM4RecModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embed(self, input_ids: torch.Tensor, side: Side) -> torch.Tensor:
-        """``[B, L, d]`` input embeddings: word rows from the frozen table, ID rows from ``side``'s tables."""
+        """``[B, L, d]`` input embeddings in the backbone's dtype: word rows from the frozen table, ID rows
+        from ``side``'s (float32) tables."""
         users, items = self.tables(side)
         v, u_off = self.vocab_size, self.vocab_size + self.n_users
         is_word = input_ids < v
@@ -111,20 +113,48 @@ class CLLM4RecModel(nn.Module):
         emb = self.word_embeddings(torch.where(is_word, input_ids, 0))
         emb = torch.where(is_user[..., None], users(torch.where(is_user, input_ids - v, 0)), emb)
         emb = torch.where(is_item[..., None], items(torch.where(is_item, input_ids - u_off, 0)), emb)
-        return emb
+        return emb.to(self.compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The backbone's dtype (float32, or bfloat16 where the CPU runs it natively): the ID rows are
+        cast to it on the way in; the tables, their gradients and the Adam state stay float32."""
+        return self.word_embeddings.weight.dtype
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: Side
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        side: Side,
+        position_ids: torch.Tensor | None = None,
+        segment: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last-layer hidden states ``[B, L, d]`` (after the backbone's final norm)."""
+        """Last-layer hidden states ``[B, L, d]`` (after the backbone's final norm).
+
+        ``segment`` (packed rows, see :func:`~.documents.collate_lm`): document number of every position
+        (-1 = padding); the 2-D ``attention_mask`` is then replaced by the block-diagonal causal 4-D mask
+        and ``position_ids`` restart at 0 for every document.
+        """
+        dtype = self.compute_dtype
+        if segment is not None:
+            attention_mask = packed_attention(segment, dtype)
         out = self.transformer(
-            inputs_embeds=self.embed(input_ids, side), attention_mask=attention_mask, use_cache=False
+            inputs_embeds=self.embed(input_ids, side),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         )
         return out.last_hidden_state
 
+    def _lm_hidden(self, batch: dict, side: Side) -> torch.Tensor:
+        return self.hidden_states(
+            batch["input_ids"], batch["attention_mask"], side, batch.get("position_ids"), batch.get("segment")
+        )
+
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Item head: scores over *items only*, tied to the collaborative item table (no word can win)."""
-        return hidden @ self.collab_item.weight.T
+        """Item head: scores over *items only*, tied to the collaborative item table (no word can win).
+        Computed in float32 whatever the backbone's dtype."""
+        return hidden.float() @ self.collab_item.weight.T
 
     def word_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The backbone's (frozen) word LM head, used by the content LM on text positions."""
@@ -137,13 +167,16 @@ class CLLM4RecModel(nn.Module):
         ``batch["pred_pos"]`` ``[N, 2]`` holds (row, position) of the hidden state that predicts
         ``batch["targets"]`` ``[N]`` (item indices). Only those N rows go through the item head.
         """
-        h = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
+        h = self._lm_hidden(batch, "collab")
         rows, pos = batch["pred_pos"][:, 0], batch["pred_pos"][:, 1]
         return F.cross_entropy(self.item_logits(h[rows, pos]), batch["targets"])
 
     def content_lm_loss(self, batch: dict) -> torch.Tensor:
-        """Mean next-word NLL on the main text (review / description) with the backbone's LM head."""
-        h = self.hidden_states(batch["input_ids"], batch["attention_mask"], "content")
+        """Mean next-word NLL on the main text (review / description) with the backbone's LM head.
+
+        Only the hidden states of main-text positions go through the vocabulary head (the prompt's and
+        the padding's never do): the head is ``d x |V|``, the largest matrix product of a step."""
+        h = self._lm_hidden(batch, "content")
         rows, pos = batch["pred_pos"][:, 0], batch["pred_pos"][:, 1]
         return F.cross_entropy(self.word_logits(h[rows, pos]).float(), batch["targets"])
 

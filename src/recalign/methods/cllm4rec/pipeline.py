@@ -6,7 +6,9 @@ Run directory layout::
                             silently continue in the same directory)
     checkpoints/<stage>/    state.json + state-<step>.safetensors while a stage is running
     pretrain.safetensors    ID tables after pretraining        (+ pretrain_log.json)
-    model.safetensors       ID tables after fine-tuning        (+ finetune_log.json)
+    model.safetensors       ID tables after fine-tuning (the best validation epoch) (+ finetune_log.json)
+    backbone.json           the backbone's depth and its untrained content-LM loss vs ln(vocab)
+    curve.json              {stage: [{epoch, step, valid_recall@20, loss: {kind: mean}, reg}, ...]}
     progress.jsonl          one line per optimiser step, appended as training goes (tail -f friendly)
     metrics.json            {protocol: metrics} of the last evaluation
     records.json            {"records": [...]} in the shared quality shape
@@ -37,10 +39,15 @@ from recalign.errors import RecalignInputError
 from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
 from recalign.evaluation.records import ResultRecord, current_command, write_records
 from recalign.io import atomic_write_json
-from recalign.methods.cllm4rec.config import CLLM4RecConfig
+from recalign.methods.cllm4rec.config import CLLM4RecConfig, non_default_settings
 from recalign.methods.cllm4rec.model import CLLM4RecModel
 from recalign.methods.cllm4rec.protocol import HOLDOUT_SPLIT, evaluate_multi_target, holdout_split
-from recalign.methods.cllm4rec.recommender import CLLM4RecRecommender, build_model
+from recalign.methods.cllm4rec.recommender import (
+    CLLM4RecRecommender,
+    build_model,
+    check_backbone_depth,
+    make_validator,
+)
 from recalign.methods.cllm4rec.training import StageResult, TrainingData, run_stage
 from recalign.methods.cllm4rec.vocab import IDTokenizer
 from recalign.rundir import open_output_dir, releasing
@@ -61,7 +68,9 @@ def load_data(cfg: CLLM4RecConfig) -> tuple[RecDataset, Split]:
         load_dataset(cfg.data.dataset, cfg.data.path) if cfg.data.path else load_dataset(cfg.data.dataset)
     )
     if cfg.data.split == HOLDOUT_SPLIT:
-        split = holdout_split(dataset, cfg.data.holdout_ratio, seed=cfg.data.split_seed)
+        split = holdout_split(
+            dataset, cfg.data.holdout_ratio, seed=cfg.data.split_seed, valid_ratio=cfg.data.valid_ratio
+        )
     else:
         split = build_split(dataset, cfg.data.split, seed=cfg.data.split_seed)
     return dataset, split
@@ -131,6 +140,10 @@ def _train(
             )
         model.load_tables(init)
     data = TrainingData.build(tok, dataset, split.train_sequences(dataset))
+    if stage == "pretrain":  # fresh tables: the untrained content loss of this backbone (refused if useless)
+        info = check_backbone_depth(model, data, cfg)
+        if distributed.is_main():
+            atomic_write_json(out / "backbone.json", {"backbone": cfg.model.backbone, **info})
     result = run_stage(
         model,
         data,
@@ -139,12 +152,18 @@ def _train(
         out / "checkpoints" / stage,
         stop_after=stop_after,
         log_fn=_progress_logger(out),
+        validate=make_validator(cfg, tok, split),
     )
+    if distributed.is_main():
+        curve_path = out / "curve.json"
+        curves = json.loads(curve_path.read_text()) if curve_path.is_file() else {}
+        curves[stage] = result.summary()
+        atomic_write_json(curve_path, curves)
     if result.completed and distributed.is_main():
         model.save_tables(final)
         atomic_write_json(
             out / f"{stage}_log.json",
-            {"stage": stage, "steps": result.steps, "seconds": result.seconds, "log": result.log},
+            {**result.summary(), "seconds": result.seconds, "log": result.log},
         )
     distributed.barrier()  # the tables are on disk before any process starts the next stage
     return result
@@ -253,10 +272,16 @@ def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[
     dataset, split = load_data(cfg)
     rec = load_recommender(cfg, out, dataset, backbone, base_tokenizer)
     train_seconds = 0.0
+    training: dict = {}
     for stage in ("pretrain", "finetune"):
         p = out / f"{stage}_log.json"
         if p.is_file():
-            train_seconds += float(json.loads(p.read_text()).get("seconds", 0.0))
+            log = json.loads(p.read_text())
+            train_seconds += float(log.get("seconds", 0.0))
+            training[stage] = {k: v for k, v in log.items() if k != "log"}
+    backbone_info = (
+        json.loads((out / "backbone.json").read_text()) if (out / "backbone.json").is_file() else {}
+    )
     records = evaluate_recommender(
         rec,
         split,
@@ -264,7 +289,15 @@ def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[
         cfg.eval.max_users,
         method=cfg.method,
         seed=cfg.seed,
-        extra={"backbone": cfg.model.backbone},
+        extra={
+            "backbone": cfg.model.backbone,
+            "backbone_layers": rec.model.depth,
+            "backbone_full_layers": rec.model.full_depth,
+            "dtype": str(rec.model.compute_dtype).removeprefix("torch."),
+            **{k: v for k, v in backbone_info.items() if k in ("untrained_content_loss", "uniform_bound")},
+            "settings_differing_from_default": non_default_settings(cfg),
+            "training": training,  # per stage: steps, seconds, batches per epoch, curve, best epoch
+        },
         fit_seconds=train_seconds,
     )
     atomic_write_json(out / "metrics.json", {r.protocol: r.metrics for r in records})

@@ -37,8 +37,31 @@ def holdout_cut(n: int, ratio: float) -> int:
     return n - n_hold
 
 
-def holdout_split(dataset: RecDataset, ratio: float = 0.2, seed: int = 0, n_candidates: int = 20) -> Split:
-    """Time-ordered per-user hold-out of ``ratio`` of the interactions (users with < 2 items: train only)."""
+def valid_cut(n: int, cut: int, ratio: float) -> int | None:
+    """Index of the first validation item of an ``n``-item sequence whose test part starts at ``cut``:
+    ``round(ratio·n)`` items (at least 1) just before the test part, keeping >= 1 training item;
+    None when ``ratio`` is 0 or the training part is too short to give any."""
+    if ratio <= 0 or cut < 2:
+        return None
+    n_val = int(min(cut - 1, max(1, round(ratio * n))))
+    return cut - n_val
+
+
+def holdout_split(
+    dataset: RecDataset,
+    ratio: float = 0.2,
+    seed: int = 0,
+    n_candidates: int = 20,
+    valid_ratio: float = 0.0,
+) -> Split:
+    """Time-ordered per-user hold-out of ``ratio`` of the interactions (users with < 2 items: train only).
+
+    With ``valid_ratio`` > 0 the ``valid_ratio`` of each user's interactions just before the test part
+    is a validation target set (stage ``valid``, history = the training part before it): models train
+    on what precedes it (``Split.train_sequences``), early stopping reads it, and the test example's
+    history still holds every item before the test part, as in ``loo`` (whose test history holds the
+    validation item). The test targets do not depend on ``valid_ratio``.
+    """
     seqs = dataset.sequences()
     ts_by_user = _timestamps(dataset)
     rows = []
@@ -49,8 +72,10 @@ def holdout_split(dataset: RecDataset, ratio: float = 0.2, seed: int = 0, n_cand
             short += 1
             continue
         cut = holdout_cut(n, ratio)
+        vcut = valid_cut(n, cut, valid_ratio)
+        train_end = vcut if vcut is not None else cut
         seen_sorted = np.unique(s)
-        for p in range(1, cut):
+        for p in range(1, train_end):
             rows.append(
                 {
                     "stage": "train",
@@ -60,26 +85,29 @@ def holdout_split(dataset: RecDataset, ratio: float = 0.2, seed: int = 0, n_cand
                     "timestamp": int(ts_by_user[u][p]),
                 }
             )
-        history = s[:cut]
-        targets = np.setdiff1d(np.unique(s[cut:]), history)
-        rows.append(
-            {
-                "stage": "test",
-                "user": u,
-                "position": cut,
-                "target": int(s[cut]),
-                "timestamp": int(ts_by_user[u][cut]),
-                "targets": targets.astype(np.int64),
-                "candidates": sample_candidates(
-                    u, cut, int(s[cut]), seen_sorted, dataset.n_items, n_candidates, seed
-                ),
-            }
-        )
+        stages = [("test", cut, n)] if vcut is None else [("valid", vcut, cut), ("test", cut, n)]
+        for stage, start, stop in stages:
+            targets = np.setdiff1d(np.unique(s[start:stop]), s[:start])
+            rows.append(
+                {
+                    "stage": stage,
+                    "user": u,
+                    "position": start,
+                    "target": int(s[start]),
+                    "timestamp": int(ts_by_user[u][start]),
+                    "targets": targets.astype(np.int64),
+                    "candidates": sample_candidates(
+                        u, start, int(s[start]), seen_sorted, dataset.n_items, n_candidates, seed
+                    ),
+                }
+            )
     ex = pd.DataFrame(rows)
     ex["history"] = [seqs[u][:p] for u, p in zip(ex["user"], ex["position"])]
     ex["candidates"] = [c if isinstance(c, np.ndarray) else np.zeros(0, np.int64) for c in ex["candidates"]]
     ex["targets"] = [t if isinstance(t, np.ndarray) else np.zeros(0, np.int64) for t in ex["targets"]]
     notes = [f"last {ratio:.0%} of each user's interactions (by time, at least 1) held out"]
+    if valid_ratio > 0:
+        notes.append(f"the {valid_ratio:.0%} before it is the validation target set (stage 'valid')")
     if short:
         notes.append(f"{short} users with fewer than 2 interactions are train-only")
     return Split(
@@ -103,15 +131,23 @@ def _timestamps(dataset: RecDataset) -> list[np.ndarray]:
 
 
 def top_k_excluding_seen(scores: np.ndarray, histories: Sequence[np.ndarray], k: int) -> np.ndarray:
-    """``[n, k]`` best items per row, best first, never an item of that row's history."""
+    """``[n, k]`` best items per row, best first; ties keep the lower item index first.
+
+    Order: every unseen item with a number (``+inf`` to ``-inf``), then unseen items scored NaN, then
+    the row's history items — so a NaN never ranks above a real score, and a history item appears only
+    when ``k`` exceeds the row's unseen items (callers that serve cut the list there).
+    """
     scores = np.array(scores, dtype=np.float64, copy=True)
+    group = np.where(np.isnan(scores), 1, 0).astype(np.int8)
     for i, h in enumerate(histories):
         if len(h):
-            scores[i, np.asarray(h, dtype=np.int64)] = -np.inf
+            group[i, np.asarray(h, dtype=np.int64)] = 2
+    key = np.where(group == 0, -scores, 0.0)  # ascending sort key within the finite-and-unseen group
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    # lexsort: last key is primary. Item index as the final tie-break keeps the order deterministic.
+    idx = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.lexsort((idx, key, group), axis=1)
+    return np.ascontiguousarray(order[:, :k])
 
 
 def evaluate_multi_target(

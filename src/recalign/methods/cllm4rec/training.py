@@ -8,11 +8,21 @@ needed: a single Adam over both would keep moving the "fixed" side through its m
 its gradient is zero.
 
 Schedules are cycles: in pretraining every collaborative step is followed by ``content_ratio`` content
-steps; in fine-tuning every recommendation step by ``finetune.content_ratio`` content steps. Each step
-kind reads its own document stream; stream batch ``k`` lives in epoch ``k // batches_per_epoch``, whose
-documents are a pure function of ``(seed, stream, epoch)`` (see :mod:`.documents`). A run resumed from
-step ``s`` therefore sees exactly the batches of an uninterrupted run and needs no RNG state beyond
-the step counter. The backbone has no dropout (eval mode), so the computation is deterministic.
+steps; in fine-tuning every recommendation step by ``finetune.content_ratio`` content steps (the paper
+and its released code keep the content LM in fine-tuning). Each step kind reads its own document
+stream; stream batch ``k`` lives in epoch ``k // batches_per_epoch``, whose batches are a pure function
+of ``(seed, stream, epoch)`` (see :mod:`.documents`). A run resumed from step ``s`` therefore sees
+exactly the batches of an uninterrupted run and needs no RNG state beyond the step counter. The
+backbone has no dropout (eval mode), so the computation is deterministic.
+
+**Epochs, validation, early stopping.** A stage lasts ``epochs`` passes over its main stream (or exactly
+``collab_steps`` / ``steps`` main steps when those are > 0). After every ``validate_every``-th epoch
+(and at the end) a ``validate`` callback (the pipeline passes validation Recall@20 of the split's
+``valid`` stage) is called; the values, with the epoch's mean losses, form the stage's *curve*. With
+``patience`` > 0 the stage stops after that many validations without a better value and the best
+epoch's tables are its result. A checkpoint is written at every validation, holding the curve, the
+best value and (``best-<step>.safetensors``) the best tables, so a resumed run stops where an
+uninterrupted one would, with the same best tables.
 
 When the content side has no user documents (no reviews: item descriptions only), the content user
 table is never trained, and regularising collaborative users towards its random rows would only add
@@ -45,6 +55,7 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.errors import RecalignInputError
+from recalign.io import atomic_write_bytes
 from recalign.methods.cllm4rec.checkpoint import load_checkpoint, save_checkpoint
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.documents import (
@@ -55,6 +66,7 @@ from recalign.methods.cllm4rec.documents import (
     content_corpus,
     content_documents,
     ids_in,
+    length_buckets,
     rec_documents,
 )
 from recalign.methods.cllm4rec.model import CLLM4RecModel
@@ -81,24 +93,30 @@ class TrainingData:
 
 
 class _Stream:
-    """Batches of one document kind, epoch after epoch, addressable by batch number."""
+    """Batches of one document kind, epoch after epoch, addressable by batch number.
 
-    def __init__(self, make_docs: Callable[[int], list[Document]], batch_size: int) -> None:
-        self.make_docs = make_docs
+    ``make_batches(epoch)`` returns that epoch's batches (a pure function of the epoch); the number of
+    batches must not depend on the epoch (true of every document kind: one set of documents per epoch).
+    """
+
+    def __init__(self, make_batches: Callable[[int], list[list[Document]]], batch_size: int) -> None:
+        self.make_batches = make_batches
         self.batch_size = batch_size
-        self._epoch = -1
-        self._docs: list[Document] = []
-        first = make_docs(0)
+        first = make_batches(0)
         if not first:
             raise ValueError("no training documents")
-        self.batches_per_epoch = max(1, (len(first) + batch_size - 1) // batch_size)
-        self._epoch, self._docs = 0, first
+        self.batches_per_epoch = len(first)
+        self._epoch, self._batches = 0, first
 
     def batch(self, k: int) -> list[Document]:
         epoch, b = divmod(k, self.batches_per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._docs = epoch, self.make_docs(epoch)
-        return self._docs[b * self.batch_size : (b + 1) * self.batch_size]
+            self._epoch, self._batches = epoch, self.make_batches(epoch)
+        return self._batches[b]
+
+
+def _bucketed(make_docs: Callable[[int], list[Document]], batch_size: int, seed: int, stream: int):
+    return lambda e: length_buckets(make_docs(e), batch_size, seed + 7919 * stream, e)
 
 
 @dataclass
@@ -108,11 +126,27 @@ class StageResult:
     log: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     completed: bool = True
+    #: one row per validation: epoch, step, the validation value, the epoch's mean losses
+    curve: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    stopped_early: bool = False
+    batches_per_epoch: int = 0
 
     def mean_loss(self, kind: str, first: bool, n: int = 5) -> float:
         xs = [r["loss"] for r in self.log if r["kind"] == kind]
         xs = xs[:n] if first else xs[-n:]
         return float(np.mean(xs)) if xs else float("nan")
+
+    def summary(self) -> dict:
+        return {
+            "stage": self.stage,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "batches_per_epoch": self.batches_per_epoch,
+            "curve": self.curve,
+            "best": self.best,
+            "stopped_early": self.stopped_early,
+        }
 
 
 def _schedule(step: int, ratio: int) -> tuple[int, int]:
@@ -139,6 +173,19 @@ def _loss_items(docs: list[Document], per_document: bool) -> int:
     return len(docs) if per_document else sum(len(d.targets) for d in docs)
 
 
+def stage_plan(cfg: CLLM4RecConfig, stage: Stage) -> dict:
+    """The knobs of one stage under common names."""
+    if stage == "pretrain":
+        sc = cfg.pretrain
+        return {"epochs": sc.epochs, "steps": sc.collab_steps, "ratio": sc.content_ratio,
+                "lam": sc.mutual_lambda, "lr": sc.lr, "every": sc.checkpoint_every,
+                "validate_every": sc.validate_every, "patience": sc.patience}  # fmt: skip
+    fc = cfg.finetune
+    return {"epochs": fc.epochs, "steps": fc.steps, "ratio": fc.content_ratio, "lam": fc.mutual_lambda,
+            "lr": fc.lr, "every": fc.checkpoint_every, "validate_every": fc.validate_every,
+            "patience": fc.patience}  # fmt: skip
+
+
 def run_stage(
     model: CLLM4RecModel,
     data: TrainingData,
@@ -147,6 +194,7 @@ def run_stage(
     checkpoint_dir: str | Path | None = None,
     stop_after: int | None = None,
     log_fn: Callable[[dict], None] | None = None,
+    validate: Callable[[CLLM4RecModel], float] | None = None,
 ) -> StageResult:
     """Train one stage, resuming from ``checkpoint_dir`` if it holds a checkpoint of this stage.
 
@@ -154,6 +202,8 @@ def run_stage(
         stop_after: stop (after checkpointing) once this global step count is reached, as if the
             process were killed there; used by tests of resumption and for budgeted runs.
         log_fn: called with every step's record (e.g. to append to a progress log file).
+        validate: ``model -> value`` (higher is better, e.g. validation Recall@20), called at the
+            validation points (see the module doc); None = no validation, no early stopping.
     """
     from recalign.training import distributed
 
@@ -161,38 +211,38 @@ def run_stage(
     world, rank = distributed.world_size(), distributed.rank()
     main_process = rank == 0
     tok, seed = data.tokenizer, cfg.seed
+    plan = stage_plan(cfg, stage)
+    ratio, lam, lr, every = plan["ratio"], plan["lam"], plan["lr"], plan["every"]
+    pack = cfg.pretrain.pack_tokens
     if stage == "pretrain":
         sc = cfg.pretrain
-        main_steps, ratio, lam = sc.collab_steps, sc.content_ratio, sc.mutual_lambda
-        main = _Stream(
-            lambda e: collab_documents(tok, data.sequences, sc.max_items, seed, e, sc.docs_per_user),
-            sc.batch_size * world,
-        )
-        main_loss, content_bs, lr, every = (
-            model.collab_lm_loss,
-            sc.content_batch_size,
-            sc.lr,
-            sc.checkpoint_every,
-        )
-        max_text, collate_main = sc.max_text_tokens, collate_lm
+        make_main = lambda e: collab_documents(tok, data.sequences, sc.max_items, seed, e)  # noqa: E731
+        main_bs = sc.batch_size * world
+        main_loss, collate_main = model.collab_lm_loss, lambda d, pad: collate_lm(d, pad, pack)
     else:
         fc = cfg.finetune
-        main_steps, ratio, lam = fc.steps, fc.content_ratio, fc.mutual_lambda
-        main = _Stream(
-            lambda e: rec_documents(tok, data.sequences, fc.max_items, fc.mask_ratio, seed, e),
-            fc.batch_size * world,
+        make_main = lambda e: rec_documents(  # noqa: E731
+            tok, data.sequences, fc.max_items, fc.mask_ratio, seed, e
         )
-        main_loss, content_bs, lr, every = (
-            model.rec_loss,
-            cfg.pretrain.content_batch_size,
-            fc.lr,
-            fc.checkpoint_every,
-        )
-        max_text, collate_main = cfg.pretrain.max_text_tokens, collate_rec
+        main_bs = fc.batch_size * world
+        main_loss, collate_main = model.rec_loss, collate_rec
+    content_bs, max_text = cfg.pretrain.content_batch_size, cfg.pretrain.max_text_tokens
+    stream_id = 1 if stage == "pretrain" else 3
+    main = _Stream(_bucketed(make_main, main_bs, seed, stream_id), main_bs)
+    bpe = main.batches_per_epoch
+    main_steps = plan["steps"] if plan["steps"] > 0 else plan["epochs"] * bpe
     total = main_steps * (1 + ratio)
     cache: dict = {}
     content = (
-        _Stream(lambda e: content_documents(tok, data.corpus, max_text, seed, e, cache), content_bs * world)
+        _Stream(
+            _bucketed(
+                lambda e: content_documents(tok, data.corpus, max_text, seed, e, cache),
+                content_bs * world,
+                seed,
+                2,
+            ),
+            content_bs * world,
+        )
         if ratio
         else None
     )
@@ -207,8 +257,15 @@ def run_stage(
         "content": torch.optim.Adam(model.side_parameters("content"), lr=lr),
     }
     reg_users = data.content_has_users
+    validate_every, patience = plan["validate_every"], plan["patience"]
+    if validate is None:
+        validate_every = 0
 
     start, log, seconds_before = 0, [], 0.0
+    curve: list[dict] = []
+    best: dict | None = None  # {"value", "epoch", "step", "file"}
+    finished = False
+    best_tables: dict | None = None  # in memory when there is no checkpoint directory
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model, optimizers)
@@ -224,17 +281,58 @@ def run_stage(
                 )
             start, log = int(meta["step"]), list(meta.get("log", []))
             seconds_before = float(meta.get("seconds", 0.0))
+            curve, best = list(meta.get("curve", [])), meta.get("best")
+            finished = bool(meta.get("finished", False))
 
     t0 = time.time()
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, done: bool = False) -> None:
         if ckpt is not None and main_process:
             info = {"stage": stage, "total": total, "seconds": seconds_before + time.time() - t0, "log": log,
-                    "global_batch": global_batch, "world_size": world}  # fmt: skip
+                    "global_batch": global_batch, "world_size": world, "curve": curve, "best": best,
+                    "finished": done, "batches_per_epoch": bpe}  # fmt: skip
             save_checkpoint(ckpt, model, optimizers, step, info)
+            for old in ckpt.glob("best-*.safetensors"):  # only the committed best file is kept
+                if best is None or old.name != best.get("file"):
+                    old.unlink(missing_ok=True)
+
+    def run_validation(step: int, main_done: int) -> bool:
+        """Validate, extend the curve, track the best; True = stop here (patience exhausted)."""
+        nonlocal best, best_tables
+        value = float(validate(model))
+        model.train()
+        since = [r for r in log if r["step"] > (curve[-1]["step"] if curve else 0)]
+        losses = {}
+        for r in since:
+            losses.setdefault(r["kind"], []).append(r["loss"])
+        row = {"epoch": round(main_done / bpe, 3), "step": step, "valid_recall@20": round(value, 5),
+               "loss": {k: round(float(np.mean(v)), 5) for k, v in losses.items()},
+               "reg": round(float(np.mean([r["reg"] for r in since])), 5) if since else 0.0}  # fmt: skip
+        curve.append(row)
+        if best is None or value > best["value"]:
+            best = {
+                "value": value,
+                "epoch": row["epoch"],
+                "step": step,
+                "file": f"best-{step:07d}.safetensors",
+            }
+            best_tables = model.id_state()
+            if ckpt is not None and main_process:  # committed by the next state.json (resume)
+                from safetensors.torch import save as save_bytes
+
+                ckpt.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(ckpt / best["file"], save_bytes(best_tables))
+        bad = sum(1 for _ in _since_best(curve, best))
+        if main_process and cfg.progress:
+            tqdm.write(f"cllm4rec {stage} epoch {row['epoch']}: valid Recall@20 {value:.4f} "
+                       f"(best {best['value']:.4f} at epoch {best['epoch']})")  # fmt: skip
+        return patience > 0 and bad >= patience
 
     model.train()
     end = total if stop_after is None else min(total, stop_after)
+    if finished:
+        end = start
+    stopped_early = finished and start < total
     bar = tqdm(
         range(start, end),
         desc=f"cllm4rec {stage}",
@@ -250,7 +348,11 @@ def run_stage(
             collate, loss_fn, per_doc = collate_main, main_loss, stage == "finetune"
         else:
             docs, side, name = content.batch(k), "content", "content"
-            collate, loss_fn, per_doc = collate_lm, model.content_lm_loss, False
+            collate, loss_fn, per_doc = (
+                (lambda d, pad: collate_lm(d, pad, pack)),
+                model.content_lm_loss,
+                False,
+            )
         local = _shard(docs, rank, world)
         n_local = _loss_items(local, per_doc)
         if n_local:
@@ -280,10 +382,36 @@ def run_stage(
         if log_fn is not None and main_process:
             log_fn(rec)
         bar.set_postfix({name: f"{rec['loss']:.3f}", "reg": f"{rec['reg']:.3f}"})
-        if every and (step + 1) % every == 0 and step + 1 < end:
-            checkpoint(step + 1)
+        g = step + 1
+        main_done = -(-g // (1 + ratio))
+        cycle_done = g % (1 + ratio) == 0
+        at_epoch = cycle_done and main_done % bpe == 0 and (main_done // bpe) % max(validate_every, 1) == 0
+        if validate_every and ((at_epoch and g < total) or g == total):
+            if run_validation(g, main_done):
+                stopped_early = g < total
+                end = g
+                break
+            checkpoint(g)
+        elif every and g % every == 0 and g < end:
+            checkpoint(g)
     bar.close()
-    checkpoint(end)
+    done = end == total or stopped_early
+    checkpoint(end, done=done)
+    if done and patience > 0 and best is not None:  # the stage's result is its best validation point
+        if best_tables is not None:
+            model.load_id_state(best_tables)
+        elif ckpt is not None and (ckpt / best["file"]).is_file():  # found by an earlier process
+            from safetensors.torch import load_file
+
+            model.load_id_state(load_file(ckpt / best["file"]))
     model.eval()
     # seconds are cumulative over resumptions: the cost of the stage, not of this process
-    return StageResult(stage, end, log, seconds_before + time.time() - t0, completed=end == total)
+    return StageResult(stage, end, log, seconds_before + time.time() - t0, completed=done, curve=curve,
+                       best=best, stopped_early=stopped_early, batches_per_epoch=bpe)  # fmt: skip
+
+
+def _since_best(curve: list[dict], best: dict | None):
+    """The validations after the best one (the patience counter)."""
+    if best is None:
+        return iter(())
+    return (r for r in curve if r["step"] > best["step"])
