@@ -36,6 +36,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -466,12 +467,12 @@ def run_dmpo_fewshot(
     *,
     command: str | None = None,
     progress: bool = True,
-    records_path: str | Path | None = None,
+    on_records: Callable[[list[ResultRecord]], None] | None = None,
 ) -> DMPOFewShotResult:
     """SFT, each preference loss, and the evaluation of every model (module docstring).
 
-    Records go to ``<output_dir>/records.json`` (and ``records_path`` if given) after every model, so an
-    interrupted run keeps what it finished; rerun with ``resume: true`` to continue.
+    Records go to ``<output_dir>/records.json`` (and to ``on_records``, if given) after every model, so
+    an interrupted run keeps what it finished; rerun with ``resume: true`` to continue.
     """
     from recalign.config import save_config
     from recalign.rundir import open_output_dir
@@ -499,8 +500,8 @@ def run_dmpo_fewshot(
 
     def flush() -> None:
         write_records(out / "records.json", records)
-        if records_path is not None:
-            write_records(records_path, records)
+        if on_records is not None:
+            on_records(list(records))
 
     stages: dict[str, StageResult] = {}
     sft = run_sft_stage(cfg, domains["in-genre"], out, progress)
