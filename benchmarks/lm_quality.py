@@ -41,9 +41,20 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-STAGES = ("refs", "sft-sequence", "curve", "zeroshot", "sdpo", "seed1", "merge")
+STAGES = (
+    "refs",
+    "sft-sequence",
+    "curve",
+    "zeroshot",
+    "sft-hybrid",
+    "sdpo",
+    "sdpo-k3-hybrid",
+    "seed1",
+    "merge",
+)
 BASELINE_OVERRIDES = {"pop": {}, "sasrec": {"epochs": 30, "patience": 5}}
 SFT_CONFIG = "configs/sft_sequence_ml100k.yaml"
+HYBRID_CONFIG = "configs/sft_hybrid_ml100k.yaml"
 SDPO_OVERRIDES = {
     "loss": "sdpo", "negatives": 3, "beta": 1.0, "strategy": "random", "n_train": 160, "max_history": 20,
     "threads": 1, "method": "sdpo-k3-sequence",
@@ -72,14 +83,41 @@ def test_rows(data, n: int):
     return sample_examples(data.split.stage("test"), n, 0, stage="test")
 
 
-def lm_records(model, tok, data, rows, method: str, extra: dict, command: str) -> list:
+def lm_records(
+    model,
+    tok,
+    data,
+    rows,
+    method: str,
+    extra: dict,
+    command: str,
+    prompt_format: str = "sequence",
+    max_history: int = 20,
+) -> list:
     from recalign.methods.zeroshot import EvalConfig, evaluate_lm
 
     return evaluate_lm(
         model, tok, data.dataset, rows, method=method, split_name=data.split.name,
-        cfg=EvalConfig(n_test=len(rows), protocols=["candidates"], batch_size=8), seed=0, max_history=20,
-        command=command, progress=True, extra=extra, prompt_format="sequence",
+        cfg=EvalConfig(n_test=len(rows), protocols=["candidates"], batch_size=8), seed=0,
+        max_history=max_history, command=command, progress=True, extra=extra, prompt_format=prompt_format,
     )  # fmt: skip
+
+
+def train_sft(cfg, out: Path, command: str) -> dict:
+    """``run_sft`` into ``out`` (resuming), returning the *training* run's ``metrics.json`` "run" block.
+
+    A finished run is not resumed again: resuming it would overwrite its metrics with the no-op
+    resume's seconds, which is what the first session's sft-sequence record carries.
+    """
+    from recalign.methods.sft import run_sft
+
+    done = out / "metrics.json"
+    if done.is_file():
+        info = json.loads(done.read_text())["run"]
+        if info.get("train_steps") == cfg.training.max_steps and info.get("resumed_from") is None:
+            return info
+    cfg.training.resume = True
+    return run_sft(cfg, out, command=command).metrics["run"]
 
 
 def stage_refs(args, run: Path, command: str) -> list:
@@ -149,6 +187,39 @@ def stage_curve(args, run: Path, command: str) -> list:
     return records
 
 
+def stage_hybrid(args, run: Path, command: str) -> list:
+    from recalign.config import load_config
+    from recalign.lm.lora import load_lm, resolve_dtype
+    from recalign.methods.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, path=HYBRID_CONFIG, overrides={"eval": {"n_test": 0}})
+    out = run / "sft-hybrid" / "model"
+    t0 = time.process_time()
+    res = train_sft(cfg, out, f"recalign sft --config {HYBRID_CONFIG} --output {out} eval.n_test=0")
+    data = load(0)
+    model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
+    info = {
+        "model": str(out), "config": HYBRID_CONFIG, "format": "candidates", "hybrid": True,
+        "recommender": cfg.hybrid.recommender, "candidate_seed": 0, "max_history": cfg.max_history,
+        "stage_cpu_seconds": round(time.process_time() - t0, 1),
+        "rows": f"first {args.n_small} of the {args.n_test} test rows",
+        **{k: res.get(k) for k in ("train_steps", "examples_seen", "train_cpu_seconds", "train_seconds",
+                                   "dtype", "hybrid", "n_train")},
+    }  # fmt: skip
+    rows = test_rows(data, args.n_test).iloc[: args.n_small]
+    return lm_records(
+        model,
+        tok,
+        data,
+        rows,
+        "sft-hybrid",
+        info,
+        command,
+        prompt_format="candidates",
+        max_history=cfg.max_history,
+    )
+
+
 def stage_zeroshot(args, run: Path, command: str) -> list:
     from recalign.lm.lora import load_lm, resolve_dtype
 
@@ -163,27 +234,60 @@ def stage_zeroshot(args, run: Path, command: str) -> list:
     return lm_records(model, tok, data, rows, "zeroshot-sequence", info, command)
 
 
-def stage_sdpo(args, run: Path, command: str) -> list:
+def align_from(args, run: Path, command: str, start_stage: str, stage: str, method: str) -> list:
+    """S-DPO K=3 (``SDPO_OVERRIDES``) from the SFT model of ``start_stage``, on that model's own prompt
+    format and history length, evaluated on all ``--n-test`` rows."""
     from recalign.config import load_config
     from recalign.lm.lora import load_lm, resolve_dtype
     from recalign.methods.align import AlignConfig, run_align
 
-    start = run / "sft-sequence" / "model"
-    cfg = load_config(AlignConfig, overrides={"model": str(start), **SDPO_OVERRIDES})
+    start = run / start_stage / "model"
+    sft = json.loads((start / "metrics.json").read_text())["run"]
+    fmt = sft.get("format", "candidates")
+    max_history = _config_max_history(start)
+    cfg = load_config(
+        AlignConfig,
+        overrides={"model": str(start), **SDPO_OVERRIDES, "method": method, "max_history": max_history},
+    )
     cfg.training.resume = True
-    out = run / "sdpo" / "model"
+    out = run / stage / "model"
     res = run_align(cfg, out, command=command)
     data = load(0)
     model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
     info = {"model": str(out), "start": str(start), "candidate_seed": 0, "train_steps": res.train_steps,
             "n_train": res.metrics["run"]["n_train"], "negatives": 3, "beta": 1.0, "strategy": "random",
-            "learning_rate": cfg.training.learning_rate,
+            "learning_rate": cfg.training.learning_rate, "prompt_format": fmt, "max_history": max_history,
             "final_diagnostics": res.metrics["run"]["final_diagnostics"],
             "train_seconds": res.metrics["run"]["train_seconds"]}  # fmt: skip
-    return lm_records(model, tok, data, test_rows(data, args.n_test), "sdpo-k3-sequence", info, command)
+    return lm_records(
+        model,
+        tok,
+        data,
+        test_rows(data, args.n_test),
+        method,
+        info,
+        command,
+        prompt_format=fmt,
+        max_history=max_history,
+    )
+
+
+def _config_max_history(model_dir: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((model_dir / "config.yaml").read_text())["max_history"])
+
+
+def stage_sdpo(args, run: Path, command: str) -> list:
+    return align_from(args, run, command, "sft-sequence", "sdpo", "sdpo-k3-sequence")
+
+
+def stage_sdpo_hybrid(args, run: Path, command: str) -> list:
+    return align_from(args, run, command, "sft-hybrid", "sdpo-k3-hybrid", "sdpo-k3-hybrid")
 
 
 def stage_seed1(args, run: Path, command: str) -> list:
+    """The ``--best`` SFT stage's model on the same rows with the candidate lists of seed 1."""
     from recalign.lm.lora import load_lm, resolve_dtype
 
     d0, d1 = load(0), load(1)
@@ -191,9 +295,15 @@ def stage_seed1(args, run: Path, command: str) -> list:
     assert r0[["user", "position"]].equals(r1[["user", "position"]]), (
         "seed-1 candidates must be on the same rows"
     )
-    model, tok, _ = load_lm(str(run / "sft-sequence" / "model"), dtype=resolve_dtype("auto"))
-    info = {"model": str(run / "sft-sequence" / "model"), "candidate_seed": 1}
-    return lm_records(model, tok, d1, r1, "sft-sequence", info, command)
+    path = run / args.best / "model"
+    sft = json.loads((path / "metrics.json").read_text())["run"]
+    fmt = sft.get("format", "candidates")
+    max_history = _config_max_history(path)
+    model, tok, _ = load_lm(str(path), dtype=resolve_dtype("auto"))
+    info = {"model": str(path), "candidate_seed": 1, "prompt_format": fmt, "max_history": max_history}
+    return lm_records(
+        model, tok, d1, r1, args.best, info, command, prompt_format=fmt, max_history=max_history
+    )
 
 
 NOTES = [
@@ -245,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-curve", type=int, default=300)
     ap.add_argument("--curve-steps", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--best", default="sft-sequence", help="the SFT stage re-evaluated with candidate seed 1")
     ap.add_argument("--output", default="results/lm_ml100k.json")
     args = ap.parse_args(argv)
 
@@ -257,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     command = command_line()
     fns = {"refs": stage_refs, "sft-sequence": stage_sft, "curve": stage_curve, "zeroshot": stage_zeroshot,
-           "sdpo": stage_sdpo, "seed1": stage_seed1}  # fmt: skip
+           "sft-hybrid": stage_hybrid, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
+           "seed1": stage_seed1}  # fmt: skip
     for stage in args.stages.split(","):
         if stage not in STAGES:
             raise SystemExit(f"error: --stages: unknown stage {stage!r} (choose from {', '.join(STAGES)})")
