@@ -7,10 +7,22 @@ examples* (``training.max_steps x training.batch_size``); only the task mixture 
 - ``knowledge-rec+aux``  MIM, MLM, BPR, retrieval, ranking, rating (1:1:1:1:1:1)
 - ``knowledge-rec+mim`` / ``+mlm`` / ``+bpr``  one auxiliary task added (1:1:1:1) -- the ablation
 - ``zeroshot`` (only when listed in ``--variants``): the untrained model, same users and task prompts
+- ``rec-ids``  the recommendation tasks in the P5-style form (``rec_form=ids``: ``user_<id>``, ``item_<id>``)
+  instead of Cao et al.'s "more informative" one (titles, no user id) -- the ablation of that form
 - ``pop`` / ``sasrec`` (only when listed): classical references on the same sampled users -- the full
   protocol on retrieval's users, the candidate protocol (the ranking task's shared 20 candidates) on
   ranking's users -- so the LM's retrieval and ranking numbers have a yardstick (SASRec: 30 epochs,
   patience 5, as ``benchmarks/baselines.py``)
+- ``rating-refs`` (only when listed): non-LM rating references on exactly the rating task's users, the
+  training ratings' global mean and a damped user/item-bias baseline (RMSE/MAE)
+
+``--seeds 0,1`` runs the two main variants once per training seed (``training.seed``: adapter
+initialisation and data order; the task data and evaluation users stay those of ``seed``), run
+directories ``<variant>-seed<s>``, records with ``extra.training_seed``.
+
+The ranking task trains with the candidate count and history length it is evaluated with
+(``train_candidates: 0`` = the split's 20, ``history_len`` for both); every LM record says so
+(``train_candidates``, ``eval_candidates``, ``history_len``, ``rec_form``).
 
 Each variant is evaluated on the same seeded test users (retrieval by exact full ranking of the
 catalogue, ranking on the shared 20 candidates, rating RMSE/MAE; the main two also on the shared
@@ -18,8 +30,9 @@ next-item protocol). Results are written after every variant (so an interrupted 
 a re-run skips variants whose run directory already has records.json), in the quality shape, to
 ``--output``. Run in the background on a shared CPU, e.g.::
 
-    nohup .venv/bin/python benchmarks/knowledge.py --output results/knowledge_ml100k.json \\
-        > runs/knowledge_bench.log 2>&1 &
+    nohup .venv/bin/python benchmarks/knowledge.py --seeds 0,1 \\
+        --variants rec,rec+aux,rec-ids,zeroshot,rating-refs,pop,sasrec \\
+        --ablation-eval '[ranking,rating]' --output results/knowledge_ml100k.json > runs/knowledge_bench.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -39,7 +52,10 @@ VARIANTS = {
     "rec+mim": (["mim", "retrieval", "ranking", "rating"], [1, 1, 1, 1]),
     "rec+bpr": (["bpr", "retrieval", "ranking", "rating"], [1, 1, 1, 1]),
     "rec+mlm": (["mlm", "retrieval", "ranking", "rating"], [1, 1, 1, 1]),
+    "rec-ids": (["retrieval", "ranking", "rating"], [1, 1, 1]),  # + rec_form=ids
 }
+#: Overrides a variant adds to the config.
+VARIANT_OVERRIDES = {"rec-ids": ["rec_form=ids", "method=knowledge-rec-ids"]}
 MAIN = ("rec", "rec+aux")
 BASELINE_OVERRIDES = {"pop": {}, "sasrec": {"epochs": 30, "patience": 5}}
 
@@ -84,6 +100,38 @@ def baseline(name: str, cfg, data, run: Path, command: str) -> list:
     return records
 
 
+def rating_refs(cfg, data, run: Path, command: str) -> list:
+    """Global mean and user/item-bias rating references on the rating task's evaluation rows."""
+    from recalign.evaluation.records import ResultRecord, write_records
+    from recalign.methods import sample_examples
+    from recalign.methods.knowledge.evaluation import evaluate_rating_references
+    from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
+
+    t0 = time.perf_counter()
+    tasks = KnowledgeTasks(data.dataset, data.split, TaskOptions(history_len=cfg.history_len, seed=cfg.seed))
+    stage = data.split.stage(cfg.eval.stage)
+    rows = sample_examples(stage, cfg.eval.n_users_rating, cfg.seed, stage=cfg.eval.stage)
+    records = []
+    for name, r in evaluate_rating_references(tasks, rows, cfg.eval.stage).items():
+        records.append(
+            ResultRecord(
+                dataset=data.dataset.name,
+                split=data.split.name,
+                protocol="rating",
+                method=name,
+                metrics=r.metrics,
+                n_examples=r.n_examples,
+                seed=cfg.seed,
+                seconds=round(time.perf_counter() - t0, 2),
+                command=command,
+                extra={"task": "rating", **r.details[0]},
+            )  # fmt: skip
+        )
+        print(f"{name} [rating] {r.metrics}", flush=True)
+    write_records(run / "records.json", records)
+    return records
+
+
 def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
     """The untrained base model on the same test users and task prompts: what the steps bought."""
     import time
@@ -97,7 +145,11 @@ def zeroshot(cfg, data, run: Path, eval_tasks: str, command: str) -> list:
 
     set_threads(cfg.threads)
     model, tok, _ = load_lm(cfg.model, dtype=resolve_dtype(cfg.dtype))
-    tasks = KnowledgeTasks(data.dataset, data.split, TaskOptions(history_len=cfg.history_len, seed=cfg.seed))
+    tasks = KnowledgeTasks(
+        data.dataset,
+        data.split,
+        TaskOptions(history_len=cfg.history_len, seed=cfg.seed, rec_form=cfg.rec_form),
+    )
     scorer = ev.TaskScorer(model, tok, chunk_size=cfg.eval.chunk_size)
     stage = data.split.stage(cfg.eval.stage)
     records = []
@@ -138,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         help="eval.tasks of the ablation variants (the main two use the config's)",
     )
     p.add_argument(
+        "--seeds",
+        default="",
+        help="training seeds for the main variants (rec, rec+aux), e.g. 0,1; empty: the config's only",
+    )
+    p.add_argument(
         "overrides", nargs="*", help="config overrides for every variant, e.g. training.max_steps=4"
     )
     args = p.parse_args(argv)
@@ -151,10 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(KnowledgeConfig, args.config, args.overrides)
     data = load_data(base.data)
     records = []
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    jobs = []  # (variant, run-dir name, extra overrides)
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if name in MAIN and seeds:
+            jobs.extend((name, f"{name}-seed{s}", [f"training.seed={s}"]) for s in seeds)
+        else:
+            jobs.append((name, name, []))
+    for name, dirname, seed_over in jobs:
         tasks, ratios = VARIANTS.get(name, ([], []))
-        run = Path(args.run_dir) / name
-        if name == "zeroshot" and not (run / "records.json").is_file():
+        run = Path(args.run_dir) / dirname
+        if name == "rating-refs" and not (run / "records.json").is_file():
+            records.extend(rating_refs(base, data, run, command))
+        elif name == "zeroshot" and not (run / "records.json").is_file():
             records.extend(zeroshot(base, data, run, args.ablation_eval, command))
         elif name in BASELINE_OVERRIDES and not (run / "records.json").is_file():
             records.extend(baseline(name, base, data, run, command))
@@ -162,10 +228,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] already done, reusing {run}/records.json", flush=True)
             records.extend(read_records(run / "records.json"))
         else:
-            over = list(args.overrides) + [
-                f"tasks=[{','.join(tasks)}]",
-                f"ratios=[{','.join(map(str, ratios))}]",
-            ]
+            if not tasks:
+                raise SystemExit(f"unknown variant {name!r}")
+            over = (
+                list(args.overrides)
+                + seed_over
+                + VARIANT_OVERRIDES.get(name, [])
+                + [
+                    f"tasks=[{','.join(tasks)}]",
+                    f"ratios=[{','.join(map(str, ratios))}]",
+                ]
+            )
             if name not in MAIN:
                 over.append(f"eval.tasks={args.ablation_eval}")
             cfg = load_config(KnowledgeConfig, args.config, over)

@@ -170,3 +170,77 @@ def test_trie_beam_search_scores_match_the_scorer_and_a_full_width_beam_finds_ev
     assert all(abs(narrow[j] - full[j]) < 1e-4 for j in narrow)
     # beam search does not promise the arg-max in general; on this seeded model a beam of 3 keeps it
     assert int(np.argmax(full)) in narrow
+
+
+# ---------------------------------------------------------------------- NaN rules of the catalogue search
+class _IdScorer:
+    """score_ids by a table keyed on the answer's token tuple; partial titles score their best completion."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def score_ids(self, prompts, answers):
+        out = []
+        for a in answers[0]:
+            a = tuple(a)
+            vals = [v for k, v in self.table.items() if k[: len(a)] == a]
+            out.append(max(vals, key=lambda v: (not math.isnan(v), v)) if vals else -1e9)
+        return np.asarray([out], dtype=float)
+
+
+def _toy_trie():
+    titles = ["a x", "a y", "b"]
+    vocab = {"a": 1, "x": 2, "y": 3, "b": 4}
+    enc = {t: [vocab[w] for w in t.split()] + [0] for t in titles}  # 0 ends an answer
+    return TitleTrie.from_titles(titles, lambda t: enc[t]), enc
+
+
+def test_catalogue_rank_nan_target_ranks_last_and_nan_competitors_count_against_it():
+    trie, enc = _toy_trie()
+    ids = {i: tuple(enc[t]) for i, t in enumerate(["a x", "a y", "b"])}
+    # a NaN target must rank last (k_max + 1 = "below k_max"), never first
+    scorer = _IdScorer({ids[0]: float("nan"), ids[1]: -2.0, ids[2]: -3.0})
+    rank, _ = catalogue_rank(scorer, [0], trie, 0, list(ids[0]), set(), k_max=3)
+    assert rank == 4
+    scorer = _IdScorer({ids[0]: float("inf"), ids[1]: -2.0, ids[2]: -3.0})
+    assert catalogue_rank(scorer, [0], trie, 0, list(ids[0]), set(), k_max=3)[0] == 4
+    # finite target -1: "b" scores NaN -> counted above it (like a tie), "a y" below -> rank 2
+    scorer = _IdScorer({ids[0]: -1.0, ids[1]: -2.0, ids[2]: float("nan")})
+    assert catalogue_rank(scorer, [0], trie, 0, list(ids[0]), set(), k_max=3)[0] == 2
+    # and the ordinary case still ranks by score
+    scorer = _IdScorer({ids[0]: -2.5, ids[1]: -2.0, ids[2]: -3.0})
+    assert catalogue_rank(scorer, [0], trie, 0, list(ids[0]), set(), k_max=3)[0] == 2
+
+
+# ---------------------------------------------------------------------- rating references
+def test_bias_baseline_hand_worked():
+    from recalign.methods.knowledge.evaluation import BiasBaseline
+
+    # ratings: u0: i0 5, i1 3; u1: i0 3. mu = 11/3; with no damping (reg 0):
+    # b_i0 = ((5 - mu) + (3 - mu)) / 2 = 4 - mu, b_i1 = 3 - mu
+    # b_u0 = ((5 - mu - b_i0) + (3 - mu - b_i1)) / 2 = (1 + 0) / 2 = 0.5, b_u1 = 3 - mu - b_i0 = -1
+    b = BiasBaseline.fit([0, 0, 1], [0, 1, 0], [5.0, 3.0, 3.0], reg_user=0.0, reg_item=0.0)
+    mu = 11 / 3
+    assert b.mu == pytest.approx(mu)
+    assert b.item_bias == pytest.approx({0: 4 - mu, 1: 3 - mu})
+    assert b.user_bias == pytest.approx({0: 0.5, 1: -1.0})
+    # u0 i0: mu + 0.5 + 4 - mu = 4.5; u1 i1: 3 - 1 = 2; unknown user/item: mu; clipped to [1, 5]
+    assert b.predict([0, 1, 7], [0, 1, 9]) == pytest.approx([4.5, 2.0, mu])
+    assert BiasBaseline(mu=4.8, user_bias={0: 1.0}, item_bias={}).predict([0], [0])[0] == 5.0
+
+
+def test_rating_references_use_only_ratings_known_before_the_evaluated_rows(tiny):
+    from recalign.methods.knowledge.evaluation import evaluate_rating_references, known_ratings
+
+    ds, split = tiny
+    kt = KnowledgeTasks(ds, split)
+    users, items, ratings = known_ratings(kt, "test")
+    # test targets (u1 Fargo 1, u2 Heat 2, u3 Fargo 4) are excluded; everything before them is known
+    assert sorted(ratings.tolist()) == sorted([5, 3, 4, 2, 4, 5, 3, 4, 4])
+    refs = evaluate_rating_references(kt, split.stage("test"))
+    mu = 34 / 9
+    m = refs["rating-global-mean"].metrics
+    assert m["MAE"] == pytest.approx((abs(1 - mu) + abs(2 - mu) + abs(4 - mu)) / 3)
+    assert m["RMSE"] == pytest.approx(math.sqrt(((1 - mu) ** 2 + (2 - mu) ** 2 + (4 - mu) ** 2) / 3))
+    assert refs["rating-bias"].n_examples == refs["rating-global-mean"].n_examples == 3
+    assert set(refs["rating-bias"].metrics) == {"RMSE", "MAE"}

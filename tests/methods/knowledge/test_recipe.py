@@ -61,6 +61,10 @@ def test_full_path_both_families(kind, tiny, tmp_path):
     assert set(by_task) == {"retrieval", "ranking", "rating", "next_item", "generation"}
     assert by_task["retrieval"].protocol == "full" and by_task["ranking"].protocol == "candidates"
     assert all(r.method == "knowledge-rec+aux" and r.command == "pytest" for r in records)
+    # the ranking task trained on the prompt shape it is evaluated with (the split's candidates)
+    for r in records:
+        assert r.extra["train_candidates"] == r.extra["eval_candidates"] == split.n_candidates
+        assert r.extra["history_len"] == cfg.history_len and r.extra["rec_form"] == "informative"
     n_test = len(split.stage("test"))
     assert by_task["ranking"].n_examples == n_test == 3
     for r in records:
@@ -138,3 +142,17 @@ def test_method_names_and_budget():
     with pytest.raises(RecalignInputError, match="train_candidates"):
         cfg(["ranking"], [1], train_candidates=1).validate()
     assert torch.get_num_threads() >= 1
+
+
+def test_rec_form_ids_trains_and_evaluates_in_the_same_form(tiny, tmp_path):
+    ds, split = tiny
+    over = [o for o in FAST if not o.startswith("eval.tasks")]
+    cfg = load_config(
+        KnowledgeConfig,
+        overrides=["model=tiny-llama", *over, "eval.tasks=[ranking,retrieval]", "rec_form=ids",
+                   "tasks=[retrieval,ranking]", "ratios=[1,1]"],
+    )  # fmt: skip
+    res = run_knowledge(cfg, tmp_path / "run", data=PreparedData(ds, split), command="pytest", progress=False)
+    assert res.task_counts == {"retrieval": 3, "ranking": 3}
+    assert {r.extra["rec_form"] for r in res.records} == {"ids"}
+    assert {r.extra["task"] for r in res.records} == {"ranking", "retrieval"}

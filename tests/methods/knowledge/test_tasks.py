@@ -182,3 +182,20 @@ def test_bad_requests_are_input_errors(kt, tiny):
     unrated = ds.with_interactions(ds.interactions.assign(rating=np.nan))
     with pytest.raises(RecalignInputError, match="no ratings"):
         KnowledgeTasks(unrated, split).generate("rating")
+
+
+def test_rec_form_ids_names_user_and_items_by_id_and_aux_tasks_keep_titles(tiny):
+    from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
+
+    ds, split = tiny
+    kt = KnowledgeTasks(ds, split, TaskOptions(rec_form="ids"))
+    row = split.stage("test").iloc[0]
+    ex = kt.example("ranking", row)
+    assert ex.prompt.startswith(f"user_{ds.user_ids[int(row['user'])]}: ")
+    assert ex.answer == kt.answer_names[ex.target] and ex.answer.startswith("item_i")
+    assert all(kt.answer_names[c] in ex.prompt for c in ex.candidates)
+    assert not any(t in ex.prompt for t in kt.titles)  # no title in the ids form
+    assert kt.example("retrieval", row).answer.startswith("item_")
+    assert kt.example("mim", row).answer in kt.titles  # auxiliary tasks stay in titles
+    informative = KnowledgeTasks(ds, split).example("ranking", row)
+    assert informative.answer in informative.prompt and "user_" not in informative.prompt

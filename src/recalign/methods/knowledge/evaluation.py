@@ -159,13 +159,17 @@ def catalogue_rank(
     import heapq
 
     s_t = float(scorer.score_ids([prompt_ids], [[list(target_ids)]])[0, 0])
+    cost = 0
+    if np.isnan(s_t) or s_t == float("inf"):
+        # NaN or +inf target score (a diverged model): it ranks last, never first (the project's rule,
+        # README "Metric conventions"); `v >= NaN` is always False and would have counted nothing above it
+        return k_max + 1, cost
     bound = s_t - margin
     counted: set[int] = set()
-    cost = 0
     seeds = {j: list(a) for j, a in (seeds or {}).items() if j != target and j not in exclude}
     if seeds:
         items_s = list(seeds)
-        sc = scorer.score_ids([prompt_ids], [[seeds[j] for j in items_s]])[0]
+        sc = _nan_high(scorer.score_ids([prompt_ids], [[seeds[j] for j in items_s]])[0])
         cost += sum(len(seeds[j]) for j in items_s)
         counted = {j for j, v in zip(items_s, sc) if v >= s_t}
         if len(counted) >= k_max:
@@ -183,7 +187,7 @@ def catalogue_rank(
             break
         answers = [list(prefix) + [tok] for prefix in batch for tok in trie.allowed(prefix)]
         cost += sum(len(a) for a in answers)
-        scores = scorer.score_ids([prompt_ids], [answers])[0]
+        scores = _nan_high(scorer.score_ids([prompt_ids], [answers])[0])
         for ans, sc in zip(answers, scores):
             if sc < bound:
                 continue
@@ -194,6 +198,13 @@ def catalogue_rank(
             else:
                 heapq.heappush(heap, (-float(sc), tuple(ans)))
     return (count + 1 if count < k_max else k_max + 1), cost
+
+
+def _nan_high(scores) -> np.ndarray:
+    """NaN competitor scores as +inf: a NaN title counts against the target (like a tie) and a NaN
+    prefix is explored first, so a model returning NaN for other items never gains from it."""
+    a = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isnan(a), np.inf, a)
 
 
 def beam_seeds(
@@ -253,7 +264,7 @@ def evaluate_retrieval(
     a target far down the list (most users, for any model not yet good at retrieval) the search is
     skipped -- on SmolLM2 a few seconds instead of about a minute per user.
     """
-    titles = tasks.titles
+    titles = tasks.answer_names  # titles, or item ids in the ``ids`` form (tasks.TaskOptions.rec_form)
     ks = _ks(ks, len(titles))
     ranks, details = [], []
     trie = None if exhaustive else TitleTrie.from_titles(titles, scorer.encode_answer)
@@ -300,7 +311,7 @@ def evaluate_ranking(
     n_c = tasks.n_candidates
     for i in range(len(examples)):
         ex = tasks.example("ranking", examples.iloc[i])
-        s = scorer.score([ex.prompt], [[tasks.titles[c] for c in ex.candidates]])[0]
+        s = scorer.score([ex.prompt], [[tasks.answer_names[c] for c in ex.candidates]])[0]
         r = int(target_ranks(s[None, :], np.array([ex.candidates.index(ex.target)]))[0])
         ranks.append(r)
         details.append({"user": ex.user, "target": ex.target, "rank": r})
@@ -349,8 +360,8 @@ def evaluate_generation(
 ) -> TaskResult:
     """Greedy retrieval answers: constrained to the title trie, and free text grounded by nearest title."""
     enc_prompt, enc_answer = text_encoders(model, tokenizer)
-    trie = TitleTrie.from_titles(tasks.titles, enc_answer)
-    matcher = TitleMatcher(tasks.titles)
+    trie = TitleTrie.from_titles(tasks.answer_names, enc_answer)
+    matcher = TitleMatcher(tasks.answer_names)
     stop = answer_stop_ids(model, tokenizer)
     from recalign.lm.modules import is_seq2seq, unwrap_peft
 
@@ -399,3 +410,83 @@ def evaluate_generation(
         else {}
     )
     return TaskResult("generation", "generation", metrics, len(examples), details)
+
+
+# ---------------------------------------------------------------------- rating references
+def known_ratings(tasks: KnowledgeTasks, stage: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, rating) of every interaction known when ``stage`` is predicted: for a user with a row
+    in ``stage``, every position before it (what the LM's rating prompt may show as history, e.g. the
+    validation item for ``loo``'s test rows); for other users, their train-stage positions. No evaluated
+    target is ever included."""
+    seqs = tasks.dataset.sequences()
+    limit = tasks.stage("train").groupby("user")["position"].max() + 1  # positions < limit are known
+    evaluated = tasks.stage(stage).groupby("user")["position"].min()
+    limit = limit.combine(evaluated, lambda a, b: b if not np.isnan(b) else a, fill_value=np.nan)
+    users, items, ratings = [], [], []
+    for u, n in limit.items():
+        for p in range(int(n)):
+            r = tasks.rating_at(int(u), p)
+            if not np.isnan(r):
+                users.append(int(u))
+                items.append(int(seqs[int(u)][p]))
+                ratings.append(r)
+    return np.asarray(users, np.int64), np.asarray(items, np.int64), np.asarray(ratings, np.float64)
+
+
+@dataclass
+class BiasBaseline:
+    """Global mean and damped user / item biases (Koren's baseline predictor):
+    ``b_i = Σ(r - μ) / (reg_item + n_i)``, then ``b_u = Σ(r - μ - b_i) / (reg_user + n_u)``; predictions
+    ``μ + b_u + b_i`` clipped to [1, 5]. Unknown users or items get bias 0."""
+
+    mu: float
+    user_bias: dict[int, float]
+    item_bias: dict[int, float]
+
+    @classmethod
+    def fit(cls, users, items, ratings, reg_user: float = 10.0, reg_item: float = 10.0) -> BiasBaseline:
+        users, items, ratings = np.asarray(users), np.asarray(items), np.asarray(ratings, dtype=float)
+        if len(ratings) == 0:
+            raise ValueError("no training ratings")
+        mu = float(ratings.mean())
+        df = pd.DataFrame({"u": users, "i": items, "r": ratings - mu})
+        gi = df.groupby("i")["r"].agg(["sum", "count"])
+        bi = (gi["sum"] / (reg_item + gi["count"])).to_dict()
+        df["r2"] = df["r"] - df["i"].map(bi)
+        gu = df.groupby("u")["r2"].agg(["sum", "count"])
+        bu = (gu["sum"] / (reg_user + gu["count"])).to_dict()
+        return cls(mu=mu, user_bias={int(k): float(v) for k, v in bu.items()},
+                   item_bias={int(k): float(v) for k, v in bi.items()})  # fmt: skip
+
+    def predict(self, users, items) -> np.ndarray:
+        p = [
+            self.mu + self.user_bias.get(int(u), 0.0) + self.item_bias.get(int(i), 0.0)
+            for u, i in zip(users, items)
+        ]
+        return np.clip(np.asarray(p, dtype=float), 1.0, 5.0)
+
+
+def evaluate_rating_references(
+    tasks: KnowledgeTasks, examples: pd.DataFrame, stage: str = "test"
+) -> dict[str, TaskResult]:
+    """Non-LM rating references on exactly the rows the LM's rating task is evaluated on
+    (``examples``, rows of ``stage``): ``rating-global-mean`` (the known ratings' mean) and
+    ``rating-bias`` (:class:`BiasBaseline`), both fitted on :func:`known_ratings`; RMSE / MAE like
+    :func:`evaluate_rating` (whose expected-value prediction they compare with)."""
+    users, items, ratings = known_ratings(tasks, stage)
+    base = BiasBaseline.fit(users, items, ratings)
+    rows = [
+        (int(u), int(t), tasks.rating_at(int(u), int(p)))
+        for u, p, t in zip(examples["user"], examples["position"], examples["target"])
+    ]
+    rows = [r for r in rows if not np.isnan(r[2])]
+    t = np.asarray([r[2] for r in rows], dtype=float)
+    preds = {
+        "rating-global-mean": np.full(len(t), base.mu),
+        "rating-bias": base.predict([r[0] for r in rows], [r[1] for r in rows]),
+    }
+    out = {}
+    for name, pred in preds.items():
+        metrics = {"RMSE": rmse(pred, t), "MAE": mae(pred, t)} if len(t) else {}
+        out[name] = TaskResult("rating", "rating", metrics, len(t), [{"n_train_ratings": len(ratings)}])
+    return out

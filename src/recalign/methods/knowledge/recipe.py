@@ -130,9 +130,16 @@ class KnowledgeConfig:
     )
     history_len: int = cfg_field(10, "history items shown in task prompts (most recent)")
     train_candidates: int = cfg_field(
-        0, "candidates listed in training ranking prompts (0: the split's; fewer makes prompts cheaper)"
+        0,
+        "candidates listed in training ranking prompts (0: the split's, which evaluation always uses; fewer "
+        "makes prompts cheaper but trains a shorter list than the one evaluated)",
     )
     mlm_rate: float = cfg_field(0.15, "share of maskable title words hidden in MLM prompts")
+    rec_form: Literal["informative", "ids"] = cfg_field(
+        "informative",
+        "recommendation-task samples: informative (Cao et al.: the user as a history of titles, no user id) "
+        "or ids (the P5-style form it replaces: user_<id>, item_<id>; evaluated in the same form)",
+    )
     seed: int = cfg_field(0, "seed of task data, template choice, mixing and evaluation sampling")
     scoring_impl: str = cfg_field("packed", "decoder-only shared-prefix scoring in training: packed or kv")
     tiny_hidden: int = cfg_field(64, "hidden size of tiny-llama / tiny-t5")
@@ -320,7 +327,7 @@ def run_knowledge(
 
     data = data or load_data(cfg.data)
     dataset, split = data.dataset, data.split
-    opts = dict(history_len=cfg.history_len, mlm_rate=cfg.mlm_rate, seed=cfg.seed)
+    opts = dict(history_len=cfg.history_len, mlm_rate=cfg.mlm_rate, seed=cfg.seed, rec_form=cfg.rec_form)
     train_tasks = KnowledgeTasks(
         dataset, split, TaskOptions(n_candidates=cfg.train_candidates or None, **opts)
     )
@@ -372,6 +379,12 @@ def run_knowledge(
         "train_steps": outcome.global_step,
         "n_train": len(mixture),
         "task_counts": counts,
+        # the ranking task's prompt shape in training and at evaluation (the same by default)
+        "train_candidates": train_tasks.n_candidates,
+        "eval_candidates": eval_tasks.n_candidates,
+        "history_len": cfg.history_len,
+        "rec_form": cfg.rec_form,
+        "training_seed": cfg.training.seed,
     }
     records: list[ResultRecord] = []
     flat: dict[str, float] = {}

@@ -101,6 +101,10 @@ class TaskOptions:
     mlm_rate: float = 0.15
     mlm_max_words: int = 4
     seed: int = 0
+    #: recommendation-task samples (retrieval, ranking, rating): ``informative`` (Cao et al.'s form: the
+    #: user is their history of item titles, no user id) or ``ids`` (the P5-style form it replaces:
+    #: ``user_<id>`` and ``item_<id>`` tokens, answers are item ids). Auxiliary tasks always use titles.
+    rec_form: str = "informative"
 
 
 def format_rating(r: float) -> str:
@@ -122,6 +126,16 @@ class KnowledgeTasks:
         self.opt = options or TaskOptions()
         self.n_candidates = int(self.opt.n_candidates or split.n_candidates)
         self.titles = display_titles(dataset)
+        if self.opt.rec_form not in ("informative", "ids"):
+            raise RecalignInputError(
+                f"rec_form must be informative or ids, got {self.opt.rec_form!r}", field="rec_form"
+            )
+        #: what recommendation tasks name items by (prompts and answers): titles, or ``item_<id>``
+        self.answer_names = (
+            list(self.titles)
+            if self.opt.rec_form == "informative"
+            else [f"item_{i}" for i in dataset.items["item_id"].astype(str)]
+        )
         noun, nouns = item_noun(dataset)
         past, verb = _VERBS.get(noun, ("interacted with", "choose"))
         o = self.opt
@@ -174,6 +188,15 @@ class KnowledgeTasks:
 
     def _join(self, items) -> str:
         return SEP.join(self.titles[int(i)] for i in items)
+
+    def _rec_join(self, items) -> str:
+        return SEP.join(self.answer_names[int(i)] for i in items)
+
+    def _rec_prompt(self, user: int, prompt: str) -> str:
+        """The ``ids`` form names the user by id in front of the prompt (P5's "user_23 ...")."""
+        if self.opt.rec_form == "ids":
+            return f"user_{self.dataset.user_ids[int(user)]}: {prompt}"
+        return prompt
 
     # ------------------------------------------------------------------ eligibility
     def eligible(self, task: str, stage: str = "train") -> pd.DataFrame:
@@ -269,8 +292,8 @@ class KnowledgeTasks:
     def _retrieval(self, row, user, position, rng, k) -> TaskExample:
         target = int(row["target"])
         hist = list(row["history"])[-self.opt.history_len :]
-        prompt = render("retrieval", k, history=self._join(hist), **self._words())
-        return TaskExample("retrieval", prompt, self.titles[target], user, position, k, target=target)
+        prompt = self._rec_prompt(user, render("retrieval", k, history=self._rec_join(hist), **self._words()))
+        return TaskExample("retrieval", prompt, self.answer_names[target], user, position, k, target=target)
 
     def candidates_for(self, row, user: int, position: int) -> list[int]:
         """The split's shared candidates when materialised with the requested size, else a seeded draw."""
@@ -292,9 +315,14 @@ class KnowledgeTasks:
         target = int(row["target"])
         cands = self.candidates_for(row, user, position)
         hist = list(row["history"])[-self.opt.history_len :]
-        prompt = render("ranking", k, history=self._join(hist), candidates=self._join(cands), **self._words())
+        prompt = self._rec_prompt(
+            user,
+            render(
+                "ranking", k, history=self._rec_join(hist), candidates=self._rec_join(cands), **self._words()
+            ),
+        )
         return TaskExample(
-            "ranking", prompt, self.titles[target], user, position, k, target=target, candidates=cands
+            "ranking", prompt, self.answer_names[target], user, position, k, target=target, candidates=cands
         )
 
     def _rating(self, row, user, position, rng, k) -> TaskExample:
@@ -302,11 +330,13 @@ class KnowledgeTasks:
         hist = list(row["history"])[-self.opt.history_len :]
         start = position - len(hist)
         rated = SEP.join(
-            f"{self.titles[int(it)]}: {format_rating(self.rating_at(user, start + i))}"
+            f"{self.answer_names[int(it)]}: {format_rating(self.rating_at(user, start + i))}"
             for i, it in enumerate(hist)
         )
         r = self.rating_at(user, position)
-        prompt = render("rating", k, history=rated, title=self.titles[target], **self._words())
+        prompt = self._rec_prompt(
+            user, render("rating", k, history=rated, title=self.answer_names[target], **self._words())
+        )
         return TaskExample("rating", prompt, format_rating(r), user, position, k, target=target, rating=r)
 
     # ------------------------------------------------------------------ many examples
