@@ -9,9 +9,15 @@ candidates, candidate-ranking protocol):
     The summary-augmented SASRec (gated fusion of the all-MiniLM-L6-v2 embedding of a summary into
     SASRec's user vector), given one greedy summary per user from SmolLM2-135M-Instruct as shipped.
 ``sasrec+summaries-aligned``
-    The same recommender, given one greedy summary per user from SmolLM2 after DPO on best/worst pairs of
-    its own sampled summaries (reward = NDCG@5 of the true valid item under the augmented recommender,
-    cross-fitted).
+    The same recommender, given one greedy summary per user from SmolLM2 after T DPO rounds on best/worst
+    pairs of its own N sampled summaries (reward = the log-probability of the true valid item under the
+    augmented recommender's softmax over the candidates, cross-fitted; ``reward: rr`` / ``ndcg`` for the
+    reciprocal rank / NDCG@5). ``sasrec+summaries-iter{t}`` (protocol ``candidates``): the LM after t < T
+    rounds on the test users.
+``sasrec+summaries-iter{t}`` (protocol ``candidates/valid-samples``)
+    The augmented recommender on the *valid* examples over all N sampled summaries of the LM after t
+    rounds (the samples the rewards and pairs of round t + 1 come from), for t = 0..T: before and after
+    each round; ``extra.usable_pairs`` / ``tied_users`` count the pairs they gave.
 
 Each record's ``extra`` carries the mean reward of the N sampled summaries per user before and after
 alignment (on the users' *valid* examples, the quantity DPO optimises); the file's top-level
@@ -28,8 +34,9 @@ The run itself is ``recalign.methods.dpo4rec.recipe.run_dpo4rec`` (the same code
 it is resumable, so rerunning the same command after an interruption continues where it stopped.
 
 Run:  python benchmarks/dpo4rec.py --config configs/dpo4rec_ml100k.yaml --run-dir runs/dpo4rec_ml100k \
-          --output results/dpo4rec_ml100k.json [--samples 4] [--iterations 1] [--users 150] \
+          --output results/dpo4rec_ml100k.json [--samples N] [--iterations T] [--users U] \
           [--text-signal-check] [key=value ...]
+(N, T, U and everything else default to the config: N = 8, T = 2, U = 150.)
 """
 
 from __future__ import annotations
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "reward": m["reward"],
         "pairs": m["pairs"],
+        "per_iteration": m.get("per_iteration", {}),
         "dpo": m["dpo"],
         "fusion": m["fusion"],
         "sasrec": m["sasrec"],

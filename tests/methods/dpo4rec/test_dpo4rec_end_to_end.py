@@ -68,6 +68,7 @@ def _config(model_dir, **extra):
         "model": str(model_dir),
         "users": 0,
         "iterations": 1,
+        "reward": "ndcg",
         "reward_k": 6,
         "threads": 1,
         "progress": False,
@@ -132,9 +133,14 @@ def test_end_to_end_run_then_resume_without_recomputing(tmp_path, tiny_lm_dir, m
     assert 0.0 <= m["reward"]["before"]["mean"] <= m["reward"]["before"]["best_of_n"] <= 1.0
     assert 0.0 < m["reward"]["without_summary"] <= 1.0
     recs = json.loads((out / "records.json").read_text())["records"]
-    assert [r["method"] for r in recs] == ["sasrec", "sasrec+summaries-unaligned", "sasrec+summaries-aligned"]
-    assert all(r["n_examples"] == 20 and r["protocol"] == "candidates" for r in recs)
+    assert [r["method"] for r in recs] == [
+        "sasrec", "sasrec+summaries-unaligned", "sasrec+summaries-aligned",
+        "sasrec+summaries-iter0", "sasrec+summaries-iter1",
+    ]  # fmt: skip
+    assert all(r["n_examples"] == 20 and r["protocol"] == "candidates" for r in recs[:3])
+    assert all(r["protocol"] == "candidates/valid-samples" for r in recs[3:])
     assert "mean_sampled_reward" in recs[2]["extra"]
+    assert recs[2]["extra"]["usable_pairs"] == [stats["pairs"]]
 
     # rerun: every stage is complete, so nothing may be generated or trained again
     import recalign.lm.generation as generation
@@ -154,6 +160,33 @@ def test_end_to_end_run_then_resume_without_recomputing(tmp_path, tiny_lm_dir, m
     # a different config in the same directory is refused
     with pytest.raises(RecalignInputError, match="different config"):
         run_dpo4rec(_config(tiny_lm_dir, reward_k=5), out, load_data=_load_data)
+
+
+def test_default_reward_has_resolution_and_every_iteration_is_reported(tmp_path, tiny_lm_dir):
+    """The default reward (log-probability of the true item) separates the N samples of (nearly) every
+    user, and the augmented recommender is reported before and after each of 2 rounds."""
+    from recalign.methods.dpo4rec.recipe import run_dpo4rec
+
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    overrides = {"iterations": 2, "reward": "logprob"}
+    cfg = _config(tiny_lm_dir, **overrides)
+    assert DPO4RecConfig().reward == "logprob" and DPO4RecConfig().summary.samples == 8
+    assert DPO4RecConfig().iterations == 2
+    m = run_dpo4rec(cfg, out, command="test", load_data=_load_data).metrics
+    rewards = [json.loads(x) for x in (out / "rewards" / "iter0.jsonl").read_text().splitlines()]
+    assert all(r["reward"] <= 0 for r in rewards)
+    # users whose samples were not identical texts all give a pair (the reward rarely ties)
+    stats = m["pairs"]["0"]
+    assert stats["ties"] == stats["identical_texts"] and stats["pairs"] > 0
+    per = m["per_iteration"]
+    assert sorted(per) == ["0", "1", "2"]
+    for t, v in per.items():
+        assert 0.0 <= v["valid_sampled"]["NDCG@5"] <= 1.0 and v["usable_pairs"] == m["pairs"][t]["pairs"]
+        assert v["test"] is not None  # the LM after every round is tested (test_iterations: all)
+    assert set(m["test"]) == {"sasrec", "sasrec+summaries-unaligned", "sasrec+summaries-iter1",
+                              "sasrec+summaries-aligned"}  # fmt: skip
+    assert (out / "summaries" / "test_iter1.jsonl").is_file()
 
 
 def test_interrupted_summary_generation_resumes_from_shards(tmp_path, tiny_lm_dir, monkeypatch):

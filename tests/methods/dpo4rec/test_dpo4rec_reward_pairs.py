@@ -1,4 +1,5 @@
-"""Reward (NDCG@K of the true item among the candidates) and best/worst pair selection."""
+"""Rewards (log-probability, reciprocal rank, NDCG@K of the true item among the candidates) and best/worst
+pair selection."""
 
 import math
 
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 
 from recalign.methods.dpo4rec.pairs import ScoredSummary, select_pairs
-from recalign.methods.dpo4rec.reward import ndcg_rewards, target_columns
+from recalign.methods.dpo4rec.reward import (
+    logprob_rewards,
+    ndcg_rewards,
+    reciprocal_rank_rewards,
+    target_columns,
+)
 
 
 def test_ndcg_reward_on_a_hand_built_case():
@@ -92,3 +98,38 @@ def test_logprob_reward_is_the_log_softmax_of_the_target():
     # continuous: a small score change that does not change the rank still changes the reward
     r2 = logprob_rewards(scores + np.array([[0.1, 0.0], [0.0, 0.0]]), np.array([0, 0]))
     assert r2[0] > r[0]
+
+
+def test_rewards_distinguish_samples_that_rank_the_true_item_differently():
+    """Five samples of one user: the true item (column 0) at ranks 2, 3, 7, 8 and 8 (a lower score).
+    NDCG@5 gives the last three the same 0 (a tie DPO cannot use); the reciprocal rank separates every
+    rank; the log-probability separates every sample, including two at the same rank."""
+    from recalign.config import load_config
+    from recalign.methods.dpo4rec.config import DPO4RecConfig
+    from recalign.methods.dpo4rec.stages import compute_rewards
+
+    others = np.linspace(3.0, -3.0, 9)  # nine distractors, descending
+
+    def row(target_score):
+        return np.concatenate([[target_score], others])
+
+    scores = np.stack([row(2.5), row(1.8), row(-1.0), row(-1.9), row(-2.0)])
+    col = np.zeros(5, dtype=np.int64)
+    nd, ranks = ndcg_rewards(scores, col, k=5)
+    assert ranks.tolist() == [2, 3, 7, 8, 8]
+    assert nd[2] == nd[3] == nd[4] == 0.0  # NDCG@5 ties three of five samples
+    rr, _ = reciprocal_rank_rewards(scores, col)
+    assert rr.tolist() == pytest.approx([1 / 2, 1 / 3, 1 / 7, 1 / 8, 1 / 8])
+    lp = logprob_rewards(scores, col)
+    assert np.all(np.diff(lp) < 0)  # strictly ordered like the samples' target scores
+    assert lp[3] > lp[4]  # same rank, different reward
+    # the run's default reward is the log-probability: its best/worst pair exists for this user
+    cfg = load_config(DPO4RecConfig, None, {})
+    rewards, _ = compute_rewards(cfg, scores, col)
+    assert rewards.tolist() == pytest.approx(lp.tolist())
+    scored = [ScoredSummary(user=1, sample=i, text=f"s{i}", reward=float(r)) for i, r in enumerate(rewards)]
+    pairs, stats = select_pairs(scored)
+    assert stats.pairs == 1 and pairs[0].chosen == "s0" and pairs[0].rejected == "s4"
+    # NDCG@5 on the three low samples alone: a tie, no pair
+    tied = [ScoredSummary(user=1, sample=i, text=f"s{i}", reward=float(nd[i])) for i in (2, 3, 4)]
+    assert select_pairs(tied)[1].ties == 1

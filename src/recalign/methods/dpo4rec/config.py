@@ -31,7 +31,7 @@ class SummaryConfig:
     template: str | None = cfg_field(
         None, "summary phrasing by name; None picks one per (seed, user, position) from the registered set"
     )
-    samples: Annotated[int, Ge(1)] = cfg_field(4, "N: summaries sampled per user (the CLI's --samples)")
+    samples: Annotated[int, Ge(1)] = cfg_field(8, "N: summaries sampled per user (the CLI's --samples)")
     temperature: Annotated[float, Gt(0)] = cfg_field(
         1.0, "sampling temperature of the summaries DPO learns from"
     )
@@ -149,14 +149,20 @@ class DPO4RecConfig:
         200, "users taking part (drawn with the seed among users with valid and test examples); 0 = all"
     )
     iterations: Annotated[int, Ge(0)] = cfg_field(
-        1, "T: rounds of sample -> reward -> pairs -> DPO (the CLI's --iterations)"
+        2, "T: rounds of sample -> reward -> pairs -> DPO (the CLI's --iterations)"
     )
-    reward: Literal["ndcg", "logprob"] = cfg_field(
-        "ndcg",
-        "ndcg: NDCG@reward_k of the true next item among the candidates (coarse: many users tie); logprob: "
-        "its log-probability under a softmax over the candidates' scores (continuous)",
+    reward: Literal["logprob", "rr", "ndcg"] = cfg_field(
+        "logprob",
+        "logprob: log-probability of the true next item under a softmax over the candidates' scores "
+        "(continuous: samples rarely tie); rr: its reciprocal rank; ndcg: NDCG@reward_k (coarse: most "
+        "users' samples tie)",
     )
     reward_k: Annotated[int, Ge(1)] = cfg_field(5, "K of the NDCG@K reward (and of nothing else)")
+    test_iterations: Literal["all", "last"] = cfg_field(
+        "all",
+        "test the augmented recommender with the summaries of the LM after every DPO round (all) or only "
+        "after the last one (last; one test summary generation per round fewer)",
+    )
     seed: int = cfg_field(0, "seed of user selection, prompt phrasing and summary sampling")
     threads: int = cfg_field(0, "torch CPU threads; 0 = number of cores, at most 2")
     progress: bool = cfg_field(True, "show progress bars")

@@ -29,7 +29,7 @@ whose output exists is skipped on rerun, so an interrupted run resumes where it 
 ``summaries/iter{t}.jsonl``            N sampled summaries per user from the LM after t DPO rounds
                                        (``summaries/iter{t}.shards/``: per-batch shards while running)
 ``fusion/fold{k}.safetensors``         cross-fitted reward models; ``fusion/full.safetensors`` for test
-``rewards/iter{t}.jsonl``              reward (NDCG@K) and rank of every summary of iteration t
+``rewards/iter{t}.jsonl``              reward (``reward``: log-prob, rr or NDCG@K) and rank of every summary
 ``pairs/iter{t}.jsonl``                best/worst pairs (+ ``pairs/iter{t}.stats.json``, ties counted)
 ``adapters/iter{t}/``                  the LoRA adapter after t DPO rounds (``dpo/iter{t}/`` checkpoints)
 ``summaries/test_{unaligned,aligned}.jsonl``  one summary per user for the test examples
@@ -69,6 +69,7 @@ from recalign.methods.dpo4rec.report import (
     evaluate_augmented,
     metrics_from_scores,
     previous_seconds,
+    sampled_metrics,
     write_report,
 )
 from recalign.methods.dpo4rec.reward import target_columns
@@ -126,8 +127,13 @@ class RunState:
     fusion_info: dict = dataclasses.field(default_factory=dict)
     rewards: dict[int, dict] = dataclasses.field(default_factory=dict)
     pair_stats: dict[int, dict] = dataclasses.field(default_factory=dict)
+    #: the augmented recommender's candidate metrics on the valid examples given iteration t's N sampled
+    #: summaries (each scored by its cross-fitted fold model): before (t) and after (t + 1) each round
+    valid_metrics: dict[int, dict] = dataclasses.field(default_factory=dict)
     dpo_info: dict[int, dict] = dataclasses.field(default_factory=dict)
     adapter: Path | None = None
+    #: the LM's adapter after t DPO rounds (None: the unaligned LM; a skipped round keeps the previous)
+    adapters: dict[int, Path | None] = dataclasses.field(default_factory=dict)
     test_metrics: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @property
@@ -249,12 +255,15 @@ def stage_iterations(run: RunState) -> None:
             out / "rewards" / f"iter{t}.jsonl",
         )
         run.rewards[t] = reward_summary(scored)
+        run.valid_metrics[t] = sampled_metrics(scored, len(run.valid["candidates"].iloc[0]))
+        run.adapters[t] = run.adapter
         pairs, run.pair_stats[t] = pairs_stage(scored, out / "pairs" / f"iter{t}.jsonl")
         run.mark("rewards", t0)
-        r, p = run.rewards[t], run.pair_stats[t]
+        r, p, v = run.rewards[t], run.pair_stats[t], run.valid_metrics[t]
         log(
             f"iteration {t}: mean reward {r['mean']:.4f} (best-of-N {r['best_of_n']:.4f}); "
-            f"{p['pairs']} pairs, {p['ties']} tied users skipped",
+            f"valid NDCG@5 {v.get('NDCG@5', float('nan')):.4f} over the samples; "
+            f"{p['pairs']} usable pairs, {p['ties']} tied users skipped",
             run.progress,
         )
         if t == cfg.iterations:
@@ -298,11 +307,20 @@ def stage_test(run: RunState) -> None:
     the fusion model trained on every user."""
     test_requests = run.requests(run.test)
     sample = run.cfg.summary.eval_decoding != "greedy"
-    variants = {"unaligned": None}
-    if run.cfg.iterations > 0:
+    cfg = run.cfg
+    variants: dict[str, Path | None] = {"unaligned": None}
+    if cfg.test_iterations == "all":  # the LM after each intermediate round (the last is "aligned")
+        for t in range(1, cfg.iterations):
+            variants[f"iter{t}"] = run.adapters.get(t, run.out / "adapters" / f"iter{t}")
+    if cfg.iterations > 0:
         variants["aligned"] = run.adapter
+    seen: dict[Path | None, str] = {}
     for name, adapter in variants.items():
         t0 = time.perf_counter()
+        if adapter in seen:  # a round without pairs left the LM unchanged: the same summaries
+            run.test_metrics[name] = run.test_metrics[seen[adapter]]
+            continue
+        seen[adapter] = name
         # no DPO round had a pair: the "aligned" LM is the unaligned one, and so are its summaries
         tag = f"test_{name}" if adapter is not None else "test_unaligned"
         recs = run.summarise(test_requests, tag, adapter, n_samples=1, sample=sample)

@@ -32,6 +32,17 @@ def metrics_from_scores(scores: np.ndarray, examples: pd.DataFrame) -> dict[str,
     return single_target_metrics(ranks, [k for k in METRIC_KS if k <= n_c], n_candidates=n_c)
 
 
+def sampled_metrics(scored, n_candidates: int) -> dict[str, float]:
+    """Candidate metrics of the augmented recommender over every sampled summary of an iteration (the
+    ranks its cross-fitted fold models gave the true valid item), plus the mean reward."""
+    if not scored:
+        return {}
+    ranks = np.asarray([s.rank for s in scored], dtype=np.int64)
+    out = single_target_metrics(ranks, [k for k in METRIC_KS if k <= n_candidates], n_candidates=n_candidates)
+    out["mean_reward"] = float(np.mean([s.reward for s in scored]))
+    return out
+
+
 def evaluate_augmented(
     model: AugmentedRecommender, records: list[SummaryRecord], test: pd.DataFrame, encoder
 ) -> dict[str, float]:
@@ -55,6 +66,11 @@ def previous_seconds(out: Path) -> dict[str, float]:
         old = json.loads(metrics.read_text(encoding="utf-8")).get("seconds", {})
         return {k: float(v) for k, v in old.items() if k != "total"}
     return {}
+
+
+def _test_name(t: int, iterations: int) -> str:
+    """The test variant of the LM after ``t`` DPO rounds."""
+    return "unaligned" if t == 0 else "aligned" if t == iterations else f"iter{t}"
 
 
 def write_report(run: RunState) -> tuple[dict, list[ResultRecord]]:
@@ -81,6 +97,17 @@ def write_report(run: RunState) -> tuple[dict, list[ResultRecord]]:
         "test": {"sasrec": sasrec_test, **{f"sasrec+summaries-{k}": v for k, v in test_metrics.items()}},
         "reward": reward_info,
         "pairs": {str(k): v for k, v in run.pair_stats.items()},
+        # the augmented recommender before (t) and after (t + 1) each DPO round: its valid metrics over
+        # the N sampled summaries, the usable pairs of those samples, and (tested LMs) its test metrics
+        "per_iteration": {
+            str(t): {
+                "valid_sampled": run.valid_metrics.get(t, {}),
+                "usable_pairs": run.pair_stats.get(t, {}).get("pairs"),
+                "tied_users": run.pair_stats.get(t, {}).get("ties"),
+                "test": test_metrics.get(_test_name(t, cfg.iterations)),
+            }
+            for t in sorted(run.valid_metrics)
+        },
         "dpo": {str(k): v for k, v in run.dpo_info.items()},
         "fusion": run.fusion_info,
         "sasrec": sasrec_info,
@@ -101,12 +128,14 @@ def write_report(run: RunState) -> tuple[dict, list[ResultRecord]]:
             **common,
         )
     ]
+    fusion_rows = {k: v.get("examples") for k, v in run.fusion_info.items()}
     for name in test_metrics:
-        extra = {"reward_metric": reward_info["metric"]}
-        if name == "unaligned":
-            extra["mean_sampled_reward"] = rewards[0]["mean"]
-        else:
-            extra["mean_sampled_reward"] = rewards[cfg.iterations]["mean"]
+        t = 0 if name == "unaligned" else cfg.iterations if name == "aligned" else int(name[4:])
+        extra = {"reward_metric": reward_info["metric"], "samples_per_user": cfg.summary.samples,
+                 "fusion_rows": fusion_rows, "dpo_rounds": t,
+                 "usable_pairs": [run.pair_stats.get(i, {}).get("pairs") for i in range(t)]}  # fmt: skip
+        extra["mean_sampled_reward"] = rewards[t]["mean"]
+        if t > 0:
             extra["mean_sampled_reward_before"] = rewards[0]["mean"]
             extra["iterations"] = cfg.iterations
         records.append(
@@ -118,6 +147,28 @@ def write_report(run: RunState) -> tuple[dict, list[ResultRecord]]:
                 extra=extra,
                 **common,
             )
+        )
+    n_valid = len(run.valid) if run.valid is not None else 0
+    for t, vm in sorted(run.valid_metrics.items()):
+        records.append(
+            ResultRecord(
+                method=f"sasrec+summaries-iter{t}",
+                metrics={k: v for k, v in vm.items() if k != "mean_reward"},
+                seconds=round(total, 3),
+                command=cmd,
+                extra={
+                    "note": f"valid examples, every one of the N sampled summaries of the LM after {t} DPO "
+                    "rounds, each scored by the fold model that never trained on its user",
+                    "dpo_rounds": t,
+                    "samples_per_user": cfg.summary.samples,
+                    "mean_sampled_reward": vm.get("mean_reward"),
+                    "reward_metric": reward_info["metric"],
+                    "usable_pairs": run.pair_stats.get(t, {}).get("pairs"),
+                    "tied_users": run.pair_stats.get(t, {}).get("ties"),
+                    "fusion_rows": fusion_rows,
+                },
+                **{**common, "protocol": "candidates/valid-samples", "n_examples": n_valid},
+            )  # fmt: skip
         )
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "records.json", {"records": [r.to_dict() for r in records]})

@@ -256,11 +256,15 @@ def compute_rewards(
     rewards, ranks = ndcg_rewards(scores, target_col, cfg.reward_k)
     if cfg.reward == "logprob":
         rewards = logprob_rewards(scores, target_col)
+    elif cfg.reward == "rr":
+        rewards = 1.0 / ranks.astype(np.float64)
     return rewards, ranks
 
 
 def reward_name(cfg: DPO4RecConfig) -> str:
-    return f"NDCG@{cfg.reward_k}" if cfg.reward == "ndcg" else "candidate log-probability"
+    return {"ndcg": f"NDCG@{cfg.reward_k}", "rr": "reciprocal rank", "logprob": "candidate log-probability"}[
+        cfg.reward
+    ]
 
 
 def reward_stage(
