@@ -9,30 +9,32 @@ Protocols (every method sees the same splits, histories and candidates):
 - ``loo``: the shared leave-one-out split: full-ranking HR@10 / NDCG@10 of the test item and HR@1 among
   the shared 20 candidates.
 
-CLLM4Rec variants (same budget each): ``cllm4rec`` (full), ``cllm4rec-no-content`` (no content LM),
-``cllm4rec-no-mutual`` (content LM trained, mutual regulariser λ = 0). Each runs the same pipeline as
-``recalign cllm4rec run`` (the equivalent CLI command is stored in each record's ``extra.cli``), in its
-own resumable run directory, so an interrupted benchmark picks up where it stopped.
+CLLM4Rec variants, each trained to convergence (early stopping on the split's validation Recall@20) with
+every seed of ``--seeds`` (2 by default, so that a difference can be told from noise): ``cllm4rec``
+(the paper's setting), ``cllm4rec-no-content`` (no content LM in either stage), ``cllm4rec-no-mutual``
+(content LM trained, mutual regulariser λ = 0). Each runs the same pipeline as ``recalign cllm4rec
+run`` (the equivalent CLI command is stored in each record's ``extra.cli``), in its own resumable run
+directory (``<runs>/<variant>-s<seed>-<split>``), so an interrupted benchmark picks up where it stopped.
+Records carry the backbone, its depth, every setting that differs from the default and the curves.
 
-SASRec on ``holdout`` (which has no validation stage) trains for the number of epochs that early
-stopping chose on ``loo``'s validation stage of the same dataset.
+The holdout split is built from the config's ``data`` section (with its validation stage: the
+baselines train on the same interactions as CLLM4Rec). SASRec on ``holdout`` trains for the number of
+epochs that early stopping chose on ``loo``'s validation stage of the same dataset.
 
 Usage::
 
     python benchmarks/cllm4rec.py [--runs runs/cllm4rec] [--only cllm4rec,bprmf] [--splits holdout,loo]
-        [key=value ...]   # overrides applied to every CLLM4Rec variant
+        [--seeds 0,1] [key=value ...]   # overrides applied to every CLLM4Rec variant
 
-Results are merged into the JSON after every method, replacing records with the same
-(split, protocol, method), so methods can be (re)run one at a time.
+Results are merged into the JSON after every run, replacing records with the same
+(split, protocol, method, seed), so methods can be (re)run one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +44,6 @@ import torch
 
 from recalign.config import load_config
 from recalign.evaluation.records import ResultRecord, read_records, write_records
-from recalign.io import atomic_write_json
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.protocol import holdout_split
@@ -63,23 +64,31 @@ def merge(path: Path, new: list[ResultRecord]) -> None:
     with open(Path(tempfile.gettempdir()) / f"recalign-{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = read_records(path) if path.is_file() else []
-        keys = {(r.split, r.protocol, r.method) for r in new}
-        kept = [r for r in old if (r.split, r.protocol, r.method) not in keys]
+        keys = {(r.split, r.protocol, r.method, r.seed) for r in new}
+        kept = [r for r in old if (r.split, r.protocol, r.method, r.seed) not in keys]
         order = {m: i for i, m in enumerate([*VARIANTS, *BASELINES])}
         rows = sorted(
-            [*kept, *new], key=lambda r: (r.split != "holdout", order.get(r.method, 99), r.protocol)
+            [*kept, *new],
+            key=lambda r: (r.split != "holdout", order.get(r.method, 99), r.method, r.seed, r.protocol),
         )
         write_records(path, rows)
 
 
 def run_variant(
-    name: str, split: str, runs: Path, overrides: list[str], command: str, suffix: str = ""
+    name: str,
+    split: str,
+    runs: Path,
+    overrides: list[str],
+    command: str,
+    seed: int = 0,
+    suffix: str = "",
+    config: str = CONFIG,
 ) -> list[ResultRecord]:
-    over = [*VARIANTS[name], f"method={name}{suffix}", f"data.split={split}", *overrides]
-    cfg = load_config(CLLM4RecConfig, CONFIG, over)
-    out = runs / f"{name}{suffix}-{split}"
-    cli = f"recalign cllm4rec run --config {CONFIG} --output {out} " + " ".join(shlex.quote(o) for o in over)
-    print(f"== {name} on {split}: {cli}", flush=True)
+    over = [*VARIANTS[name], f"method={name}{suffix}", f"data.split={split}", f"seed={seed}", *overrides]
+    cfg = load_config(CLLM4RecConfig, config, over)
+    out = runs / f"{name}{suffix}-s{seed}-{split}"
+    cli = f"recalign cllm4rec run --config {config} --output {out} " + " ".join(shlex.quote(o) for o in over)
+    print(f"== {name} seed {seed} on {split}: {cli}", flush=True)
     pipeline.pretrain(cfg, out)
     pipeline.finetune(cfg, out)
     records = pipeline.evaluate(cfg, out)
@@ -87,62 +96,8 @@ def run_variant(
         r.command = command
         r.extra["cli"] = cli
         r.extra["run_dir"] = str(out)
+        r.extra["variant_overrides"] = list(VARIANTS[name])
     return records
-
-
-def run_curve(spec: str, runs: Path, overrides: list[str], command: str, results: Path) -> None:
-    """Longer fine-tuning of a finished holdout variant, as evidence of where more compute leads.
-
-    ``spec`` is ``variant:200,300``: for each length, the longest *finished* shorter run of that variant
-    (its base run, or an earlier point of the curve) is copied — pretrained tables and the fine-tuning
-    checkpoint at its last step — and fine-tuning *continues* to the new length, which equals an
-    uninterrupted run of that length because resumption is exact. A point interrupted midway resumes
-    from its own checkpoint. Each point is evaluated, merged into the results as ``<variant>-ft<steps>``.
-    """
-    name, _, steps = spec.partition(":")
-    for n in [int(x) for x in steps.split(",") if x]:
-        # continue from the longest finished run shorter than n (the base run is 'ft<finetune.steps>')
-        done = sorted(
-            (int(d.name.rsplit("-ft", 1)[1]), d)
-            for d in runs.glob(f"{name}-holdout-ft*")
-            if (d / "model.safetensors").is_file() and int(d.name.rsplit("-ft", 1)[1]) < n
-        )
-        src = done[-1][1] if done else runs / f"{name}-holdout"
-        over = [
-            *VARIANTS[name],
-            f"method={name}-ft{n}",
-            "data.split=holdout",
-            *overrides,
-            f"finetune.steps={n}",
-        ]
-        cfg = load_config(CLLM4RecConfig, CONFIG, over)
-        out = runs / f"{name}-holdout-ft{n}"
-        if (
-            not (out / "model.safetensors").is_file()
-            and not (out / "checkpoints" / "finetune" / "state.json").is_file()
-        ):
-            out.mkdir(parents=True, exist_ok=True)
-            for f in ("pretrain.safetensors", "pretrain_log.json"):
-                shutil.copy2(src / f, out / f)
-            shutil.copytree(
-                src / "checkpoints" / "finetune", out / "checkpoints" / "finetune", dirs_exist_ok=True
-            )
-            state = out / "checkpoints" / "finetune" / "state.json"
-            meta = json.loads(state.read_text())
-            if "seconds" not in meta:  # written before stage time was checkpointed: take it from the log
-                meta["seconds"] = json.loads((src / "finetune_log.json").read_text())["seconds"]
-                atomic_write_json(state, meta)
-        print(f"== {name}: fine-tuning continued to {n} steps in {out}", flush=True)
-        pipeline.finetune(cfg, out)
-        recs = pipeline.evaluate(cfg, out)
-        for r in recs:
-            r.command = command
-            r.extra["cli"] = (
-                f"(continued from {src}) recalign cllm4rec finetune/evaluate --config {CONFIG} --output {out} "
-                + " ".join(shlex.quote(o) for o in over)
-            )
-            r.extra["run_dir"] = str(out)
-        merge(results, recs)
 
 
 def run_baseline(
@@ -187,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="appended to variant method names and run dirs (e.g. -L30 with model.num_layers=null)",
     )
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of every CLLM4Rec variant")
     ap.add_argument(
-        "--curve",
-        default="",
-        help="variant:steps,... continue a finished holdout run's fine-tuning (evidence)",
+        "--config", default=CONFIG, help="CLLM4Rec config (its data section: every method's split)"
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every CLLM4Rec variant")
     args = ap.parse_args(argv)
@@ -203,18 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = part.partition(":")
         plan[k] = v.split(",")
     results, runs = Path(args.results), Path(args.runs)
-    if args.curve:
-        run_curve(args.curve, runs, args.overrides, command, results)
-        return 0
-    return _run(only, splits, plan, results, runs, args.overrides, command, args.suffix)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    return _run(only, splits, plan, results, runs, args.overrides, command, args.suffix, seeds, args.config)
 
 
-def _run(only, splits, plan, results, runs, overrides, command, suffix="") -> int:
-    from recalign.data.loaders import load_dataset
+def _run(only, splits, plan, results, runs, overrides, command, suffix="", seeds=(0,), config=CONFIG) -> int:
     from recalign.data.splits import build_split
 
-    dataset = load_dataset("ml-100k")
-    split_objs = {"holdout": holdout_split(dataset, 0.2, seed=0), "loo": build_split(dataset, "loo", seed=0)}
+    cfg = load_config(CLLM4RecConfig, config, overrides)
+    dataset, _ = pipeline.load_data(cfg)
+    d = cfg.data  # the same split as the CLLM4Rec runs
+    split_objs = {
+        "holdout": holdout_split(dataset, d.holdout_ratio, seed=d.split_seed, valid_ratio=d.valid_ratio),
+        "loo": build_split(dataset, "loo", seed=d.split_seed),
+    }
     sasrec_epochs: dict = {}
     # baselines first on loo (SASRec's epoch count for holdout comes from loo's early stopping)
     for split in sorted(splits, key=lambda s: s != "loo"):
@@ -227,8 +183,10 @@ def _run(only, splits, plan, results, runs, overrides, command, suffix="") -> in
         if only and name not in only:
             continue
         for split in plan.get(name, plan.get("*", [])):
-            if split in splits:
-                merge(results, run_variant(name, split, runs, overrides, command, suffix))
+            if split not in splits:
+                continue
+            for seed in seeds if split == "holdout" else seeds[:1]:  # loo: the main variant, one seed
+                merge(results, run_variant(name, split, runs, overrides, command, seed, suffix, config))
     return 0
 
 

@@ -81,9 +81,10 @@ class PretrainConfig:
         40, "word tokens kept of each review / description"
     )
     pack_tokens: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        128,
-        "pack collaborative / content documents into rows of up to N tokens (block-diagonal mask, exact; "
-        "less padding); 0 = one padded row per document",
+        0,
+        "pack collaborative / content documents into rows of up to N tokens (block-diagonal mask, exact); "
+        "0 = one padded row per document. Batches already hold documents of similar length, so on "
+        "ML-100K packing adds tokens (results/cllm4rec_profile.json); it pays for mixed lengths (reviews)",
     )
     lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
     mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(

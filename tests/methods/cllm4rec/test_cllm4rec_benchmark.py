@@ -1,0 +1,42 @@
+"""``benchmarks/cllm4rec.py``: every ablation with 2 seeds, on the tiny ML-100K files (the same code path
+as the ML-100K run that regenerates ``results/cllm4rec_ml100k.json``)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from test_cllm4rec_cli import files  # noqa: F401  (the fixture: tiny ML-100K files + saved backbone)
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "cllm4rec.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("cllm4rec_benchmark", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_runs_every_ablation_with_two_seeds(files, tmp_path):  # noqa: F811
+    bench = _benchmark()
+    results = tmp_path / "res.json"
+    argv = ["--config", str(files), "--results", str(results), "--runs", str(tmp_path / "runs"),
+            "--splits", "holdout", "--seeds", "0,1",
+            "--only", "pop,cllm4rec,cllm4rec-no-content,cllm4rec-no-mutual",
+            "pretrain.collab_steps=1", "finetune.steps=0", "finetune.epochs=1"]  # fmt: skip
+    assert bench.main(argv) == 0
+    recs = json.loads(results.read_text())["records"]
+    got = sorted((r["method"], r["seed"]) for r in recs)
+    assert got == sorted([("pop", 0)] + [(m, s) for m in bench.VARIANTS for s in (0, 1)])
+    by = {(r["method"], r["seed"]): r for r in recs}
+    assert (
+        by[("cllm4rec-no-content", 1)]["extra"]["settings_differing_from_default"]["pretrain.content_ratio"]
+        == 0
+    )
+    assert (
+        by[("cllm4rec-no-mutual", 0)]["extra"]["settings_differing_from_default"]["finetune.mutual_lambda"]
+        == 0
+    )
+    assert by[("cllm4rec", 1)]["extra"]["settings_differing_from_default"]["seed"] == 1
+    assert by[("cllm4rec", 0)]["n_examples"] == by[("pop", 0)]["n_examples"]  # the same users
+    assert all(r["split"] == "holdout" and r["protocol"] == "full" for r in recs)
