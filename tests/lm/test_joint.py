@@ -235,3 +235,21 @@ def test_recommender_score_and_generate_matches_its_parts(eval_setup):
         model, tok, res.prompts, batch_size=3, max_new_tokens=5, progress=False
     )
     assert set(res.seconds) == {"prepare", "shared_forward", "scoring", "decoding", "total"}
+
+
+def test_kv_scoring_and_joint_decoding_emit_no_cache_warnings(stopping_model, tiny_tokenizer, titles):
+    """API users see no transformers deprecation warning from our KV-cache calls (``past_key_values`` was
+    renamed ``cache``): the argument name is read from the decoder's signature (lm.modules.cache_kwarg)."""
+    import warnings
+
+    p_ids, a_ids = _encoded(tiny_tokenizer, titles)
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        kv = answer_logprobs(stopping_model, p_ids, a_ids, impl="kv")
+        score_and_generate(
+            stopping_model, p_ids, a_ids, stop_ids=stop_token_ids(tiny_tokenizer), max_new_tokens=4
+        )
+    messages = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not messages, messages
+    ref = answer_logprobs(stopping_model, p_ids, a_ids, impl="packed")
+    torch.testing.assert_close(kv.sum[kv.mask], ref.sum[ref.mask], atol=1e-4, rtol=1e-5)

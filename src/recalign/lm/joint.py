@@ -55,7 +55,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.modules import AnswerScores
+from recalign.lm.modules import AnswerScores, cache_kwarg
 from recalign.lm.modules import assemble_scores as _assemble
 from recalign.lm.modules import model_dtype_device as _model_dtype_device
 from recalign.lm.modules import softcap as _softcap
@@ -174,8 +174,8 @@ def score_and_generate(
         **decoder_inputs(model, batch.input_ids),
         attention_mask=batch.mask,
         position_ids=batch.position_ids,
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwarg(decoder, cache),
     ).last_hidden_state
     t1 = time.perf_counter()
     per_answer = packed_scores(model, head, hidden, batch)
@@ -220,8 +220,8 @@ def score_and_generate(
             input_ids=feed[:, None],
             attention_mask=mask,
             position_ids=(plens + step)[:, None],
-            past_key_values=static,
             use_cache=True,
+            **cache_kwarg(decoder, static),
         ).last_hidden_state[:, -1]
         tok = _greedy(model, head, h)
         steps += 1

@@ -107,3 +107,29 @@ __all__ = [
     "unwrap_peft",
     "validate_answers",
 ]
+
+
+_CACHE_NAMES: dict[type, str] = {}
+
+
+def cache_kwarg(decoder: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` for a decoder's forward, under the name its transformers version expects.
+
+    transformers >= 5.2x renamed ``past_key_values`` to ``cache``; the old name still works there but
+    warns on every call (a FutureWarning, once per scored batch), older versions only know the old one.
+    The name is read from the forward signature once per decoder class.
+    """
+    import inspect
+
+    cls = type(decoder)
+    name = _CACHE_NAMES.get(cls)
+    if name is None:
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(output):
+    """The KV cache a decoder returned (``output.cache``; ``past_key_values`` on older transformers)."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return output.cache if "cache" in fields else output.past_key_values

@@ -55,7 +55,7 @@ import torch
 from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.modules import AnswerScores
+from recalign.lm.modules import AnswerScores, cache_kwarg, output_cache
 from recalign.lm.modules import assemble_scores as _assemble
 from recalign.lm.modules import model_dtype_device as _model_dtype_device
 from recalign.lm.modules import softcap as _softcap
@@ -298,10 +298,10 @@ def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tenso
         att[b, : len(p)] = 1
     cache = DynamicCache(config=cfg)
     prompt_out = decoder(
-        **decoder_inputs(model, ids), attention_mask=att, past_key_values=cache, use_cache=True
+        **decoder_inputs(model, ids), attention_mask=att, use_cache=True, **cache_kwarg(decoder, cache)
     )
     prompt_hidden = prompt_out.last_hidden_state  # [B, P_max, H]
-    cache = prompt_out.past_key_values
+    cache = output_cache(prompt_out)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     last_prompt = prompt_hidden[torch.arange(b_n, device=device), torch.tensor(plens, device=device) - 1]
 
@@ -346,8 +346,8 @@ def _kv(model, prompts, answers, chunk_size) -> list[tuple[int, int, torch.Tenso
                 input_ids=a_ids,
                 attention_mask=mask,
                 position_ids=a_pos,
-                past_key_values=expanded,
                 use_cache=True,
+                **cache_kwarg(decoder, expanded),
             ).last_hidden_state  # [n, l_max, H]
         h_parts, targets, tok_owner = [], [], []
         for r, (b, j) in enumerate(flat):

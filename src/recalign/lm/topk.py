@@ -45,7 +45,7 @@ import torch
 from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.modules import softcap, unwrap_peft
+from recalign.lm.modules import cache_kwarg, softcap, unwrap_peft
 from recalign.lm.scoring import answer_logprobs, check_attn_impl, decoder_and_head
 
 #: nodes fed per forward pass of the search (one token each)
@@ -143,7 +143,7 @@ def exact_top_k(
         plen = len(prompt_ids)
         cache = DynamicCache(config=base.config)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-        out = decoder(**decoder_inputs(model, ids), use_cache=True, **{_CACHE_ARG(decoder): cache})
+        out = decoder(**decoder_inputs(model, ids), use_cache=True, **cache_kwarg(decoder, cache))
         prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
 
         def logsoftmax(hidden: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ def exact_top_k(
                 attention_mask=mask,
                 position_ids=pos,
                 use_cache=True,
-                **{_CACHE_ARG(decoder): step_cache},
+                **cache_kwarg(decoder, step_cache),
             )
             passes += 1
             new_kv = [(layer.keys[..., -n:, :], layer.values[..., -n:, :]) for layer in step_cache.layers]
@@ -271,19 +271,3 @@ def exact_top_k(
     finally:
         if was_training:
             model.train()
-
-
-def _CACHE_ARG(decoder) -> str:  # noqa: N802
-    """The decoder's name for the KV-cache argument: ``cache`` (transformers >= 5.2x; the old
-    ``past_key_values`` still works there but emits a FutureWarning on every call) or ``past_key_values``."""
-    import inspect
-
-    cls = type(decoder)
-    name = _CACHE_NAMES.get(cls)
-    if name is None:
-        params = inspect.signature(cls.forward).parameters
-        name = _CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
-    return name
-
-
-_CACHE_NAMES: dict[type, str] = {}
