@@ -484,3 +484,24 @@ def test_pair_ranking_objective_is_log2_at_the_reference_and_dpo_for_one_negativ
     r = -shift  # policy == ref - shift's complement: reward = policy - (ref + shift) = -shift
     per_row = torch.nn.functional.softplus(r[:, :, 1].mean(1) - r[:, :, 0].mean(1))
     assert float(value.detach()) == pytest.approx(float(per_row.mean()), abs=1e-5)
+
+
+def test_cli_dmpo_runs_the_recipe_from_a_config_file(env, tmp_path, capsys):
+    from recalign.cli.main import main
+    from recalign.config import save_config
+    from recalign.evaluation.records import read_records
+
+    cfg = _fewshot_cfg(tmp_path, env[2], losses=["dmpo"])
+    save_config(cfg, tmp_path / "dmpo.yaml")
+    out = tmp_path / "cli"
+    code = main(["dmpo", "--config", str(tmp_path / "dmpo.yaml"), "--output", str(out), "--prompt", "candidates",
+                 "eval.domains=[in-genre]", "eval.protocols=[pairwise]"])  # fmt: skip
+    assert code == 0
+    records = read_records(out / "records.json")
+    assert [(r.method, r.protocol) for r in records] == [
+        ("sft-fewshot-candidates", "pairwise/in-genre"),
+        ("dmpo-k2-fewshot-candidates", "pairwise/in-genre"),
+    ]
+    assert "records ->" in capsys.readouterr().out
+    # a bad override is a one-line input error (exit 2)
+    assert main(["dmpo", "--output", str(tmp_path / "x"), "eval.n_tst=3"]) == 2
