@@ -166,6 +166,10 @@ class CLLM4RecConfig:
 
     def validate(self) -> None:
         check_constraints(self)  # the Ge / Gt annotations of every section, with dotted names
+        if self.finetune.max_items == 1:  # masking needs one kept and one held-out item
+            raise RecalignInputError(
+                "must be >= 2, got 1 (or 0 = the whole history)", field="finetune.max_items"
+            )
         if not 0 < self.finetune.mask_ratio < 1:
             raise RecalignInputError("must be in (0, 1)", field="finetune.mask_ratio")
         if not 0 < self.data.holdout_ratio < 1:
