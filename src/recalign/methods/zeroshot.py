@@ -13,9 +13,10 @@ in the same shape as the classical baselines' and render in the same report.
 - ``full``: every catalogue title scored against a candidate-free prompt (expensive: ~n_items answers
   per example); full-ranking metrics with seen items excluded.
 - ``pairwise``: DMPO's pairwise-ranking prompt ("rank the likelihood of the user watching A and B"),
-  one prompt per (target, negative candidate) pair, ``max_pairs`` negatives per example
-  (:func:`recalign.methods.dmpo.pairwise_accuracy`); ``PairAcc`` (ties count one half), its
-  per-example mean, and ``n_pairs``.
+  one prompt per (target, negative candidate) pair, ``max_pairs`` negatives per example, both orderings
+  of each pair scored (:func:`recalign.methods.dmpo.pairwise_accuracy`); ``PairAcc`` (the positive-first
+  ordering strictly more likely; ties and NaN are wrong) with its standard error, its per-example mean,
+  a position-bias-proof ``AUC``, the ``A-first rate`` and ``n_pairs``.
 
 When both ``candidates`` and ``generation`` are requested for a decoder-only model, they share one pass
 over each prompt (:meth:`recalign.lm.recommender.LMRecommender.score_and_generate`, ``EvalConfig.joint``):
