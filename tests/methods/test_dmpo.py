@@ -1,7 +1,7 @@
 """DMPO's settings: the pair-ranking prompt (exact text, answers each other's reversal), the pairwise
 protocol (hand-worked metrics, against a naive recomputation), the few-shot recipe (records carry the rows
 trained on), the genre-domain filter (exact survivors on a hand-written log) and the choice prompt of
-``recalign align prompt=pairwise``."""
+``recalign align prompt=choice``."""
 
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def test_genre_filter_through_preprocess_config_and_errors():
         genre_filter(no_genres, include=["Action"])
 
 
-# ---------------------------------------------------------------------- align prompt=pairwise
+# ---------------------------------------------------------------------- align prompt=choice
 def _align_cfg(env, **over):
     from recalign.methods.align import AlignConfig
 
@@ -300,7 +300,7 @@ def _align_cfg(env, **over):
         "loss": "dmpo",
         "negatives": 3,
         "nll_weight": 0.0,
-        "prompt": "pairwise",
+        "prompt": "choice",
         "data": {"dataset": "ml-100k", "path": str(env[1]), "split": "llara", "candidates": 5},
         "n_train": 8,
         "max_history": 4,
@@ -321,7 +321,7 @@ def _align_cfg(env, **over):
     return load_config(AlignConfig, overrides=o)
 
 
-def test_align_builds_pairwise_prompts_over_the_positive_and_its_negatives(env, tmp_path):
+def test_align_builds_choice_prompts_over_the_positive_and_its_negatives(env, tmp_path):
     from recalign.lm.loading import load_model
     from recalign.methods import load_data
     from recalign.methods.align import build_examples, training_frame
@@ -340,7 +340,7 @@ def test_align_builds_pairwise_prompts_over_the_positive_and_its_negatives(env, 
         assert sorted(shown) == sorted(pref.answers(i))  # exactly the positive and its 3 negatives
 
 
-def test_align_with_pairwise_prompt_trains(env, tmp_path):
+def test_align_with_choice_prompt_trains(env, tmp_path):
     import json
 
     from recalign.methods.align import run_align
@@ -352,7 +352,7 @@ def test_align_with_pairwise_prompt_trains(env, tmp_path):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
     assert losses[-1] != pytest.approx(losses[0], abs=1e-6)  # and training moved it
     run = json.loads((tmp_path / "dmpo" / "metrics.json").read_text())["run"]
-    assert run["prompt"] == "pairwise" and run["loss"] == "dmpo"
+    assert run["prompt"] == "choice" and run["loss"] == "dmpo"
 
 
 # ---------------------------------------------------------------------- few-shot recipe

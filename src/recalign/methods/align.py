@@ -88,10 +88,10 @@ class AlignConfig:
         "seed for drawing the training examples (default: seed); another value draws examples SFT did not train on",
     )
     max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
-    prompt: Literal["candidates", "pairwise"] = cfg_field(
+    prompt: Literal["candidates", "choice"] = cfg_field(
         "candidates",
-        "training prompt: candidates (the SFT candidate list) or pairwise (DMPO: the positive and its K "
-        "negatives as options A, B, ...; see recalign.methods.dmpo)",
+        "training prompt: candidates (the SFT candidate list) or choice (the positive and its K negatives "
+        "as options A, B, ..., answer a title; DMPO's own pair-ranking prompt is `recalign dmpo`)",
     )
     seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
     scoring_impl: Literal["packed", "kv"] = cfg_field("packed", "shared-prefix implementation")
@@ -230,8 +230,8 @@ def build_examples(
         scores=scores,
         prompts=prompts,
     )
-    if cfg.prompt == "pairwise":
-        # DMPO's prompt: the options are exactly the positive and its K drawn negatives (seeded order)
+    if cfg.prompt == "choice":
+        # the choice prompt: the options are exactly the positive and its K drawn negatives (seeded order)
         from recalign.methods.dmpo import preference_pairwise_prompts
 
         pref.prompts = preference_pairwise_prompts(
@@ -302,9 +302,9 @@ def run_align(
     prompt_format = model_prompt_format(src)
     if prompt_format == "sequence":
         check_sequence_protocols(cfg.eval.protocols)
-    if prompt_format == "sequence" and cfg.prompt == "pairwise":
+    if prompt_format == "sequence" and cfg.prompt == "choice":
         raise RecalignInputError(
-            f"{cfg.model} is a sequence-format model; the pairwise prompt needs a candidate-prompt model",
+            f"{cfg.model} is a sequence-format model; the choice prompt needs a candidate-prompt model",
             field="prompt",
         )
     examples, pref = build_examples(

@@ -20,7 +20,7 @@ the two. This module holds what is specific to that setting (the loss itself, ``
   ROC AUC of "A first" against "the positive is option A", which a constant position bias cannot move).
 
 Also kept, under their own names: the *choice* prompt (task ``pairwise``: options ``A``, ``B``, ...,
-answer the watched item's title), which ``recalign align prompt=pairwise`` trains on
+answer the watched item's title), which ``recalign align prompt=choice`` trains on
 (:func:`pairwise_prompt`, :func:`preference_pairwise_prompts`).
 
 Kept free of torch at import time: models are only touched inside the evaluation functions.
