@@ -11,7 +11,9 @@ recommendation prompt):
 - variants: ``naive`` (vocabulary head on every position, batches in random order = the code before
   #16, float32), ``before`` (the code before #16: vocabulary head on content positions only, random
   batches, float32), ``after`` (+ batches of similar length, bfloat16 where the CPU has it natively),
-  ``after+pack`` (+ packing into rows of 128 tokens: measured, not used when it adds tokens);
+  ``after+pack`` (+ packing into rows of 128 tokens: measured, not used when it adds tokens),
+  ``after+eager`` (``after`` with eager attention instead of sdpa: sdpa's CPU flash-attention
+  backward was a third of a bf16 step in a torch.profiler trace; the config's default since);
 - every step is timed twice and the faster run kept (the first call of a shape pays allocations).
 
 Epoch cost = the measured seconds per (padded or packed) token of a step kind x the exact number of
@@ -19,7 +21,13 @@ tokens that kind puts through the backbone in one epoch (computed from the epoch
 one validation pass (forward only, every validation user). Times are single measurements on a CPU
 shared with another job: read them as +-20%.
 
-Usage: ``python benchmarks/cllm4rec_profile.py [--output results/cllm4rec_profile.json]``
+The file also holds ``benchmark_estimate``: the CPU minutes of ``python benchmarks/cllm4rec.py``
+(every variant x seed, to convergence) from these epoch costs, under a stated number of fine-tuning
+epochs (early stopping decides the real one). ``--estimate`` recomputes only that section from the
+measurements already in the file (no model is loaded); ``--eager-only`` measures only the
+``*/bf16-eager`` steps and merges them into the file (each run's command is recorded in it).
+
+Usage: ``python benchmarks/cllm4rec_profile.py [--output results/cllm4rec_profile.json] [--estimate]``
 """
 
 from __future__ import annotations
@@ -142,23 +150,64 @@ def epoch_tokens(batches, pack: int, rec: bool = False) -> int:
     return total
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--output", default="results/cllm4rec_profile.json")
-    args = ap.parse_args(argv)
-    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-    torch.set_num_threads(1)
-    t_start = time.time()
-    cfg = load_config(CLLM4RecConfig, CONFIG, ["model.dtype=float32", "model.num_layers=null"])
+FINETUNE_EPOCHS_ASSUMED = 10  # best epoch ~7 + patience 3; bounds: patience + 1 and finetune.epochs
+
+
+def benchmark_estimate(report: dict, cfg: CLLM4RecConfig, seeds: int = 2) -> dict:
+    """CPU minutes of benchmarks/cllm4rec.py from the measured 'after' costs (see the module doc)."""
+    steps, tok, bpe = report["steps"], report["tokens_per_epoch"], report["batches_per_epoch"]
+    lo = "bf16" if report["machine"]["native_bf16"] else "fp32"
+    if f"collab/{lo}-eager" in steps:  # the config's default kernel (model.attn_implementation: auto)
+        lo += "-eager"
+
+    def per_token(key):
+        return steps[key]["step_s"] / steps[key]["tokens_through_backbone"]
+
+    val = report["epoch_seconds"]["after"]["validation_s"]
+    collab = per_token(f"collab/{lo}") * tok["collab/buckets"]
+    content_epoch = per_token(f"content/{lo}") * tok["content/buckets"]
+    pre_content = cfg.pretrain.content_ratio * bpe["collab"] / bpe["content"] * content_epoch
+    rec = per_token(f"rec/{lo}") * tok["rec/buckets"]
+    fine_content = cfg.finetune.content_ratio * bpe["rec"] / bpe["content"] * content_epoch
+    ep, ef = cfg.pretrain.epochs, FINETUNE_EPOCHS_ASSUMED
+
+    def run_min(with_content: bool, fine_epochs: int) -> float:
+        pre = collab + (pre_content if with_content else 0) + (val if cfg.pretrain.validate_every else 0)
+        fine = rec + (fine_content if with_content else 0) + val
+        return (ep * pre + fine_epochs * fine) / 60
+
+    full, no_content = run_min(True, ef), run_min(False, ef)
+    runs = {"cllm4rec": full, "cllm4rec-no-mutual": full, "cllm4rec-no-content": no_content}
+    total = seeds * sum(runs.values()) + full  # + the loo run of cllm4rec (one seed)
+    lo_b, hi_b = cfg.finetune.patience + 1, cfg.finetune.epochs
+    bound = [seeds * (2 * run_min(True, e) + run_min(False, e)) + run_min(True, e) for e in (lo_b, hi_b)]
+    return {
+        "command": "python benchmarks/cllm4rec.py --seeds 0,1",
+        "assumes": f"pretrain {ep} epochs (validated each), fine-tuning {ef} epochs (early stopping: "
+        f"between {lo_b} and {hi_b}), per-epoch costs of steps '{lo}' with length buckets, 1 thread",
+        "cpu_minutes_per_run": {k: round(v) for k, v in runs.items()},
+        "cpu_minutes_total": round(total),
+        "cpu_minutes_total_range": [round(b) for b in bound],
+        "parts_s_per_epoch": {
+            "collab": round(collab),
+            "content_in_pretrain": round(pre_content),
+            "rec": round(rec),
+            "content_in_finetune": round(fine_content),
+            "validation": val,
+        },  # fmt: skip
+    }
+
+
+def setup(overrides: list[str]):
+    """Model, tokenizer, split and the epoch-0 documents / batches of every kind (+ median batches)."""
+    cfg = load_config(CLLM4RecConfig, CONFIG, ["model.dtype=float32", "model.num_layers=null", *overrides])
     dataset, split = load_data(cfg)
     from recalign.lm.loading import load_model
 
     backbone, base_tok = load_model(cfg.model.backbone)
     model, tok = build_model(cfg, dataset.n_users, dataset.n_items, backbone, base_tok)
     data = TrainingData.build(tok, dataset, split.train_sequences(dataset))
-    pc, fc = cfg.pretrain, cfg.finetune
-    seed, pack = cfg.seed, pc.pack_tokens
-
+    pc, fc, seed = cfg.pretrain, cfg.finetune, cfg.seed
     collab_docs = collab_documents(tok, data.sequences, pc.max_items, seed, 0)
     content_docs = content_documents(tok, data.corpus, pc.max_text_tokens, seed, 0)
     rec_docs = rec_documents(tok, data.sequences, fc.max_items, fc.mask_ratio, seed, 0)
@@ -171,6 +220,81 @@ def main(argv=None) -> int:
         return batches[int(np.argsort(widths)[len(widths) // 2])]
 
     cb, tb, rb = median_batch(collab_b), median_batch(content_b), median_batch(rec_b, rec=True)
+    return (
+        cfg,
+        model,
+        tok,
+        split,
+        (collab_docs, content_docs, rec_docs, collab_b, content_b, rec_b, cb, tb, rb),
+    )
+
+
+def measure_eager(model, tok, cb, tb, rb) -> dict:
+    """bf16 steps with eager attention (the config default: model.attn_implementation auto)."""
+    model.backbone.to(torch.bfloat16)
+    model.backbone.set_attn_implementation("eager")
+    pad = tok.pad_id
+    return {
+        "collab/bf16-eager": best_of_two(
+            lambda: profile_lm_step(model, collate_lm(cb, pad), "collab", "item")
+        ),
+        "content/bf16-eager": best_of_two(
+            lambda: profile_lm_step(model, collate_lm(tb, pad), "content", "word")
+        ),
+        "rec/bf16-eager": best_of_two(lambda: profile_rec_step(model, collate_rec(rb, pad))),
+    }
+
+
+def eager_epoch(report: dict) -> dict:
+    steps, tok, bpe = report["steps"], report["tokens_per_epoch"], report["batches_per_epoch"]
+
+    def per_token(key):
+        return steps[key]["step_s"] / steps[key]["tokens_through_backbone"]
+
+    share_pre, share_fine = bpe["collab"] / bpe["content"], bpe["rec"] / bpe["content"]  # ratio 1
+    content = per_token("content/bf16-eager") * tok["content/buckets"]
+    pre = per_token("collab/bf16-eager") * tok["collab/buckets"] + share_pre * content
+    fine = per_token("rec/bf16-eager") * tok["rec/buckets"] + share_fine * content
+    return {"pretrain_epoch_s": round(pre), "finetune_epoch_s": round(fine),
+            "validation_s": report["epoch_seconds"]["after"]["validation_s"]}  # fmt: skip
+
+
+def eager_only(output: str, command: str, t_start: float) -> int:
+    report = json.loads(Path(output).read_text())
+    cfg, model, tok, _, batches = setup(["model.attn_implementation=sdpa"])
+    cb, tb, rb = batches[-3:]
+    report["steps"].update(measure_eager(model, tok, cb, tb, rb))
+    report["epoch_seconds"]["after+eager"] = eager_epoch(report)
+    report.setdefault("commands", [report["command"]]).append(command)
+    report["eager_profile_seconds"] = round(time.time() - t_start, 1)
+    report["benchmark_estimate"] = benchmark_estimate(report, cfg)
+    Path(output).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["epoch_seconds"], indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output", default="results/cllm4rec_profile.json")
+    ap.add_argument("--estimate", action="store_true", help="recompute benchmark_estimate only")
+    ap.add_argument("--eager-only", action="store_true", help="measure and merge only the bf16-eager steps")
+    args = ap.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    if args.estimate:
+        report = json.loads(Path(args.output).read_text())
+        report["benchmark_estimate"] = benchmark_estimate(report, load_config(CLLM4RecConfig, CONFIG))
+        report["benchmark_estimate"]["computed_by"] = command
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report["benchmark_estimate"], indent=1))
+        return 0
+    torch.set_num_threads(1)
+    t_start = time.time()
+    if args.eager_only:
+        return eager_only(args.output, command, t_start)
+    cfg, model, tok, split, batches = setup(["model.attn_implementation=sdpa"])
+    collab_docs, content_docs, rec_docs, collab_b, content_b, rec_b, cb, tb, rb = batches
+    pc, fc = cfg.pretrain, cfg.finetune
+    pack = pc.pack_tokens or 128
     steps: dict = {}
     pad = tok.pad_id
     steps["collab/fp32"] = best_of_two(lambda: profile_lm_step(model, collate_lm(cb, pad), "collab", "item"))
@@ -271,6 +395,10 @@ def main(argv=None) -> int:
         "epoch_seconds": epochs,
         "profile_seconds": round(time.time() - t_start, 1),
     }  # fmt: skip
+    if bf16:
+        report["steps"].update(measure_eager(model, tok, cb, tb, rb))
+        report["epoch_seconds"]["after+eager"] = eager_epoch(report)
+    report["benchmark_estimate"] = benchmark_estimate(report, cfg)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["epoch_seconds"], indent=1))

@@ -48,6 +48,11 @@ class ModelConfig:
         "the paper: accepted only if the truncated backbone's untrained content-LM loss is below the "
         "uniform bound ln(vocab), checked before training (else a one-line error)",
     )
+    attn_implementation: Literal["auto", "eager", "sdpa"] = cfg_field(
+        "auto",
+        "attention kernel of the frozen backbone; auto = eager (plain matmuls), which trains ~1.5x "
+        "faster than sdpa's CPU flash-attention backward on these short rows (results/cllm4rec_profile.json)",
+    )
     dtype: Literal["float32", "bfloat16", "auto"] = cfg_field(
         "float32",
         "compute dtype of the frozen backbone (ID tables, gradients and Adam stay float32); auto = "

@@ -51,13 +51,19 @@ def build_model(
     """Load (or take) the backbone, freeze it, add the ID tables and wrap the tokenizer.
 
     The model remembers the depth it runs with: ``model.depth`` (decoder layers used) and
-    ``model.full_depth`` (layers of the backbone as loaded).
+    ``model.full_depth`` (layers of the backbone as loaded). The caller's backbone is frozen and
+    converted in place (dtype, attention kernel); truncation makes a copy that shares its weights.
     """
     if backbone is None or base_tokenizer is None:
         from recalign.lm.loading import load_model
 
         backbone, base_tokenizer = load_model(cfg.model.backbone)
     full_depth = decoder_depth(backbone)
+    impl = "eager" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    if getattr(backbone.config, "_attn_implementation", impl) != impl and hasattr(
+        backbone, "set_attn_implementation"
+    ):
+        backbone.set_attn_implementation(impl)  # before truncation: the layers share this setting
     if cfg.model.num_layers is not None:
         backbone = truncated_copy(backbone, cfg.model.num_layers)
     dtype = resolve_dtype(cfg.model.dtype)
@@ -246,7 +252,15 @@ class CLLM4RecRecommender:
     def fit(
         self, dataset: RecDataset, split: Split, output_dir: str | Path | None = None
     ) -> CLLM4RecRecommender:
-        """Pretrain then fine-tune on ``split``'s training sequences (checkpoints under ``output_dir``)."""
+        """Pretrain then fine-tune on ``split``'s training sequences (checkpoints under ``output_dir``),
+        with ``config.threads`` torch threads (as the pipeline's stages: results do not depend on the
+        caller's thread setting)."""
+        from recalign.baselines.common import torch_threads
+
+        with torch_threads(self.config.threads):
+            return self._fit(dataset, split, output_dir)
+
+    def _fit(self, dataset: RecDataset, split: Split, output_dir) -> CLLM4RecRecommender:
         if self.model is None:
             self.model, self.tokenizer = build_model(
                 self.config, dataset.n_users, dataset.n_items, self._backbone, self._base_tokenizer
