@@ -11,8 +11,11 @@ Protocols (every method sees the same splits, histories and candidates):
 
 CLLM4Rec variants, each trained to convergence (early stopping on the split's validation Recall@20) with
 every seed of ``--seeds`` (2 by default, so that a difference can be told from noise): ``cllm4rec``
-(the paper's setting), ``cllm4rec-no-content`` (no content LM in either stage), ``cllm4rec-no-mutual``
-(content LM trained, mutual regulariser λ = 0). Each runs the same pipeline as ``recalign cllm4rec
+(the paper's setting), ``cllm4rec-no-content`` (no content LM in either stage, and so no regulariser:
+it would only pull the tables towards their random initialisation), ``cllm4rec-no-mutual`` (content LM
+trained, mutual regulariser λ = 0). Items are scored by the collaborative tables alone and λ = 0 cuts the
+content side's only path to them, so ``no-mutual`` must reproduce ``no-content``'s scores for the same seed
+(tested): it checks that, and ``cllm4rec`` minus ``no-content`` is what the content LM contributes. Each runs the same pipeline as ``recalign cllm4rec
 run`` (the equivalent CLI command is stored in each record's ``extra.cli``), in its own resumable run
 directory (``<runs>/<variant>-s<seed>-<split>``), so an interrupted benchmark picks up where it stopped.
 Records carry the backbone, its depth, every setting that differs from the default and the curves.
@@ -51,7 +54,13 @@ from recalign.methods.cllm4rec.protocol import holdout_split
 CONFIG = "configs/cllm4rec_ml100k.yaml"
 VARIANTS = {
     "cllm4rec": [],
-    "cllm4rec-no-content": ["pretrain.content_ratio=0", "finetune.content_ratio=0"],
+    # without a content LM the regulariser would only pull the tables towards their random init: off too
+    "cllm4rec-no-content": [
+        "pretrain.content_ratio=0",
+        "finetune.content_ratio=0",
+        "pretrain.mutual_lambda=0",
+        "finetune.mutual_lambda=0",
+    ],
     "cllm4rec-no-mutual": ["pretrain.mutual_lambda=0", "finetune.mutual_lambda=0"],
 }
 BASELINES = ("pop", "bprmf", "sasrec")
