@@ -6,7 +6,7 @@
 - ``recalign cllm4rec run ...``: the three in a row.
 
 Every stage resumes from ``DIR`` (a finished stage is skipped, an interrupted one continues from its
-last checkpoint) and refuses a ``DIR`` that holds a run with different training settings. The
+last checkpoint, early stopping included; the curve is in ``DIR/curve.json``) and refuses a ``DIR`` that holds a run with different training settings. The
 resolved config is saved as ``DIR/config.yaml``; evaluation writes ``DIR/metrics.json`` and
 ``DIR/records.json``. ``--help-config`` lists every field. The work is done by
 :mod:`recalign.methods.cllm4rec.pipeline`, importable as a Python API.
@@ -41,13 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             output_help="run directory (checkpoints, tables, metrics)",
             overrides_example="pretrain.lr=0.01",
         )  # fmt: skip
+        sp.add_argument(
+            "--seed", type=int, default=None, help="seed of the run (same as the override seed=N; ablations)"
+        )
         sp.set_defaults(func=cmd_stage, stage=stage)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from recalign.methods.cllm4rec.config import CLLM4RecConfig
 
-    cfg = config_from_args(CLLM4RecConfig, args)
+    over = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
+    cfg = config_from_args(CLLM4RecConfig, args, over)
     if cfg is None:
         return 0
 
@@ -70,5 +74,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
         else:
             res = getattr(pipeline, stage)(cfg, args.output)
             if res is not None and distributed.is_main():
-                print(f"{stage}: {res.steps} steps in {res.seconds:.0f}s -> {args.output}")
+                best = (
+                    f"; best valid Recall@20 {res.best['value']:.4f} at epoch {res.best['epoch']}"
+                    + (" (stopped early)" if res.stopped_early else "")
+                    if res.best
+                    else ""
+                )
+                print(f"{stage}: {res.steps} steps in {res.seconds:.0f}s{best} -> {args.output}")
     return 0

@@ -264,3 +264,22 @@ def test_without_the_regulariser_the_content_lm_cannot_reach_the_scoring_tables(
     for t in ("collab_user", "collab_item"):
         assert torch.allclose(tables["no-content"][t], tables["no-mutual"][t], atol=1e-6)
         assert not torch.allclose(tables["no-content"][t], tables["full"][t], atol=1e-4)
+
+
+def test_cli_seed_option_and_early_stopping_summary(files, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    args = [
+        "--config",
+        str(files),
+        "--output",
+        str(out),
+        "--seed",
+        "3",
+        "finetune.steps=0",
+        "finetune.epochs=2",
+    ]
+    assert main(["cllm4rec", "run", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "best valid Recall@20" in printed
+    (rec,) = json.loads((out / "records.json").read_text())["records"]
+    assert rec["seed"] == 3 and rec["extra"]["settings_differing_from_default"]["seed"] == 3
