@@ -85,6 +85,11 @@ class PretrainConfig:
     max_text_tokens: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         40, "word tokens kept of each review / description"
     )
+    docs_per_user: int | None = cfg_field(
+        None,
+        "ignored, kept so that run directories written before #16 still load: every pretraining epoch "
+        "now covers all of a user's interactions (max_items chunks)",
+    )
     pack_tokens: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         0,
         "pack collaborative / content documents into rows of up to N tokens (block-diagonal mask, exact); "
