@@ -103,6 +103,44 @@ def check_constraints(cfg: Any, prefix: str = "", *, nested: bool = True) -> Non
                 check_constraints(value, f"{prefix}{f.name}.")
 
 
+def config_subset(
+    base: type,
+    name: str,
+    *,
+    exclude: typing.Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+    doc: str = "",
+    module: str | None = None,
+    namespace: dict[str, Any] | None = None,
+) -> type:
+    """A config dataclass with every field of ``base`` (type, constraints and help) but ``exclude``.
+
+    For a section of a bigger config that runs ``base`` with some fields set for it (the quickstart's
+    ``sdpo`` section is :class:`~recalign.methods.align.AlignConfig` without the run-wide model, data,
+    seed, ...): a field added to ``base`` reaches the section without being copied. ``defaults`` replaces
+    the defaults of some fields (a callable is a ``default_factory``); ``namespace`` adds methods
+    (``validate``).
+    """
+    hints = typing.get_type_hints(base, include_extras=True)
+    defaults = defaults or {}
+    skip = set(exclude)
+    unknown = sorted((skip | set(defaults)) - {f.name for f in dataclasses.fields(base)})
+    if unknown:
+        raise ValueError(f"{base.__name__} has no field {unknown[0]!r}")
+    specs = []
+    for f in dataclasses.fields(base):
+        if f.name in skip:
+            continue
+        if f.name in defaults:
+            d = defaults[f.name]
+            kw: dict[str, Any] = {"default_factory": d} if callable(d) else {"default": d}
+        else:
+            kw = {"default": f.default, "default_factory": f.default_factory}  # type: ignore[misc]
+        specs.append((f.name, hints[f.name], dataclasses.field(metadata=f.metadata, **kw)))
+    ns = {"__doc__": doc or base.__doc__, "__module__": module or base.__module__, **(namespace or {})}
+    return dataclasses.make_dataclass(name, specs, namespace=ns)
+
+
 def _coerce(value: Any, tp: Any, where: str, source: str | None) -> Any:
     """Convert ``value`` (from YAML or a string override) to the annotated type ``tp``."""
     origin = typing.get_origin(tp)

@@ -94,3 +94,62 @@ def test_stage_hands_the_sft_run_and_shared_rows_to_run_align(tmp_path, monkeypa
 def test_stage_without_an_sft_run_is_an_input_error(tmp_path):
     with pytest.raises(RecalignInputError, match="run the sft stage before it"):
         qs.stage_sdpo(_ctx(tmp_path, resume=False))
+
+
+def test_stage_sections_are_the_recipe_configs_without_the_run_wide_fields():
+    """No stage config field is silently dropped: every SFTConfig / AlignConfig field is run-wide, a
+    quickstart key, or a named default; a field added to AlignConfig appears under sdpo by itself."""
+    from recalign.methods.align import AlignConfig
+    from recalign.methods.sft import SFTConfig
+
+    top = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    assert set(qs.RUN_WIDE) | set(qs.SFT_FROM_TOP) <= top
+    sft = {f.name for f in dataclasses.fields(SFTConfig)}
+    assert sft == set(qs.RUN_WIDE) | set(qs.SFT_FROM_TOP) | set(qs.SFT_DEFAULTS)
+    align = {f.name for f in dataclasses.fields(AlignConfig)}
+    section = {f.name for f in dataclasses.fields(QuickstartSDPOConfig)}
+    assert section == align - set(qs.RUN_WIDE) - set(qs.SDPO_FIXED) - set(qs.SDPO_UNUSED)
+    with pytest.raises(RecalignInputError, match="unknown key 'sdpo.seed'"):
+        load_config(QuickstartConfig, overrides=["sdpo.seed=3"])  # run-wide: set at the top level
+
+
+def test_sft_stage_hands_the_top_level_settings_to_run_sft(tmp_path, monkeypatch):
+    import recalign.methods.sft as sft
+
+    seen = {}
+
+    def fake_run_sft(cfg, output_dir, *, data, test_examples, command, progress):
+        seen.update(cfg=cfg, out=output_dir)
+        return sft.SFTResult(Path(output_dir), Path(output_dir) / "adapter", ["record"], {}, 16, 1.0, 0.1)
+
+    monkeypatch.setattr(sft, "run_sft", fake_run_sft)
+    ctx = _ctx(tmp_path, resume=True)
+    assert qs.stage_sft(ctx) == ["record"]
+    cfg = seen["cfg"]
+    assert (cfg.model, cfg.method, cfg.seed, cfg.max_history, cfg.dtype) == (
+        "smollm2",
+        "sft",
+        7,
+        5,
+        "float32",
+    )
+    assert cfg.n_train == ctx.cfg.n_train and cfg.lora is ctx.cfg.lora
+    assert cfg.training.resume is True and ctx.cfg.training.resume is False
+    assert cfg.eval is ctx.cfg.eval and cfg.data is ctx.cfg.data and seen["out"] == tmp_path / "sft"
+
+
+def test_an_align_field_the_old_section_lacked_reaches_run_align(tmp_path, monkeypatch):
+    import recalign.methods.align as align
+
+    seen = {}
+
+    def fake_run_align(cfg, output_dir, *, data, test_examples, command, progress):
+        seen["cfg"] = cfg
+        return align.AlignResult(Path(output_dir), Path(output_dir) / "adapter", ["record"], {}, 16, 1.0, 0.1)
+
+    monkeypatch.setattr(align, "run_align", fake_run_align)
+    ctx = _ctx(tmp_path, resume=False)
+    ctx.cfg = load_config(QuickstartConfig, overrides=["sdpo.sample_seed=11", "sdpo.scoring_impl=kv"])
+    ctx.artifacts["sft"] = str(tmp_path / "sft")
+    qs.stage_sdpo(ctx)
+    assert (seen["cfg"].sample_seed, seen["cfg"].scoring_impl, seen["cfg"].prompt) == (11, "kv", "candidates")

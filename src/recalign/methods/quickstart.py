@@ -31,22 +31,24 @@ the evaluation of 20 candidates per example to one prompt pass, which also seeds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import pandas as pd
 
-from recalign.config import Ge, Gt, cfg_field, check_constraints, save_config
+from recalign.config import Ge, cfg_field, check_constraints, config_subset, save_config
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
+from recalign.methods.align import AlignConfig
 from recalign.methods.lm_recipe import llara_data
 from recalign.methods.zeroshot import EvalConfig
 from recalign.rundir import open_output_dir, releasing
@@ -78,37 +80,54 @@ def _sdpo_training() -> TrainingConfig:
     )
 
 
-@dataclass
-class QuickstartSDPOConfig:
-    """The ``sdpo`` stage: S-DPO on the SFT stage's model (:class:`~recalign.methods.align.AlignConfig`)."""
+#: Fields of the stage configs (SFTConfig, AlignConfig) that the quickstart sets for every stage from its own
+#: top-level keys of the same names: one model, dataset, seed, prompt length, dtype, thread count and test set.
+RUN_WIDE = ("model", "data", "max_history", "seed", "dtype", "threads", "eval")
 
-    negatives: Annotated[int, Ge(1, show_value=True)] = cfg_field(
-        3, "K, negatives per positive (S-DPO's scripts use 3)"
-    )
-    beta: Annotated[float, Gt(0, show_value=True)] = cfg_field(
-        1.0, "temperature beta of the implicit reward (S-DPO's scripts use 1)"
-    )
-    strategy: Literal["random", "popularity", "hard"] = cfg_field(
-        "random",
-        "negatives: the prompt's random distractors, popularity-weighted, or hard (SFT model's top wrong ones)",
-    )
-    n_train: Annotated[int, Ge(1, show_value=True)] = cfg_field(
-        64, "preference examples (each 1 positive + K negatives) sampled from the train stage with seed"
-    )
-    reference: Literal["precomputed", "adapter-disabled"] = cfg_field(
-        "precomputed", "reference log-probs: cached once from the SFT model, or a per-step adapter-off pass"
-    )
-    lora: LoRAConfig = cfg_field(
-        help="the new LoRA adapter trained on top of the merged SFT model", default_factory=_sdpo_lora
-    )
-    training: TrainingConfig = cfg_field(help="S-DPO optimisation", default_factory=_sdpo_training)
+#: AlignConfig fields the sdpo stage fixes: it is S-DPO on the candidate prompt, recorded as method ``sdpo``.
+SDPO_FIXED = {"loss": "sdpo", "method": "sdpo", "prompt": "candidates"}
 
-    def validate(self) -> None:
-        check_constraints(self, "sdpo.", nested=False)  # named as the section ``sdpo``
-        if not self.lora.enabled:
-            raise RecalignInputError("S-DPO trains an adapter; must be true", field="sdpo.lora.enabled")
-        self.lora.validate()
-        self.training.validate()
+#: AlignConfig fields without effect under S-DPO, left out of the section (AlignConfig's defaults apply)
+SDPO_UNUSED = ("nll_weight",)
+
+#: SFTConfig fields the sft stage takes from the top level besides RUN_WIDE (its budget, adapter and optimiser)
+SFT_FROM_TOP = ("n_train", "lora", "training")
+
+#: SFTConfig fields the sft stage leaves at SFTConfig's defaults (candidate-prompt SFT, recorded as ``sft``);
+#: tests check that every SFTConfig field is in RUN_WIDE, SFT_FROM_TOP or here, so none is silently dropped
+SFT_DEFAULTS = ("method", "format", "window", "min_context", "scoring_impl", "hybrid")
+
+
+def _validate_sdpo(self) -> None:
+    check_constraints(self, "sdpo.", nested=False)  # named as the section ``sdpo``
+    if not self.lora.enabled:
+        raise RecalignInputError("S-DPO trains an adapter; must be true", field="sdpo.lora.enabled")
+    self.lora.validate()
+    self.training.validate()
+
+
+#: The ``sdpo`` stage: every :class:`~recalign.methods.align.AlignConfig` field but RUN_WIDE, SDPO_FIXED and
+#: SDPO_UNUSED (negatives, beta, strategy, n_train, reference, lora, training, ... -- a new AlignConfig field
+#: appears here by itself), with the quickstart's defaults.
+QuickstartSDPOConfig = config_subset(
+    AlignConfig,
+    "QuickstartSDPOConfig",
+    exclude=(*RUN_WIDE, *SDPO_FIXED, *SDPO_UNUSED),
+    defaults={"negatives": 3, "n_train": 64, "lora": _sdpo_lora, "training": _sdpo_training},
+    doc="The ``sdpo`` stage: S-DPO on the SFT stage's model (AlignConfig without the run-wide fields).",
+    module=__name__,
+    namespace={"validate": _validate_sdpo},
+)
+
+
+def run_wide(cfg: QuickstartConfig) -> dict[str, Any]:
+    """The quickstart's values of the :data:`RUN_WIDE` fields, shared by every stage."""
+    return {k: getattr(cfg, k) for k in RUN_WIDE}
+
+
+def stage_fields(section: Any) -> dict[str, Any]:
+    """A stage section's values by field name (what it passes on to its recipe's config)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
 @dataclass
@@ -285,26 +304,14 @@ def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
     from recalign.methods.sft import SFTConfig, run_sft
 
     c = ctx.cfg
-    training = _stage_training(ctx, c.training)
-    sft_cfg = SFTConfig(
-        model=c.model,
-        method="sft",
-        data=c.data,
-        n_train=c.n_train,
-        max_history=c.max_history,
-        seed=c.seed,
-        dtype=c.dtype,
-        threads=c.threads,
-        lora=c.lora,
-        training=training,
-        eval=c.eval,
-    )
+    values = {**run_wide(c), **{k: getattr(c, k) for k in SFT_FROM_TOP}}
+    sft_cfg = SFTConfig(**{**values, "training": _stage_training(ctx, c.training)})
     return _run_training_stage(ctx, "sft", run_sft, sft_cfg)
 
 
 def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
     """S-DPO from the SFT stage's run directory (merged in: the reference), through ``run_align``."""
-    from recalign.methods.align import AlignConfig, run_align
+    from recalign.methods.align import run_align
 
     c, s = ctx.cfg, ctx.cfg.sdpo
     start = ctx.artifacts.get("sft")
@@ -312,26 +319,8 @@ def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
         raise RecalignInputError(
             "the sdpo stage starts from the SFT model: run the sft stage before it", field="stages"
         )
-    training = _stage_training(ctx, s.training)
-    align_cfg = AlignConfig(
-        model=str(start),
-        loss="sdpo",
-        negatives=s.negatives,
-        strategy=s.strategy,
-        beta=s.beta,
-        reference=s.reference,
-        method="sdpo",
-        data=c.data,
-        n_train=s.n_train,
-        max_history=c.max_history,
-        prompt="candidates",
-        seed=c.seed,
-        dtype=c.dtype,
-        threads=c.threads,
-        lora=s.lora,
-        training=training,
-        eval=c.eval,
-    )
+    values = {**run_wide(c), **SDPO_FIXED, **stage_fields(s)}
+    align_cfg = AlignConfig(**{**values, "model": str(start), "training": _stage_training(ctx, s.training)})
     return _run_training_stage(ctx, "sdpo", run_align, align_cfg)
 
 
