@@ -283,3 +283,27 @@ def test_cli_seed_option_and_early_stopping_summary(files, tmp_path, capsys):  #
     assert "best valid Recall@20" in printed
     (rec,) = json.loads((out / "records.json").read_text())["records"]
     assert rec["seed"] == 3 and rec["extra"]["settings_differing_from_default"]["seed"] == 3
+
+
+def test_each_training_epoch_of_the_loop_covers_every_interaction(make_model, make_config, dataset, split):
+    """Through the loop's own batching (length buckets, global batches): one epoch of the collaborative
+    stream makes every training interaction a target exactly once, and the stage is that many steps."""
+    from recalign.methods.cllm4rec.documents import collab_documents
+    from recalign.methods.cllm4rec.training import _bucketed, _Stream
+
+    cfg = make_config(pretrain__max_items=4, pretrain__collab_steps=0, pretrain__epochs=2)
+    model, tok = make_model(cfg)
+    data = _data(tok, dataset, split)
+    stream = _Stream(
+        _bucketed(lambda e: collab_documents(tok, data.sequences, 4, cfg.seed, e), 4, cfg.seed, 1), 4
+    )
+    everything = {(u, int(i)) for u, s in enumerate(data.sequences) for i in s}
+    for epoch in (0, 1):
+        batches = [
+            stream.batch(epoch * stream.batches_per_epoch + b) for b in range(stream.batches_per_epoch)
+        ]
+        pairs = [(d.user, i) for batch in batches for d in batch for i in d.targets]
+        assert len(pairs) == len(set(pairs)) and set(pairs) == everything
+    res = run_stage(model, data, cfg, "pretrain")
+    assert res.batches_per_epoch == stream.batches_per_epoch
+    assert sum(r["kind"] == "collab" for r in res.log) == 2 * stream.batches_per_epoch
