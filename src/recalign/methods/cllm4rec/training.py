@@ -39,6 +39,8 @@ LM losses, users for the recommendation loss), the regulariser is added once (by
 over the IDs of the whole global batch), and the side's gradients are summed over processes before
 every process takes the same Adam step. So N processes x batch B give the update of 1 process x batch
 N·B, up to float rounding (tested). Only the main process writes checkpoints, tables and logs.
+Every process runs the validation itself (the tables are the same everywhere, so the values and the
+early-stopping decision are too), which keeps the processes in step without a broadcast.
 """
 
 from __future__ import annotations
