@@ -34,31 +34,21 @@ SASREC_FAST = ["epochs=2", "early_stopping=false"]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid")
-    data_dir = _lm_tiny.write_ml100k_dir(root / "ml")
-    model_dir = _lm_tiny.write_tiny_model(root / "model")
-    return root, data_dir, model_dir
+    return _lm_tiny.tiny_env(tmp_path_factory.mktemp("hybrid"))
 
 
 def hybrid_cfg(data_dir, model_dir, *, curriculum=False, n_test=0, **training) -> SFTConfig:
-    t = dict(learning_rate=3e-2, lr_scheduler="constant", max_steps=4, batch_size=4, save_steps=2,
-             logging_steps=1, progress=False)  # fmt: skip
-    t.update(training)
-    return load_config(
-        SFTConfig,
-        overrides={
-            "model": str(model_dir),
-            "dtype": "float32",
-            "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
-            "n_train": 16,
-            "max_history": 4,
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
-            "training": t,
-            "eval": {"n_test": n_test, "protocols": ["candidates", "generation"], "max_new_tokens": 4},
-            "hybrid": {"enabled": True, "recommender_overrides": SASREC_FAST, "projector_hidden": 8,
-                       "curriculum": curriculum, "curriculum_span": 0.5},
-        },
+    over = _lm_tiny.sft_overrides(
+        data_dir,
+        model_dir,
+        n_train=16,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
+        training={**_lm_tiny.TINY_TRAINING, "max_steps": 4, "save_steps": 2, **training},
+        eval={"n_test": n_test, "protocols": ["candidates", "generation"], "max_new_tokens": 4},
+        hybrid={"enabled": True, "recommender_overrides": SASREC_FAST, "projector_hidden": 8,
+                "curriculum": curriculum, "curriculum_span": 0.5},
     )  # fmt: skip
+    return load_config(SFTConfig, overrides=over)
 
 
 def _projector(path: Path) -> dict[str, torch.Tensor]:

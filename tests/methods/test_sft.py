@@ -25,36 +25,12 @@ from recalign.methods.sft import SFTConfig, SFTObjective, run_sft  # noqa: E402
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    data_dir = _lm_tiny.write_ml100k_dir(root / "ml")
-    model_dir = _lm_tiny.write_tiny_model(root / "model")
-    return root, data_dir, model_dir
+    return _lm_tiny.tiny_env(tmp_path_factory.mktemp("sft"))
 
 
 def tiny_cfg(data_dir, model_dir, **training) -> SFTConfig:
-    t = dict(
-        learning_rate=3e-2,
-        lr_scheduler="constant",
-        max_steps=12,
-        batch_size=4,
-        save_steps=6,
-        logging_steps=1,
-        progress=False,
-    )
-    t.update(training)
-    return load_config(
-        SFTConfig,
-        overrides={
-            "model": str(model_dir),
-            "dtype": "float32",
-            "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
-            "n_train": 32,
-            "max_history": 4,
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
-            "training": t,
-            "eval": {"n_test": 8, "protocols": ["candidates", "generation"], "max_new_tokens": 8},
-        },
-    )
+    t = {**_lm_tiny.TINY_TRAINING, **training}
+    return load_config(SFTConfig, overrides=_lm_tiny.sft_overrides(data_dir, model_dir, training=t))
 
 
 def test_objective_is_token_mean_nll_matching_a_full_forward(env):

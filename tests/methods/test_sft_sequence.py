@@ -21,27 +21,20 @@ from recalign.methods.zeroshot import EvalConfig, evaluate_saved_model  # noqa: 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sftseq")
-    return root, _lm_tiny.write_ml100k_dir(root / "ml"), _lm_tiny.write_tiny_model(root / "model")
+    return _lm_tiny.tiny_env(tmp_path_factory.mktemp("sftseq"))
 
 
 def seq_cfg(data_dir, model_dir, **over) -> SFTConfig:
     o = {
-        "model": str(model_dir),
-        "dtype": "float32",
         "format": "sequence",
         "window": 8,
         "min_context": 2,
-        "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
         "n_train": 0,
         "max_history": 6,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
-        "training": {"learning_rate": 3e-2, "lr_scheduler": "constant", "max_steps": 10, "batch_size": 4,
-                     "save_steps": 5, "logging_steps": 1, "progress": False},
+        "training": {**_lm_tiny.TINY_TRAINING, "max_steps": 10, "save_steps": 5},
         "eval": {"n_test": 8, "protocols": ["candidates"]},
-    }  # fmt: skip
-    o.update(over)
-    return load_config(SFTConfig, overrides=o)
+    }
+    return load_config(SFTConfig, overrides=_lm_tiny.sft_overrides(data_dir, model_dir, **{**o, **over}))
 
 
 def test_sequence_sft_trains_records_counts_and_reloads(env, tmp_path):

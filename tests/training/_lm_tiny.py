@@ -79,3 +79,36 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
+
+
+def tiny_env(root: Path) -> tuple[Path, Path, Path]:
+    """``(root, data_dir, model_dir)``: the tiny ML-100K directory and tiny Llama written under ``root``."""
+    return root, write_ml100k_dir(root / "ml"), write_tiny_model(root / "model")
+
+
+#: Optimisation of the tiny SFT runs: a high constant learning rate, so a dozen steps move the loss.
+TINY_TRAINING = {
+    "learning_rate": 3e-2,
+    "lr_scheduler": "constant",
+    "max_steps": 12,
+    "batch_size": 4,
+    "save_steps": 6,
+    "logging_steps": 1,
+    "progress": False,
+}
+
+
+def sft_overrides(data_dir: Path, model_dir: Path, **over) -> dict:
+    """SFTConfig overrides for the tiny dataset and model (for ``load_config(SFTConfig, overrides=...)``);
+    ``over`` replaces top-level keys whole (``training={...}`` replaces TINY_TRAINING)."""
+    base = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
+        "n_train": 32,
+        "max_history": 4,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
+        "training": dict(TINY_TRAINING),
+        "eval": {"n_test": 8, "protocols": ["candidates", "generation"], "max_new_tokens": 8},
+    }
+    return {**base, **over}
