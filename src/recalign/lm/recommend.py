@@ -27,11 +27,15 @@ the title trie, built once) and answers requests:
 
 Titles are matched exactly, then case-insensitively (with or without the year); an unknown or ambiguous
 title is a one-line :class:`~recalign.errors.RecalignInputError` with the closest catalogue titles.
+
+Where it lives (every name is re-exported here): the session, its ranking paths and
+:class:`Recommendation` in this module; the catalogue (:func:`load_catalogue`, :func:`match_titles`,
+:func:`is_cllm4rec_run`) in :mod:`recalign.lm.catalogue`; the explanation prompt and its generation
+(:func:`explain_prompt`, :func:`explain_texts`, :func:`tidy_explanation`) in :mod:`recalign.lm.explain`.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,19 +44,19 @@ from pathlib import Path
 import numpy as np
 
 from recalign.errors import RecalignInputError
+from recalign.lm.catalogue import is_cllm4rec_run, load_catalogue, match_titles
+from recalign.lm.explain import (
+    EXPLAIN_PROMPT,
+    EXPLAIN_TOKENS,
+    explain_prompt,
+    explain_texts,
+    tidy_explanation,
+)
 
 METHODS = ("exact", "exhaustive", "two-stage")
 RETRIEVERS = ("pop", "sasrec", "gru4rec")
 #: answers per pass of exhaustive scoring (one KV-cached prompt pass per chunk)
 EXHAUSTIVE_CHUNK = 256
-#: tokens of an explanation at most
-EXPLAIN_TOKENS = 60
-
-EXPLAIN_PROMPT = (
-    "A user has enjoyed these {nouns}, in this order:\n{history}\n"
-    'In one or two sentences, explain why this user would also enjoy the {noun} "{item}": '
-    "say what it has in common with the {nouns} above."
-)
 
 
 @dataclass
@@ -69,41 +73,6 @@ class Recommendation:
         if d["explanation"] is None:
             d.pop("explanation")
         return d
-
-
-def match_titles(dataset, titles: list[str], what: str = "history") -> list[int]:
-    """Catalogue indices of ``titles``: exact match first, then case-insensitive; unknown -> error."""
-    from recalign.lm.prompts import display_titles
-
-    shown = display_titles(dataset)
-    raw = [str(t) for t in dataset.items["title"]]
-    exact: dict[str, int] = {}
-    folded: dict[str, list[int]] = {}
-    for i, (a, b) in enumerate(zip(shown, raw)):
-        for t in {a, b}:
-            exact.setdefault(t, i)
-            folded.setdefault(" ".join(t.casefold().split()), []).append(i)
-    out = []
-    for t in titles:
-        if not isinstance(t, str):
-            raise RecalignInputError(f"{what} titles must be strings, got {json.dumps(t)}")
-        t_clean = " ".join(t.split())
-        if not t_clean:
-            raise RecalignInputError(f"empty {what} title")
-        if t_clean in exact:
-            out.append(exact[t_clean])
-            continue
-        hits = sorted(set(folded.get(t_clean.casefold(), [])))
-        if len(hits) == 1:
-            out.append(hits[0])
-            continue
-        if len(hits) > 1:
-            names = "; ".join(shown[i] for i in hits[:3])
-            raise RecalignInputError(f"{what} title {t!r} is ambiguous ({names}); give the exact title")
-        close = difflib.get_close_matches(t_clean, shown, n=3, cutoff=0.6)
-        hint = f"; did you mean: {'; '.join(close)}" if close else ""
-        raise RecalignInputError(f"unknown {what} title {t!r} (not in the {dataset.name} catalogue){hint}")
-    return out
 
 
 @dataclass
@@ -162,7 +131,7 @@ class RecommendSession:
         """Load ``model`` and its catalogue (``catalogue``, a loaded dataset, or :func:`load_catalogue`'s
         choice). ``retriever`` trains that baseline for ``method="two-stage"``."""
         run = Path(model)
-        if _is_cllm4rec_run(run):
+        if is_cllm4rec_run(run):
             return cls._load_cllm4rec(run, catalogue, dataset, path, options, retriever, retrieve, progress)
         from recalign.lm.lora import ADAPTER_META, load_lm, resolve_model
 
@@ -306,9 +275,10 @@ class RecommendSession:
         return recs
 
     def _exact_supported(self) -> bool:
+        from recalign.lm.modules import unwrap_peft
         from recalign.lm.seq2seq import is_seq2seq
 
-        attn = getattr(getattr(_unwrap(self.model), "config", None), "_attn_implementation", None)
+        attn = getattr(getattr(unwrap_peft(self.model), "config", None), "_attn_implementation", None)
         return not is_seq2seq(self.model) and attn in (None, "eager", "sdpa")
 
     def _item_tokens(self) -> bool:
@@ -462,15 +432,10 @@ class RecommendSession:
         return self._explain_items(hist, [j])[0]
 
     def explain_prompt(self, hist: list[int], item: int) -> str:
-        from recalign.lm.prompts import item_noun, recent_history
-
-        noun, nouns = item_noun(self.dataset)
-        shown = "\n".join(f"- {self.titles[int(h)]}" for h in recent_history(hist, self.max_history))
-        return EXPLAIN_PROMPT.format(nouns=nouns, noun=noun, history=shown, item=self.titles[item])
+        """The explanation request for catalogue item ``item`` after ``hist`` (:func:`explain_prompt`)."""
+        return explain_prompt(self.dataset, self.titles, hist, item, self.max_history)
 
     def _explain_items(self, hist: list[int], items: list[int]) -> list[str]:
-        from recalign.lm.generation import generate_answers
-
         model, tok = self.model, self.tokenizer
         if self.cllm is not None:  # the ID model's backbone may be cut down: explain with the full LM
             if self.cllm.explainer is None:
@@ -478,54 +443,21 @@ class RecommendSession:
 
                 self.cllm.explainer = load_model(self.cllm.backbone)
             model, tok = self.cllm.explainer
-        prompts = [self.explain_prompt(hist, j) for j in items]
-        texts = generate_answers(
-            model, tok, prompts, batch_size=8, max_new_tokens=EXPLAIN_TOKENS, progress=False
-        )
-        return [_tidy(t) for t in texts]
+        return explain_texts(model, tok, [self.explain_prompt(hist, j) for j in items])
 
 
-def _tidy(text: str) -> str:
-    """One line; a rationale cut off by the token limit ends at its last full sentence (if any)."""
-    text = " ".join(str(text).split())
-    if text and text[-1] not in ".!?":
-        cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
-        if cut > 0:
-            text = text[: cut + 1]
-    return text
-
-
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _is_cllm4rec_run(path: Path) -> bool:
-    """A CLLM4Rec run directory: fine-tuned ID tables next to a config with CLLM4Rec's sections."""
-    if not (path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()):
-        return False
-    if (path / "config.json").is_file():  # a plain HF model directory with a config.yaml beside it
-        return False
-    from recalign.config import read_yaml
-
-    cfg = read_yaml(path / "config.yaml") or {}
-    return isinstance(cfg, dict) and "finetune" in cfg and "pretrain" in cfg
-
-
-def load_catalogue(
-    model: str | Path, dataset: str | None = None, path: str | None = None, options: dict | None = None
-):
-    """The catalogue of ``model``: ``dataset``/``path`` if given, else the dataset named by the run
-    directory's ``config.yaml`` (recipe runs and CLLM4Rec runs alike), else the embedded ML-100K."""
-    from recalign.data.prepare import load_with_options
-
-    run = Path(model)
-    if dataset or path:
-        return load_with_options(dataset or "ml-100k", path, dict(options or {}))
-    cfg = run / "config.yaml"
-    if run.is_dir() and cfg.is_file():
-        from recalign.config import read_yaml
-
-        data = (read_yaml(cfg) or {}).get("data") or {}
-        if isinstance(data, dict) and data.get("dataset"):
-            return load_with_options(str(data["dataset"]), data.get("path"), dict(data.get("options") or {}))
-    return load_with_options("ml-100k", None, {})
+__all__ = [
+    "EXHAUSTIVE_CHUNK",
+    "EXPLAIN_PROMPT",
+    "EXPLAIN_TOKENS",
+    "METHODS",
+    "RETRIEVERS",
+    "Recommendation",
+    "RecommendSession",
+    "explain_prompt",
+    "explain_texts",
+    "is_cllm4rec_run",
+    "load_catalogue",
+    "match_titles",
+    "tidy_explanation",
+]

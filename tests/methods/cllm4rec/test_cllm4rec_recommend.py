@@ -7,7 +7,7 @@ import pytest
 from test_cllm4rec_cli import files  # noqa: F401  (the fixture: tiny ML-100K files + saved backbone)
 
 from recalign.cli.main import main
-from recalign.lm.recommend import RecommendSession, _is_cllm4rec_run
+from recalign.lm.recommend import RecommendSession, is_cllm4rec_run
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def run_dir(files, tmp_path_factory):  # noqa: F811
 
 
 def test_session_scores_all_items_in_one_pass(run_dir):
-    assert _is_cllm4rec_run(run_dir)
+    assert is_cllm4rec_run(run_dir)
     session = RecommendSession.load(run_dir)
     assert session.kind == "cllm4rec"
     hist_titles = [session.titles[0], session.titles[3]]
