@@ -124,6 +124,15 @@ def test_cllm4rec_keeps_its_errors_with_the_value(overrides, message):
         ("recalign.methods.quickstart:QuickstartConfig", ["sdpo.training.save_steps=0"], "field 'sdpo.training.save_steps': must be >= 1, got 0"),
         ("recalign.methods.quickstart:QuickstartConfig", ["n_train=0"], "field 'n_train': must be >= 1"),
         ("recalign.methods.quickstart:QuickstartConfig", ["threads=-1"], "field 'threads': must be >= 0"),
+        ("recalign.methods.sft:SFTConfig", ["hybrid.projector_hidden=-1"], "field 'hybrid.projector_hidden': must be >= 0"),
+        ("recalign.methods.knowledge.recipe:KnowledgeConfig", ["n_examples=-1"], "field 'n_examples': must be >= 0"),
+        ("recalign.methods.knowledge.recipe:KnowledgeConfig", ["history_len=0"], "field 'history_len': must be >= 1"),
+        ("recalign.methods.knowledge.recipe:KnowledgeConfig", ["threads=-1"], "field 'threads': must be >= 0"),
+        ("recalign.methods.knowledge.recipe:KnowledgeConfig", ["eval.retrieval_beams=-1"], "field 'eval.retrieval_beams': must be >= 0"),
+        ("recalign.methods.knowledge.recipe:KnowledgeConfig", ["eval.chunk_size=0"], "field 'eval.chunk_size': must be >= 1"),
+        ("recalign.methods.dmpo_fewshot:DMPOFewShotConfig", ["negatives=0"], "field 'negatives': must be >= 1, got 0"),
+        ("recalign.methods.dmpo_fewshot:DMPOFewShotConfig", ["n_pref=0"], "field 'n_pref': must be >= 1, got 0"),
+        ("recalign.methods.dmpo_fewshot:DMPOFewShotConfig", ["beta=0"], "field 'beta': must be > 0, got 0.0"),
     ],
 )  # fmt: skip
 def test_lm_recipes_keep_their_one_line_errors(cls_path, overrides, message):

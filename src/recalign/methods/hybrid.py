@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
 
 FIT_RECOMMENDERS = ("sasrec", "gru4rec")
@@ -56,7 +56,7 @@ class HybridConfig:
     recommender_overrides: list[str] = cfg_field(
         [], "dotted overrides of the fitted baseline's config, e.g. ['epochs=20', 'threads=2']"
     )
-    projector_hidden: int = cfg_field(
+    projector_hidden: Annotated[int, Ge(0)] = cfg_field(
         0, "hidden width of the projector MLP (d_rec -> hidden -> d_lm); 0: the LM's width, as LLaRA"
     )
     curriculum: bool = cfg_field(
@@ -73,8 +73,7 @@ class HybridConfig:
             raise RecalignInputError(
                 "must name a baseline (sasrec, gru4rec) or a path", field="hybrid.recommender"
             )
-        if self.projector_hidden < 0:
-            raise RecalignInputError("must be >= 0", field="hybrid.projector_hidden")
+        check_constraints(self, "hybrid.")  # projector_hidden >= 0
         if not 0.0 < self.curriculum_span <= 1.0:
             raise RecalignInputError(
                 f"must be in (0, 1], got {self.curriculum_span}", field="hybrid.curriculum_span"

@@ -1,8 +1,8 @@
 """What the LM training recipes (SFT, preference alignment, knowledge alignment) share around training.
 
-- :func:`validate_lm_recipe`: the checks of the fields every LM training config has (``threads``,
-  ``dtype``, an enabled ``lora`` adapter) and of its nested ``data`` / ``lora`` / ``training`` / ``eval``
-  configs, run after the recipe's own checks;
+- :func:`validate_lm_recipe`: the checks of the fields every LM training config has (``dtype``, an
+  enabled ``lora`` adapter; ``threads >= 0`` is each recipe's field constraint) and of its nested
+  ``data`` / ``lora`` / ``training`` / ``eval`` configs, run after the recipe's own checks;
 - :func:`open_run_dir`: refuse a run directory holding another run's checkpoints (unless resuming, and
   then only with the same training-relevant settings), create it and save the resolved ``config.yaml``;
 - :func:`evaluate_trained`: after training, the shared next-item evaluation on the seeded test rows,
@@ -35,12 +35,11 @@ def llara_data() -> DataPrepareConfig:
 
 
 def validate_lm_recipe(cfg: Any, adapter_problem: str) -> None:
-    """Check ``threads >= 0``, a known ``dtype`` and ``lora.enabled`` (else ``adapter_problem``, the
-    one-line error), then validate the nested ``data``, ``lora``, ``training`` and ``eval`` configs."""
+    """Check a known ``dtype`` and ``lora.enabled`` (else ``adapter_problem``, the one-line error), then
+    validate the nested ``data``, ``lora``, ``training`` and ``eval`` configs. ``threads >= 0`` is each
+    recipe's ``Annotated[int, Ge(0)]`` field constraint (checked by its ``validate`` before this)."""
     from recalign.lm.lora import resolve_dtype
 
-    if cfg.threads < 0:
-        raise RecalignInputError("must be >= 0", field="threads")
     resolve_dtype(cfg.dtype)
     if not cfg.lora.enabled:
         raise RecalignInputError(adapter_problem, field="lora.enabled")

@@ -40,11 +40,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 
-from recalign.config import cfg_field
+from recalign.config import Ge, cfg_field, check_constraints
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, current_command, write_records
@@ -83,16 +83,18 @@ class KnowledgeEvalConfig:
         "full ranking by exact pruned trie search (ranks exact up to max(ks), much cheaper) or by scoring "
         "every title",
     )
-    retrieval_beams: int = cfg_field(
+    retrieval_beams: Annotated[int, Ge(0)] = cfg_field(
         30,
         "pruned search only: width of a title-constrained beam search whose titles are checked first; when "
         "max(ks) of them beat the target the search is skipped (ranks stay exact; 0 = no beam)",
     )
     n_users_generation: int = cfg_field(20, "examples for the generation evaluation (<= 0: all)")
     ks: list[int] = cfg_field([1, 5, 10, 20], "cut-offs K of HR/NDCG/MRR@K")
-    chunk_size: int = cfg_field(256, "answers per scoring pass (bounds memory for catalogue scoring)")
-    batch_size: int = cfg_field(4, "examples per forward pass in the next_item protocol")
-    max_new_tokens: int = cfg_field(40, "generation length limit")
+    chunk_size: Annotated[int, Ge(1)] = cfg_field(
+        256, "answers per scoring pass (bounds memory for catalogue scoring)"
+    )
+    batch_size: Annotated[int, Ge(1)] = cfg_field(4, "examples per forward pass in the next_item protocol")
+    max_new_tokens: Annotated[int, Ge(1)] = cfg_field(40, "generation length limit")
 
     def validate(self) -> None:
         bad = [t for t in self.tasks if t not in EVAL_TASKS]
@@ -102,10 +104,7 @@ class KnowledgeEvalConfig:
             )
         if not self.ks or min(self.ks) < 1:
             raise RecalignInputError("must be positive integers", field="eval.ks")
-        if self.retrieval_beams < 0:
-            raise RecalignInputError("must be >= 0", field="eval.retrieval_beams")
-        if self.chunk_size < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise RecalignInputError("must be >= 1", field="eval.chunk_size/batch_size/max_new_tokens")
+        check_constraints(self, "eval.")  # retrieval_beams >= 0; chunk_size, batch_size, max_new_tokens >= 1
 
 
 @dataclass
@@ -123,12 +122,12 @@ class KnowledgeConfig:
     )
     tasks: list[str] = cfg_field(list(ALL_TASKS), f"training tasks, from {', '.join(ALL_TASKS)}")
     ratios: list[float] = cfg_field([1.0] * len(ALL_TASKS), "mixing ratio of each task (same order as tasks)")
-    n_examples: int = cfg_field(
+    n_examples: Annotated[int, Ge(0)] = cfg_field(
         0,
         "training examples in the mixture; 0: max_steps x batch_size x grad_accum x processes (one pass "
         "at the global batch)",
     )
-    history_len: int = cfg_field(10, "history items shown in task prompts (most recent)")
+    history_len: Annotated[int, Ge(1)] = cfg_field(10, "history items shown in task prompts (most recent)")
     train_candidates: int = cfg_field(
         0,
         "candidates listed in training ranking prompts (0: the split's, which evaluation always uses; fewer "
@@ -143,7 +142,7 @@ class KnowledgeConfig:
     seed: int = cfg_field(0, "seed of task data, template choice, mixing and evaluation sampling")
     scoring_impl: str = cfg_field("packed", "decoder-only shared-prefix scoring in training: packed or kv")
     tiny_hidden: int = cfg_field(64, "hidden size of tiny-llama / tiny-t5")
-    threads: int = cfg_field(
+    threads: Annotated[int, Ge(0)] = cfg_field(
         0, "torch CPU threads (0: torch's default). On a shared CPU, 1 is often several times faster"
     )
     dtype: str = cfg_field(
@@ -163,10 +162,7 @@ class KnowledgeConfig:
         from recalign.methods.knowledge.mixer import allocate
 
         allocate(0, self.tasks, self.ratios)  # checks names, duplicates, counts and ratio values
-        if self.n_examples < 0:
-            raise RecalignInputError("must be >= 0", field="n_examples")
-        if self.history_len < 1:
-            raise RecalignInputError("must be >= 1", field="history_len")
+        check_constraints(self, nested=False)  # n_examples, threads >= 0; history_len >= 1 (nested: below)
         if self.train_candidates < 0 or self.train_candidates == 1:
             raise RecalignInputError("must be 0 or >= 2", field="train_candidates")
         if not 0 < self.mlm_rate <= 1:
