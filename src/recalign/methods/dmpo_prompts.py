@@ -67,15 +67,15 @@ PAIRWISE_TEMPLATES = [
 ]
 
 
-def _register() -> None:
-    """Register the phrasings once (re-importing this module must not raise on duplicate names)."""
-    have = {t.name for t in TASK_TEMPLATES.get(TASK, [])}
-    for t in PAIRWISE_TEMPLATES:
+def _register(task: str, templates: list[PromptTemplate]) -> None:
+    """Register a task's phrasings once (re-importing this module must not raise on duplicate names)."""
+    have = {t.name for t in TASK_TEMPLATES.get(task, [])}
+    for t in templates:
         if t.name not in have:
-            register_template(TASK, t)
+            register_template(task, t)
 
 
-_register()
+_register(TASK, PAIRWISE_TEMPLATES)
 
 #: DMPO's pair-ranking prompt: exactly two options, the answer is their ordering (:func:`ordering_answer`).
 PAIR_TASK = "pair_ranking"
@@ -101,14 +101,7 @@ PAIR_RANKING_TEMPLATES = [
 ]
 
 
-def _register_pair_ranking() -> None:
-    have = {t.name for t in TASK_TEMPLATES.get(PAIR_TASK, [])}
-    for t in PAIR_RANKING_TEMPLATES:
-        if t.name not in have:
-            register_template(PAIR_TASK, t)
-
-
-_register_pair_ranking()
+_register(PAIR_TASK, PAIR_RANKING_TEMPLATES)
 
 
 # ---------------------------------------------------------------------- prompts
