@@ -50,7 +50,7 @@ from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.align import AlignConfig
 from recalign.methods.lm_recipe import llara_data
-from recalign.methods.zeroshot import EvalConfig
+from recalign.methods.zeroshot import EvalConfig, protocol_record
 from recalign.rundir import open_output_dir, releasing
 from recalign.training.config import TrainingConfig
 
@@ -228,6 +228,10 @@ def register_stage(name: str) -> Callable[[Stage], Stage]:
 
 
 # ---------------------------------------------------------------------- built-in stages
+#: Metrics a fitted baseline's progress line shows (exact names).
+BASELINE_SHOWN = frozenset({"HR@1", "NDCG@10"})
+
+
 def stage_baselines(ctx: QuickstartContext) -> list[ResultRecord]:
     """Classical baselines fitted on the split's training data, scored on the shared test rows."""
     from recalign.baselines import load_baseline_config, make_baseline
@@ -244,23 +248,17 @@ def stage_baselines(ctx: QuickstartContext) -> list[ResultRecord]:
         model.fit(ctx.data.dataset, ctx.data.split)
         metrics = evaluate_candidates(model, ctx.test_examples)
         fit_info = {k: v for k, v in getattr(model, "fit_info", {}).items() if k != "history"}
+        base = dict(
+            dataset=ctx.data.dataset.name, split=ctx.data.split.name, method=method,
+            n_examples=len(ctx.test_examples), seed=ctx.cfg.seed,
+        )  # fmt: skip
+        extra = {"config": config_to_dict(config), "fit": fit_info}
+        seconds = time.perf_counter() - t0
         records.append(
-            ResultRecord(
-                dataset=ctx.data.dataset.name,
-                split=ctx.data.split.name,
-                protocol="candidates",
-                method=method,
-                metrics=metrics,
-                n_examples=len(ctx.test_examples),
-                seed=ctx.cfg.seed,
-                seconds=round(time.perf_counter() - t0, 2),
-                command=ctx.command,
-                extra={"config": config_to_dict(config), "fit": fit_info},
+            protocol_record(
+                "candidates", metrics, seconds, base, ctx.command, extra, ctx.progress, shown=BASELINE_SHOWN
             )
         )
-        if ctx.progress:
-            shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("HR@1", "NDCG@10") if k in metrics)
-            print(f"{method} [candidates] {shown}", flush=True)
     return records
 
 

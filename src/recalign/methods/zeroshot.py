@@ -98,6 +98,43 @@ def metric_keys_flat(records: list[ResultRecord]) -> dict[str, float]:
     return {f"{r.protocol}/{k}": v for r in records for k, v in r.metrics.items()}
 
 
+#: Metric-name prefixes the progress line of an evaluated protocol shows.
+SHOWN_METRICS = ("HR@1", "Valid", "NDCG@10", "PairAcc")
+
+
+def protocol_record(
+    protocol: str,
+    metrics: dict,
+    seconds: float,
+    base: dict,
+    command: str,
+    extra: dict,
+    progress: bool,
+    *,
+    shown: tuple[str, ...] | frozenset[str] = SHOWN_METRICS,
+) -> ResultRecord:
+    """One protocol's :class:`ResultRecord` (metrics as floats, seconds rounded to 0.01) and, with
+    ``progress``, its one-line summary ``method [protocol] HR@1=..., NDCG@10=...``.
+
+    ``base`` holds the record fields every protocol of a run shares (``dataset``, ``split``, ``method``,
+    ``n_examples``, ``seed``). ``shown`` names the summarised metrics: a tuple of name prefixes (so
+    ``HR@1`` also shows ``HR@10``), or a frozenset of exact names; either way in the metrics' order.
+    """
+    record = ResultRecord(
+        protocol=protocol,
+        metrics={k: float(v) for k, v in metrics.items()},
+        seconds=round(seconds, 2),
+        command=command,
+        extra=extra,
+        **base,
+    )
+    if progress:
+        keep = (lambda k: k in shown) if isinstance(shown, frozenset) else (lambda k: k.startswith(shown))
+        line = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if keep(k))
+        print(f"{base['method']} [{protocol}] {line}", flush=True)
+    return record
+
+
 def evaluate_lm(
     model,
     tokenizer,
@@ -188,23 +225,8 @@ def evaluate_lm(
             )
             metrics = _generation_metrics(gen)
             info["answers_sample"] = gen.answers[:5]
-        records.append(
-            ResultRecord(
-                protocol=protocol,
-                metrics={k: float(v) for k, v in metrics.items()},
-                seconds=round(time.perf_counter() - t0 if seconds is None else seconds, 2),
-                command=command,
-                extra=info,
-                **base,
-            )
-        )
-        if progress:
-            shown = ", ".join(
-                f"{k}={v:.4f}"
-                for k, v in metrics.items()
-                if k.startswith(("HR@1", "Valid", "NDCG@10", "PairAcc"))
-            )
-            print(f"{method} [{protocol}] {shown}", flush=True)
+        seconds = time.perf_counter() - t0 if seconds is None else seconds
+        records.append(protocol_record(protocol, metrics, seconds, base, command, info, progress))
     return records
 
 
@@ -241,19 +263,12 @@ def _evaluate_sequence(
         fn = evaluate_candidates if protocol == "candidates" else evaluate_full
         metrics = fn(rec, examples, batch_size=max(len(examples), 1))
         info = {**(extra or {}), "prompt_format": "sequence", "max_history": max_history}
+        seconds = time.perf_counter() - t0
         records.append(
-            ResultRecord(
-                protocol=protocol,
-                metrics={k: float(v) for k, v in metrics.items()},
-                seconds=round(time.perf_counter() - t0, 2),
-                command=command,
-                extra=info,
-                **base,
+            protocol_record(
+                protocol, metrics, seconds, base, command, info, progress, shown=("HR@1", "NDCG@10")
             )
         )
-        if progress:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("HR@1", "NDCG@10")))
-            print(f"{base['method']} [{protocol}] {shown}", flush=True)
     return records
 
 
