@@ -33,36 +33,50 @@ import pandas as pd
 import torch
 
 from recalign.config import Ge, Gt, cfg_field, check_constraints
-from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.lm_recipe import (
+    LMRecipeConfig,
     LMRunResult,
     evaluate_trained,
-    llara_data,
     open_run_dir,
+    training_field,
     validate_lm_recipe,
 )
-from recalign.methods.zeroshot import EvalConfig, metric_keys_flat
+from recalign.methods.zeroshot import metric_keys_flat
 from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
 LossName = Literal["dpo", "sdpo", "dmpo"]
 
 
-def _default_training() -> TrainingConfig:
-    return TrainingConfig(learning_rate=1e-4, max_steps=32, batch_size=4, warmup_steps=2, save_steps=8)
-
-
 @dataclass
-class AlignConfig:
-    """``recalign align``: DPO / S-DPO / DMPO of an LM recommender, usually starting from an SFT run."""
+class AlignConfig(LMRecipeConfig):
+    """``recalign align``: DPO / S-DPO / DMPO of an LM recommender, usually starting from an SFT run.
+
+    ``data`` and ``eval``: :class:`LMRecipeConfig`'s; the other base fields are redeclared (alignment's help,
+    its optimiser defaults).
+    """
 
     model: str = cfg_field(
         "smollm2", "start model (and reference): an SFT run dir, adapter dir or base model"
+    )
+    seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
+    dtype: str = cfg_field(
+        "auto",
+        "base weights: auto (bfloat16 where native, else float32), float32 or bfloat16; LoRA stays float32",
+    )
+    threads: Annotated[int, Ge(0)] = cfg_field(
+        0, "torch CPU threads (0: torch's default; 1 is faster on a shared, busy CPU)"
+    )
+    lora: LoRAConfig = cfg_field(
+        help="the new LoRA adapter trained on top of the start model", default_factory=LoRAConfig
+    )
+    training: TrainingConfig = training_field(
+        learning_rate=1e-4, max_steps=32, batch_size=4, warmup_steps=2, save_steps=8
     )
     loss: LossName = cfg_field("sdpo", "preference loss: dpo (K=1), sdpo (softmax over K), dmpo (mean of K)")
     negatives: Annotated[int, Ge(1, show_value=True)] = cfg_field(
@@ -79,7 +93,6 @@ class AlignConfig:
         "precomputed", "reference log-probs: cached once per data+model, or a per-step adapter-off pass"
     )
     method: str = cfg_field("", "method name in result records (default: dpo, sdpo-k3, dmpo-k3, ...)")
-    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
     n_train: Annotated[int, Ge(1, show_value=True)] = cfg_field(
         128, "training examples (each with 1+K answers) sampled from the train stage"
     )
@@ -93,22 +106,7 @@ class AlignConfig:
         "training prompt: candidates (the SFT candidate list) or choice (the positive and its K negatives "
         "as options A, B, ..., answer a title; DMPO's own pair-ranking prompt is `recalign dmpo`)",
     )
-    seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
     scoring_impl: Literal["packed", "kv"] = cfg_field("packed", "shared-prefix implementation")
-    dtype: str = cfg_field(
-        "auto",
-        "base weights: auto (bfloat16 where native, else float32), float32 or bfloat16; LoRA stays float32",
-    )
-    threads: Annotated[int, Ge(0)] = cfg_field(
-        0, "torch CPU threads (0: torch's default; 1 is faster on a shared, busy CPU)"
-    )
-    lora: LoRAConfig = cfg_field(
-        help="the new LoRA adapter trained on top of the start model", default_factory=LoRAConfig
-    )
-    training: TrainingConfig = cfg_field(
-        help="optimisation and checkpoints", default_factory=_default_training
-    )
-    eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
 
     def validate(self) -> None:
         check_constraints(self, nested=False)  # the nested configs: validate_lm_recipe below

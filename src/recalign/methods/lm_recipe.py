@@ -1,5 +1,10 @@
 """What the LM training recipes (SFT, preference alignment, knowledge alignment) share around training.
 
+- :class:`LMRecipeConfig`: the fields every LM recipe config has (``model``, ``data``, ``seed``,
+  ``dtype``, ``threads``, ``lora``, ``training``, ``eval``), the base of
+  :class:`~recalign.methods.sft.SFTConfig`, :class:`~recalign.methods.align.AlignConfig` and
+  :class:`~recalign.methods.knowledge.recipe.KnowledgeConfig`. A recipe redeclares a field whose
+  default or help is its own (each recipe's ``training`` defaults, through :func:`training_field`);
 - :func:`validate_lm_recipe`: the checks of the fields every LM training config has (``dtype``, an
   enabled ``lora`` adapter; ``threads >= 0`` is each recipe's field constraint) and of its nested
   ``data`` / ``lora`` / ``training`` / ``eval`` configs, run after the recipe's own checks;
@@ -10,23 +15,28 @@
 - :class:`LMRunResult`: what :func:`~recalign.methods.sft.run_sft` and
   :func:`~recalign.methods.align.run_align` return.
 
-Field declarations stay with each recipe: their defaults and help strings differ per recipe.
+Base fields come first in a recipe's fields (``--help-config``, ``config.yaml``); a redeclared one keeps
+its place. The recipe's own fields follow.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
 
-from recalign.config import config_to_dict, read_yaml, save_config
+from recalign.config import Ge, cfg_field, config_to_dict, read_yaml, save_config
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, write_records
+from recalign.lm.lora import LoRAConfig
 from recalign.methods import PreparedData, sample_examples
+from recalign.methods.zeroshot import EvalConfig
+from recalign.training.config import TrainingConfig
 
 
 def llara_data() -> DataPrepareConfig:
@@ -34,7 +44,41 @@ def llara_data() -> DataPrepareConfig:
     return DataPrepareConfig(split="llara")
 
 
-def validate_lm_recipe(cfg: Any, adapter_problem: str) -> None:
+def training_field(**defaults: Any) -> Any:
+    """A recipe's ``training`` field: :class:`TrainingConfig` with the recipe's ``defaults``."""
+    return cfg_field(
+        help="optimisation and checkpoints", default_factory=functools.partial(TrainingConfig, **defaults)
+    )
+
+
+@dataclass
+class LMRecipeConfig:
+    """The fields every LM recipe config has, with SFT's defaults and help (``training``: plain
+    :class:`TrainingConfig`, as every recipe sets its own optimiser defaults). A recipe whose default or
+    help differs redeclares the field with the same name and type (knowledge: its own ``eval`` section)."""
+
+    model: str = cfg_field(
+        "smollm2", "base model: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir"
+    )
+    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
+    seed: int = cfg_field(
+        0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
+    )
+    dtype: str = cfg_field(
+        "auto",
+        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
+        "bfloat16; the LoRA adapter always trains in float32",
+    )
+    threads: Annotated[int, Ge(0)] = cfg_field(
+        0,
+        "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
+    )
+    lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
+    training: TrainingConfig = training_field()
+    eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
+
+
+def validate_lm_recipe(cfg: LMRecipeConfig, adapter_problem: str) -> None:
     """Check a known ``dtype`` and ``lora.enabled`` (else ``adapter_problem``, the one-line error), then
     validate the nested ``data``, ``lora``, ``training`` and ``eval`` configs. ``threads >= 0`` is each
     recipe's ``Annotated[int, Ge(0)]`` field constraint (checked by its ``validate`` before this)."""

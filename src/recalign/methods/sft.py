@@ -37,38 +37,34 @@ import pandas as pd
 import torch
 
 from recalign.config import Ge, cfg_field, check_constraints
-from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import current_command
 from recalign.io import atomic_write_json
-from recalign.lm.lora import LoRAConfig, resolve_dtype
+from recalign.lm.lora import resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.hybrid import HybridConfig
 from recalign.methods.lm_recipe import (
+    LMRecipeConfig,
     LMRunResult,
     evaluate_trained,
-    llara_data,
     open_run_dir,
+    training_field,
     validate_lm_recipe,
 )
-from recalign.methods.zeroshot import EvalConfig, metric_keys_flat
+from recalign.methods.zeroshot import metric_keys_flat
 from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
 FORMATS = ("candidates", "sequence")
 
 
-def _default_training() -> TrainingConfig:
-    return TrainingConfig(learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=10)
-
-
 @dataclass
-class SFTConfig:
-    """``recalign sft``: few-shot LoRA SFT of a causal LM on next-item prompts, then evaluation."""
+class SFTConfig(LMRecipeConfig):
+    """``recalign sft``: few-shot LoRA SFT of a causal LM on next-item prompts, then evaluation.
 
-    model: str = cfg_field(
-        "smollm2", "base model: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir"
-    )
+    ``model``, ``data``, ``seed``, ``dtype``, ``threads``, ``lora`` and ``eval``: :class:`LMRecipeConfig`'s.
+    """
+
     method: str = cfg_field("sft", "method name written into result records")
     format: str = cfg_field(
         "candidates",
@@ -80,30 +76,15 @@ class SFTConfig:
     min_context: int = cfg_field(
         4, "format=sequence: items at the start of a user's sequence / of each window that are context only"
     )
-    data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
     n_train: int = cfg_field(
         256,
         "training examples sampled from the train stage (format=sequence: documents/windows) (<= 0: all)",
     )
     max_history: Annotated[int, Ge(1)] = cfg_field(10, "history items shown in the prompt (most recent)")
-    seed: int = cfg_field(
-        0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
-    )
     scoring_impl: str = cfg_field("packed", "shared-prefix implementation for the loss: packed or kv")
-    dtype: str = cfg_field(
-        "auto",
-        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
-        "bfloat16; the LoRA adapter always trains in float32",
+    training: TrainingConfig = training_field(
+        learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=10
     )
-    threads: Annotated[int, Ge(0)] = cfg_field(
-        0,
-        "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
-    )
-    lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
-    training: TrainingConfig = cfg_field(
-        help="optimisation and checkpoints", default_factory=_default_training
-    )
-    eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
     hybrid: HybridConfig = cfg_field(
         help="LLaRA hybrid item tokens (format=candidates): 'Title [emb]' with a projected recommender embedding",
         default_factory=HybridConfig,

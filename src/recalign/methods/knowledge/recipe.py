@@ -51,7 +51,7 @@ from recalign.evaluation.records import ResultRecord, current_command, write_rec
 from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig
 from recalign.methods.knowledge.templates import ALL_TASKS, AUX_TASKS, REC_TASKS
-from recalign.methods.lm_recipe import open_run_dir, validate_lm_recipe
+from recalign.methods.lm_recipe import LMRecipeConfig, open_run_dir, training_field, validate_lm_recipe
 from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
@@ -59,10 +59,6 @@ EVAL_TASKS = ("retrieval", "ranking", "rating", "next_item", "generation")
 TINY_MODELS = ("tiny-llama", "tiny-t5")
 #: LoRA targets of T5-family attention (the decoder-only default names q_proj / v_proj).
 T5_LORA_TARGETS = ["q", "v"]
-
-
-def _default_training() -> TrainingConfig:
-    return TrainingConfig(learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=20)
 
 
 @dataclass
@@ -108,17 +104,36 @@ class KnowledgeEvalConfig:
 
 
 @dataclass
-class KnowledgeConfig:
-    """``recalign knowledge``: multi-task SFT on recommendation-knowledge tasks, then per-task evaluation."""
+class KnowledgeConfig(LMRecipeConfig):
+    """``recalign knowledge``: multi-task SFT on recommendation-knowledge tasks, then per-task evaluation.
+
+    ``lora``: :class:`LMRecipeConfig`'s; its other fields are redeclared (no LLaRA split, its own
+    evaluation section, help naming the tiny and T5-family models).
+    """
 
     model: str = cfg_field(
         "smollm2", "base model: smollm2, a local model directory (causal or T5-family), tiny-llama, tiny-t5"
     )
-    method: str = cfg_field(
-        "", "method name in records; empty: derived from the tasks (knowledge-rec+aux, ...)"
-    )
     data: DataPrepareConfig = cfg_field(
         help="dataset, split and candidates", default_factory=DataPrepareConfig
+    )
+    seed: int = cfg_field(0, "seed of task data, template choice, mixing and evaluation sampling")
+    dtype: str = cfg_field(
+        "auto",
+        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
+        "bfloat16; the LoRA adapter always trains in float32 (tiny models are always float32)",
+    )
+    threads: Annotated[int, Ge(0)] = cfg_field(
+        0, "torch CPU threads (0: torch's default). On a shared CPU, 1 is often several times faster"
+    )
+    training: TrainingConfig = training_field(
+        learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=20
+    )
+    eval: KnowledgeEvalConfig = cfg_field(  # type: ignore[assignment]  # the knowledge tasks' evaluation
+        help="evaluation after training", default_factory=KnowledgeEvalConfig
+    )
+    method: str = cfg_field(
+        "", "method name in records; empty: derived from the tasks (knowledge-rec+aux, ...)"
     )
     tasks: list[str] = cfg_field(list(ALL_TASKS), f"training tasks, from {', '.join(ALL_TASKS)}")
     ratios: list[float] = cfg_field([1.0] * len(ALL_TASKS), "mixing ratio of each task (same order as tasks)")
@@ -139,24 +154,8 @@ class KnowledgeConfig:
         "recommendation-task samples: informative (Cao et al.: the user as a history of titles, no user id) "
         "or ids (the P5-style form it replaces: user_<id>, item_<id>; evaluated in the same form)",
     )
-    seed: int = cfg_field(0, "seed of task data, template choice, mixing and evaluation sampling")
     scoring_impl: str = cfg_field("packed", "decoder-only shared-prefix scoring in training: packed or kv")
     tiny_hidden: int = cfg_field(64, "hidden size of tiny-llama / tiny-t5")
-    threads: Annotated[int, Ge(0)] = cfg_field(
-        0, "torch CPU threads (0: torch's default). On a shared CPU, 1 is often several times faster"
-    )
-    dtype: str = cfg_field(
-        "auto",
-        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
-        "bfloat16; the LoRA adapter always trains in float32 (tiny models are always float32)",
-    )
-    lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
-    training: TrainingConfig = cfg_field(
-        help="optimisation and checkpoints", default_factory=_default_training
-    )
-    eval: KnowledgeEvalConfig = cfg_field(
-        help="evaluation after training", default_factory=KnowledgeEvalConfig
-    )
 
     def validate(self) -> None:
         from recalign.methods.knowledge.mixer import allocate
