@@ -210,7 +210,7 @@ def trie_beam_search(
     """
     from transformers import DynamicCache
 
-    from recalign.lm.modules import softcap, unwrap_peft
+    from recalign.lm.modules import cache_kwarg, softcap, unwrap_peft
     from recalign.lm.scoring import decoder_and_head
 
     decoder, head = decoder_and_head(model)
@@ -218,7 +218,7 @@ def trie_beam_search(
     cap = softcap(model)
     cache = DynamicCache(config=unwrap_peft(model).config)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    hidden = decoder(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    hidden = decoder(input_ids=ids, use_cache=True, **cache_kwarg(decoder, cache)).last_hidden_state[:, -1]
     live: list[tuple[tuple[int, ...], float, dict]] = [((), 0.0, trie.root)]  # prefix, score, trie node
     found: dict[int, float] = {}
     for _ in range(max_new_tokens):
@@ -247,5 +247,5 @@ def trie_beam_search(
         cache.reorder_cache(parents)
         live = [(live[p][0] + (tok,), s, child) for s, p, tok, child in nxt]
         step_ids = torch.tensor([[tok] for _, _, tok, _ in nxt], dtype=torch.long, device=device)
-        hidden = decoder(input_ids=step_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = decoder(input_ids=step_ids, use_cache=True, **cache_kwarg(decoder, cache)).last_hidden_state[:, -1]
     return found
