@@ -153,3 +153,49 @@ def test_an_align_field_the_old_section_lacked_reaches_run_align(tmp_path, monke
     ctx.artifacts["sft"] = str(tmp_path / "sft")
     qs.stage_sdpo(ctx)
     assert (seen["cfg"].sample_seed, seen["cfg"].scoring_impl, seen["cfg"].prompt) == (11, "kv", "candidates")
+
+
+def test_sequence_format_reaches_both_stages_without_the_generation_protocol(tmp_path, monkeypatch):
+    """``format=sequence``: the sft stage trains sequence SFT with the run's window settings; both training
+    stages evaluate only what a history-only model supports (no generation), the run-wide eval untouched."""
+    import recalign.methods.align as align
+    import recalign.methods.sft as sft
+
+    seen = {}
+
+    def fake_run_sft(cfg, output_dir, **_):
+        seen["sft"] = cfg
+        return sft.SFTResult(Path(output_dir), Path(output_dir) / "adapter", ["s"], {}, 16, 1.0, 0.1)
+
+    def fake_run_align(cfg, output_dir, **_):
+        seen["sdpo"] = cfg
+        return align.AlignResult(Path(output_dir), Path(output_dir) / "adapter", ["a"], {}, 16, 1.0, 0.1)
+
+    monkeypatch.setattr(sft, "run_sft", fake_run_sft)
+    monkeypatch.setattr(align, "run_align", fake_run_align)
+    ctx = _ctx(tmp_path, resume=False)
+    ctx.cfg = load_config(QuickstartConfig, overrides=["format=sequence", "window=12", "min_context=3"])
+    assert ctx.cfg.eval.protocols == ["candidates", "generation"]
+    qs.stage_sft(ctx)
+    qs.stage_sdpo(ctx)
+    s = seen["sft"]
+    assert (s.format, s.window, s.min_context) == ("sequence", 12, 3)
+    assert s.eval.protocols == ["candidates"] and seen["sdpo"].eval.protocols == ["candidates"]
+    assert seen["sdpo"].model == str(tmp_path / "sft")
+    assert ctx.cfg.eval.protocols == ["candidates", "generation"]  # copied, not changed
+    # the candidate format keeps the run's own eval settings
+    ctx.cfg = load_config(QuickstartConfig)
+    qs.stage_sft(ctx)
+    assert seen["sft"].format == "candidates" and seen["sft"].eval is ctx.cfg.eval
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["format=text"], "must be candidates or sequence"),
+        (["format=sequence", "window=4"], "must be > min_context"),
+    ],
+)
+def test_bad_sequence_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(RecalignInputError, match=message):
+        load_config(QuickstartConfig, overrides=overrides)

@@ -91,11 +91,14 @@ SDPO_FIXED = {"loss": "sdpo", "method": "sdpo", "prompt": "candidates"}
 SDPO_UNUSED = ("nll_weight",)
 
 #: SFTConfig fields the sft stage takes from the top level besides RUN_WIDE (its budget, adapter and optimiser)
-SFT_FROM_TOP = ("n_train", "lora", "training")
+SFT_FROM_TOP = ("n_train", "lora", "training", "format", "window", "min_context")
 
-#: SFTConfig fields the sft stage leaves at SFTConfig's defaults (candidate-prompt SFT, recorded as ``sft``);
+#: SFTConfig fields the sft stage leaves at SFTConfig's defaults (recorded as ``sft``);
 #: tests check that every SFTConfig field is in RUN_WIDE, SFT_FROM_TOP or here, so none is silently dropped
-SFT_DEFAULTS = ("method", "format", "window", "min_context", "scoring_impl", "hybrid")
+SFT_DEFAULTS = ("method", "scoring_impl", "hybrid")
+
+#: protocols a sequence-format model is evaluated with (it has no candidate-listing prompt to generate from)
+SEQUENCE_PROTOCOLS = ("candidates", "full")
 
 
 def _validate_sdpo(self) -> None:
@@ -153,6 +156,16 @@ class QuickstartConfig:
         "per-baseline config overrides (SASRec capped to fit the time budget)",
     )
     n_train: Annotated[int, Ge(1)] = cfg_field(256, "SFT training examples (few-shot), sampled with seed")
+    format: str = cfg_field(
+        "candidates",
+        "SFT data: candidates (one candidate-listing prompt per example) or sequence (windows of a user's "
+        "history as plain lists, a next-item loss on every item; S-DPO then trains on its history-only "
+        "prompt; the sft and sdpo stages skip the generation protocol, which needs the candidate prompt)",
+    )
+    window: int = cfg_field(24, "format=sequence: items per training window (checked by the SFT stage)")
+    min_context: int = cfg_field(
+        4, "format=sequence: items of each window that are context only (checked by the SFT stage)"
+    )
     max_history: int = cfg_field(10, "history items in prompts")
     seed: int = cfg_field(0, "seed of example sampling and prompt phrasing")
     lora: LoRAConfig = cfg_field(help="LoRA adapter of the SFT stage", default_factory=_lora)
@@ -175,6 +188,12 @@ class QuickstartConfig:
         if unknown:
             raise RecalignInputError(
                 f"unknown stage '{unknown[0]}' (registered: {', '.join(STAGES)})", field="stages"
+            )
+        if self.format not in ("candidates", "sequence"):
+            raise RecalignInputError(f"must be candidates or sequence, got {self.format!r}", field="format")
+        if self.format == "sequence" and self.window <= self.min_context:
+            raise RecalignInputError(
+                f"must be > min_context={self.min_context}, got {self.window}", field="window"
             )
         if "sdpo" in self.stages and "sft" not in self.stages[: self.stages.index("sdpo")]:
             raise RecalignInputError(
@@ -289,6 +308,18 @@ def _stage_training(ctx: QuickstartContext, training: TrainingConfig) -> Trainin
     return training
 
 
+def _stage_eval(cfg: QuickstartConfig) -> EvalConfig:
+    """The run's evaluation settings for a model trained in ``cfg.format``: a sequence model keeps only
+    the protocols it supports (:data:`SEQUENCE_PROTOCOLS`); the report shows the others as missing."""
+    if cfg.format != "sequence":
+        return cfg.eval
+    import copy
+
+    ev = copy.deepcopy(cfg.eval)
+    ev.protocols = [p for p in ev.protocols if p in SEQUENCE_PROTOCOLS] or ["candidates"]
+    return ev
+
+
 def _run_training_stage(ctx: QuickstartContext, name: str, run: Callable, cfg: Any) -> list[ResultRecord]:
     """``run`` (``run_sft`` / ``run_align``) on the shared data and test rows into ``stages``' directory
     ``name``; the run directory is left in ``ctx.artifacts[name]``."""
@@ -303,7 +334,7 @@ def stage_sft(ctx: QuickstartContext) -> list[ResultRecord]:
 
     c = ctx.cfg
     values = {**run_wide(c), **{k: getattr(c, k) for k in SFT_FROM_TOP}}
-    sft_cfg = SFTConfig(**{**values, "training": _stage_training(ctx, c.training)})
+    sft_cfg = SFTConfig(**{**values, "training": _stage_training(ctx, c.training), "eval": _stage_eval(c)})
     return _run_training_stage(ctx, "sft", run_sft, sft_cfg)
 
 
@@ -318,7 +349,14 @@ def stage_sdpo(ctx: QuickstartContext) -> list[ResultRecord]:
             "the sdpo stage starts from the SFT model: run the sft stage before it", field="stages"
         )
     values = {**run_wide(c), **SDPO_FIXED, **stage_fields(s)}
-    align_cfg = AlignConfig(**{**values, "model": str(start), "training": _stage_training(ctx, s.training)})
+    align_cfg = AlignConfig(
+        **{
+            **values,
+            "model": str(start),
+            "training": _stage_training(ctx, s.training),
+            "eval": _stage_eval(c),
+        }
+    )
     return _run_training_stage(ctx, "sdpo", run_align, align_cfg)
 
 
