@@ -184,7 +184,7 @@ def test_quickstart_runs_stages_on_shared_examples_and_resumes(run, tmp_path, ca
         "training.max_steps=1", "training.batch_size=4", "training.warmup_steps=0", "training.progress=false",
         "sdpo.n_train=8", "sdpo.training.max_steps=1", "sdpo.training.batch_size=4",
         "sdpo.training.warmup_steps=0", "sdpo.training.learning_rate=0.01", "sdpo.training.progress=false",
-        "eval.n_test=4", "eval.protocols=[candidates,generation]", "eval.max_new_tokens=4",
+        "eval.n_test=4", "eval.protocols=[candidates,generation]", "eval.max_new_tokens=4", "format=candidates",
     ]  # fmt: skip
     assert main(args) == 0
     table = capsys.readouterr().out
@@ -242,3 +242,28 @@ def test_quickstart_runs_stages_on_shared_examples_and_resumes(run, tmp_path, ca
     assert [r.protocol for r in again] == [r.protocol for r in first]
     for a, b in zip(again, first):
         assert a.metrics == pytest.approx(b.metrics, nan_ok=True)
+
+
+def test_quickstart_sequence_format_trains_sequence_sft_and_skips_generation_for_it(run, tmp_path):
+    """The default quickstart recipe (format=sequence) on the tiny model: sequence SFT, S-DPO on its
+    history-only prompt; zero-shot keeps both protocols, the trained stages report candidates only."""
+    _, data, model, _, _ = run
+    out, results = tmp_path / "qs", tmp_path / "results.json"
+    args = [
+        "quickstart", "--output", str(out), "--results", str(results), f"model={model}", "dtype=float32",
+        f"data.path={data}", "data.candidates=5", "baselines=[pop]", "n_train=8", "max_history=4",
+        "window=6", "min_context=2", "training.max_steps=1", "training.batch_size=4", "training.warmup_steps=0",
+        "training.progress=false", "sdpo.n_train=8", "sdpo.training.max_steps=1", "sdpo.training.batch_size=4",
+        "sdpo.training.warmup_steps=0", "sdpo.training.progress=false",
+        "eval.n_test=4", "eval.protocols=[candidates,generation]", "eval.max_new_tokens=4",
+    ]  # fmt: skip
+    assert main(args) == 0
+    records = read_records(results)
+    assert [(r.method, r.protocol) for r in records] == [
+        ("pop", "candidates"), ("zeroshot", "candidates"), ("zeroshot", "generation"),
+        ("sft", "candidates"), ("sdpo", "candidates"),
+    ]  # fmt: skip
+    assert {r.n_examples for r in records} == {4}
+    sft_run = json.loads((out / "sft" / "metrics.json").read_text())["run"]
+    assert sft_run["format"] == "sequence" and sft_run["train_counts"]["window"] == 6
+    assert json.loads((out / "sdpo" / "metrics.json").read_text())["run"]["prompt_format"] == "sequence"

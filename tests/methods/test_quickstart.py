@@ -60,7 +60,8 @@ def test_without_sdpo_the_candidate_count_is_not_constrained():
 
 def _ctx(tmp_path, resume: bool) -> QuickstartContext:
     cfg = load_config(
-        QuickstartConfig, overrides=["seed=7", "max_history=5", "sdpo.beta=0.5", "dtype=float32"]
+        QuickstartConfig,
+        overrides=["seed=7", "max_history=5", "sdpo.beta=0.5", "dtype=float32", "format=candidates"],
     )
     data = object()  # the stage hands the prepared data through untouched
     test = pd.DataFrame({"user": [1, 2], "position": [3, 4]})
@@ -184,7 +185,7 @@ def test_sequence_format_reaches_both_stages_without_the_generation_protocol(tmp
     assert seen["sdpo"].model == str(tmp_path / "sft")
     assert ctx.cfg.eval.protocols == ["candidates", "generation"]  # copied, not changed
     # the candidate format keeps the run's own eval settings
-    ctx.cfg = load_config(QuickstartConfig)
+    ctx.cfg = load_config(QuickstartConfig, overrides=["format=candidates"])
     qs.stage_sft(ctx)
     assert seen["sft"].format == "candidates" and seen["sft"].eval is ctx.cfg.eval
 

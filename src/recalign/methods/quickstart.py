@@ -57,7 +57,7 @@ from recalign.training.config import TrainingConfig
 
 def _training() -> TrainingConfig:
     return TrainingConfig(
-        learning_rate=1e-3, max_steps=24, batch_size=4, warmup_steps=2, save_steps=8, logging_steps=2
+        learning_rate=1e-3, max_steps=60, batch_size=4, warmup_steps=4, save_steps=20, logging_steps=5
     )
 
 
@@ -155,9 +155,11 @@ class QuickstartConfig:
         {"sasrec": {"epochs": 10, "patience": 3}},
         "per-baseline config overrides (SASRec capped to fit the time budget)",
     )
-    n_train: Annotated[int, Ge(1)] = cfg_field(256, "SFT training examples (few-shot), sampled with seed")
+    n_train: Annotated[int, Ge(1)] = cfg_field(
+        240, "SFT training examples (format=sequence: windows), sampled with seed"
+    )
     format: str = cfg_field(
-        "candidates",
+        "sequence",
         "SFT data: candidates (one candidate-listing prompt per example) or sequence (windows of a user's "
         "history as plain lists, a next-item loss on every item; S-DPO then trains on its history-only "
         "prompt; the sft and sdpo stages skip the generation protocol, which needs the candidate prompt)",
