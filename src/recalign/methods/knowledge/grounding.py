@@ -247,5 +247,7 @@ def trie_beam_search(
         cache.reorder_cache(parents)
         live = [(live[p][0] + (tok,), s, child) for s, p, tok, child in nxt]
         step_ids = torch.tensor([[tok] for _, _, tok, _ in nxt], dtype=torch.long, device=device)
-        hidden = decoder(input_ids=step_ids, use_cache=True, **cache_kwarg(decoder, cache)).last_hidden_state[:, -1]
+        hidden = decoder(input_ids=step_ids, use_cache=True, **cache_kwarg(decoder, cache)).last_hidden_state[
+            :, -1
+        ]
     return found
