@@ -91,16 +91,21 @@ def profile_lm_step(model, batch, side: str, head: str, all_positions: bool = Fa
 
     loss, t_head = _timed(head_loss)
     _, t_bwd = _timed(loss.backward)
-    tokens = int(batch["input_ids"].numel())
+    head_positions = int(h.shape[0] * h.shape[1]) if all_positions else int(len(rows))
+    return _step_record(batch, t_fwd, t_head, t_bwd, loss, head_positions=head_positions)
+
+
+def _step_record(batch, t_fwd: float, t_head: float, t_bwd: float, loss, **extra) -> dict:
+    """One profiled step: the three phases' seconds, the batch's shape and the loss."""
     return {
         "backbone_forward_s": round(t_fwd, 3),
         "head_and_loss_s": round(t_head, 3),
         "backward_s": round(t_bwd, 3),
         "step_s": round(t_fwd + t_head + t_bwd, 3),
         "rows": int(batch["input_ids"].shape[0]),
-        "tokens_through_backbone": tokens,
+        "tokens_through_backbone": int(batch["input_ids"].numel()),
         "real_tokens": int(batch["attention_mask"].sum()),
-        "head_positions": int(h.shape[0] * h.shape[1]) if all_positions else int(len(rows)),
+        **extra,
         "loss": round(float(loss), 4),
     }
 
@@ -117,16 +122,7 @@ def profile_rec_step(model, batch) -> dict:
 
     loss, t_head = _timed(head_loss)
     _, t_bwd = _timed(loss.backward)
-    return {
-        "backbone_forward_s": round(t_fwd, 3),
-        "head_and_loss_s": round(t_head, 3),
-        "backward_s": round(t_bwd, 3),
-        "step_s": round(t_fwd + t_head + t_bwd, 3),
-        "rows": int(batch["input_ids"].shape[0]),
-        "tokens_through_backbone": int(batch["input_ids"].numel()),
-        "real_tokens": int(batch["attention_mask"].sum()),
-        "loss": round(float(loss), 4),
-    }
+    return _step_record(batch, t_fwd, t_head, t_bwd, loss)
 
 
 def best_of_two(fn) -> dict:

@@ -154,18 +154,16 @@ def sft_config(args):
 
 def stage_sft(args, run: Path, command: str) -> list:
     from recalign.lm.lora import load_lm, resolve_dtype
-    from recalign.methods.sft import run_sft
 
     cfg = sft_config(args)
-    cfg.training.resume = True
     out = run / "sft-sequence" / "model"
-    res = run_sft(cfg, out, command=f"recalign sft --config {SFT_CONFIG} --output {out} eval.n_test=0")
+    res = train_sft(cfg, out, f"recalign sft --config {SFT_CONFIG} --output {out} eval.n_test=0")
     data = load(0)
     model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
     info = {
         "model": str(out), "config": SFT_CONFIG, "format": "sequence", "candidate_seed": 0,
-        "train_steps": res.train_steps, **{k: res.metrics["run"].get(k) for k in
-            ("train_counts", "examples_seen", "targets_seen", "train_cpu_seconds", "train_seconds", "dtype")},
+        **{k: res.get(k) for k in ("train_steps", "train_counts", "examples_seen", "targets_seen",
+                                   "train_cpu_seconds", "train_seconds", "dtype")},
     }  # fmt: skip
     return lm_records(model, tok, data, test_rows(data, args.n_test), "sft-sequence", info, command)
 

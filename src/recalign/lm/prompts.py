@@ -2,16 +2,8 @@
 
 Templates (:mod:`recalign.lm.prompt_templates`)
 -----------------------------------------------
-Templates are grouped by *task* in :data:`TASK_TEMPLATES` (``"next_item"``: pick the next item from a
-candidate list). Each task has several phrasings; which one an example gets is a deterministic function of
-``(seed, user, position)`` (:func:`choose_template`), so the same example always reads the same way in SFT,
-preference training and evaluation, while the training set as a whole mixes phrasings. Other tasks (DMPO's
-pairwise ranking, the knowledge-alignment tasks) register their own templates with
-:func:`register_template` under a new task name; nothing here has to change.
-
-Every template ends with an explicit answer marker (``"Answer:"``). The S-DPO reference templates do not
-always have one, and its SFT collator silently trains on the wrong tokens when it is missing; here
-:class:`PromptTemplate` refuses a template without its marker at the end.
+Phrasings grouped by task, chosen per example by ``(seed, user, position)``, each ending with its answer
+marker: see that module's docstring.
 
 Item text: the history is the last ``max_history`` (default 10) items, oldest first, as titles with the
 year (MovieLens titles already end with ``(year)``; for catalogues with a separate ``year`` column and a

@@ -161,17 +161,26 @@ def pairwise_prompt(
     ``template=None`` picks the phrasing by ``(seed, user, position)``; ``titles`` (display titles of
     the whole catalogue) may be passed to avoid recomputing them per example.
     """
-    t = resolve_template(template, seed=seed, user=user, position=position, task=TASK)
-    hist = recent_history(history_idx, max_history)
     options = [int(o) for o in option_idx]
     if len(set(options)) != len(options):
         raise RecalignInputError(f"pairwise options must be distinct items, got {options}")
-    ordered = sorted(options)  # the permutation applies to the sorted set: input order is irrelevant
+    t, hist_titles, shown, titles = _seeded_options(
+        dataset, history_idx, options, TASK, seed, user, position, max_history, template, titles
+    )
+    noun, nouns = item_noun(dataset)
+    return render_pairwise(t, hist_titles, [titles[o] for o in shown], noun, nouns), shown
+
+
+def _seeded_options(dataset, history_idx, options, task, seed, user, position, max_history, template, titles):
+    """What both option prompts share: the example's phrasing of ``task``, the recent history's titles,
+    the options in their seeded display order (a permutation of the *sorted* set, so the input order is
+    irrelevant) and the catalogue's display titles."""
+    t = resolve_template(template, seed=seed, user=user, position=position, task=task)
+    ordered = sorted(options)
     shown = [ordered[i] for i in option_order(seed, user, position, options)]
     titles = list(titles) if titles is not None else display_titles(dataset)
-    noun, nouns = item_noun(dataset)
-    hist_titles = [titles[int(h)] for h in hist]
-    return render_pairwise(t, hist_titles, [titles[o] for o in shown], noun, nouns), shown
+    hist_titles = [titles[int(h)] for h in recent_history(history_idx, max_history)]
+    return t, hist_titles, shown, titles
 
 
 def preference_pairwise_prompts(
@@ -262,12 +271,10 @@ def pair_ranking_prompt(
     items = [int(o) for o in pair]
     if len(items) != 2 or items[0] == items[1]:
         raise RecalignInputError(f"a pair-ranking prompt names exactly two distinct items, got {items}")
-    t = resolve_template(template, seed=seed, user=user, position=position, task=PAIR_TASK)
-    ordered = sorted(items)
-    shown = [ordered[i] for i in option_order(seed, user, position, items)]
-    titles = list(titles) if titles is not None else display_titles(dataset)
+    t, hist, shown, titles = _seeded_options(
+        dataset, history_idx, items, PAIR_TASK, seed, user, position, max_history, template, titles
+    )
     noun, nouns = item_noun(dataset)
-    hist = [titles[int(h)] for h in recent_history(history_idx, max_history)]
     text = t.text.format(
         noun=noun,
         nouns=nouns,
