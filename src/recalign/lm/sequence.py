@@ -28,6 +28,20 @@ Windows never contain a validation or test target: they are cut from
 training target; for ``loo``: all but the last two). Every item at index ``>= min_context`` of such a
 sequence is a target of exactly one window (consecutive windows overlap by ``min_context`` items, which
 are context only in the later window).
+
+**Hybrid item tokens** (LLaRA, :mod:`recalign.lm.hybrid`; ``recalign sft`` with ``format: sequence`` and
+``hybrid.enabled``): with ``item_tokens=True`` every item's line is followed by that item's soft token
+(id ``-(item + 1)``, :func:`recalign.lm.prompts.soft_token_id`: a frozen SASRec's item embedding through
+the trainable projector), so a document reads ``Toy Story (1995)\\n[emb] Fargo (1996)\\n[emb] ...`` and
+the hidden state that predicts an item's first token sits on the previous item's soft token. The loss
+spans are the same line spans as without soft tokens: a soft token is never a label (it is input only;
+:func:`sequence_token_logprobs` refuses a target span that covers one), and the last item of a document
+gets none (nothing after it is predicted). The evaluation prompt carries the soft token after every
+history line and is again token for token a prefix of a training document; a candidate's answer is its
+plain line, as in training. A candidate's own soft token would come *after* its line, so it could not
+change that line's log-probability: the candidates' soft tokens are left out, and the shared-prefix
+scorer (packed / kv / naive, :func:`recalign.lm.scoring.answer_logprobs`) works unchanged because every
+soft token lives in the prompt, which it feeds through :func:`recalign.lm.hybrid.decoder_inputs`.
 """
 
 from __future__ import annotations
@@ -42,7 +56,7 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
-from recalign.lm.prompts import display_titles, item_noun, recent_history
+from recalign.lm.prompts import display_titles, item_noun, recent_history, soft_token_id
 
 #: Document header (``{nouns}``: "movies", "items", ... from the dataset's catalogue).
 HEADER = "A user's {nouns}, oldest first:\n"
@@ -105,36 +119,53 @@ def encode_item_line(tokenizer, title: str) -> list[int]:
 
 
 class SequenceCodec:
-    """Token ids of documents, prompts and answers for one tokenizer and catalogue (lines cached)."""
+    """Token ids of documents, prompts and answers for one tokenizer and catalogue (lines cached).
 
-    def __init__(self, tokenizer, dataset: RecDataset) -> None:
+    ``item_tokens``: hybrid documents and prompts, each item's line followed by its soft token (see the
+    module docstring); answers (:attr:`lines`) are plain ids either way.
+    """
+
+    def __init__(self, tokenizer, dataset: RecDataset, *, item_tokens: bool = False) -> None:
         self.tokenizer = tokenizer
         self.dataset = dataset
+        self.item_tokens = bool(item_tokens)
         self.header = encode_header(tokenizer, dataset)
         self.lines = [encode_item_line(tokenizer, t) for t in display_titles(dataset)]
 
+    def _soft(self, item: int) -> list[int]:
+        return [soft_token_id(int(item))] if self.item_tokens else []
+
     def prompt(self, history: Sequence[int] | np.ndarray) -> list[int]:
-        """Header + one line per history item (oldest first): the prefix a next item is scored after."""
+        """Header + one line per history item (oldest first), each followed by its soft token when
+        hybrid: the prefix a next item is scored after."""
         ids = list(self.header)
         for i in history:
             ids.extend(self.lines[int(i)])
+            ids.extend(self._soft(i))
         return ids
 
     def document(self, w: Window) -> dict:
-        """``{"tokens": [...], "targets": [[start, end), ...]}``: token spans of the target lines."""
+        """``{"tokens": [...], "targets": [[start, end), ...]}``: token spans of the target lines (never
+        a soft token: those sit between lines, after every item but the last)."""
         ids = list(self.header)
         spans: list[list[int]] = []
+        last = len(w.items) - 1
         for k, item in enumerate(w.items):
             line = self.lines[int(item)]
             if k >= w.first_target:
                 spans.append([len(ids), len(ids) + len(line)])
             ids.extend(line)
+            if k < last:
+                ids.extend(self._soft(item))
         return {"tokens": ids, "targets": spans}
 
 
-def sequence_examples(tokenizer, dataset: RecDataset, windows: Sequence[Window]) -> list[dict]:
-    """Tokenised training documents, one per window (see :meth:`SequenceCodec.document`)."""
-    codec = SequenceCodec(tokenizer, dataset)
+def sequence_examples(
+    tokenizer, dataset: RecDataset, windows: Sequence[Window], *, item_tokens: bool = False
+) -> list[dict]:
+    """Tokenised training documents, one per window (see :meth:`SequenceCodec.document`); hybrid ones
+    (a soft token after each item's line) with ``item_tokens``."""
+    codec = SequenceCodec(tokenizer, dataset, item_tokens=item_tokens)
     return [codec.document(w) for w in windows]
 
 
@@ -163,6 +194,8 @@ def _target_positions(batch: dict) -> tuple[list[int], list[int], list[int]]:
     for b, (ids, spans) in enumerate(zip(batch["tokens"], batch["targets"])):
         for start, end in spans:
             for t in range(start, end):
+                if ids[t] < 0:
+                    raise ValueError(f"target span [{start}, {end}) of document {b} covers a soft item token")
                 rows.append(b)
                 pos.append(t - 1)  # the hidden state at t - 1 predicts token t
                 tgt.append(ids[t])
@@ -173,8 +206,12 @@ def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     """log p(token) of every target-line token of the batch's documents, ``[n_target_tokens]``.
 
     Documents are right-padded into one batch with a 2-D attention mask; the LM head (the vocabulary,
-    the dominant CPU cost) runs only on the hidden states that predict a target token.
+    the dominant CPU cost) runs only on the hidden states that predict a target token. Hybrid documents
+    (soft item tokens, negative ids) enter the decoder as ``inputs_embeds`` through
+    :func:`recalign.lm.hybrid.decoder_inputs`, differentiable in the projector; text-only documents take
+    the plain ``input_ids`` path.
     """
+    from recalign.lm.hybrid import decoder_inputs
     from recalign.lm.scoring import decoder_and_head, token_logprobs
 
     decoder, head = decoder_and_head(model)
@@ -186,8 +223,8 @@ def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     for r, d in enumerate(docs):
         ids[r, : len(d)] = torch.tensor(d, device=device)
         att[r, : len(d)] = 1
-    hidden = decoder(input_ids=ids, attention_mask=att).last_hidden_state
-    rows, pos, tgt = _target_positions(batch)
+    rows, pos, tgt = _target_positions(batch)  # checks first: no target is a soft token
+    hidden = decoder(**decoder_inputs(model, ids), attention_mask=att).last_hidden_state
     h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
     targets = torch.tensor(tgt, device=device)
     return token_logprobs(model, head, h, targets)
@@ -215,6 +252,12 @@ class SequenceLMRecommender:
     Implements the :class:`~recalign.recommender.Recommender` protocol used by the evaluation layer:
     ``score_candidates`` (the split's shared candidates) and ``score_all`` (the whole catalogue, seen
     items are excluded by the protocol). History: the last ``max_history`` items of each example.
+
+    ``item_tokens``: hybrid prompts (a soft token after every history line, see the module docstring);
+    the default ``None`` follows the model -- hybrid exactly when it carries a projector, which must have
+    been built for ``dataset``'s catalogue (:func:`recalign.lm.hybrid.uses_item_tokens`, a one-line
+    error otherwise). Candidates are scored as their plain lines either way: a candidate's own soft token
+    would follow its line and could not change the line's log-probability.
     """
 
     def __init__(
@@ -229,6 +272,7 @@ class SequenceLMRecommender:
         impl: str = "packed",
         all_chunk_size: int = 128,
         progress: bool = True,
+        item_tokens: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -239,13 +283,25 @@ class SequenceLMRecommender:
         self.impl = impl
         self.all_chunk_size = all_chunk_size
         self.progress = progress
-        self.codec = SequenceCodec(tokenizer, dataset)
+        self._item_tokens = item_tokens
+        self.codec = self._codec(dataset)
+
+    def _codec(self, dataset: RecDataset) -> SequenceCodec:
+        from recalign.lm.hybrid import uses_item_tokens
+
+        hybrid = uses_item_tokens(self.model, dataset) if self._item_tokens is None else self._item_tokens
+        return SequenceCodec(self.tokenizer, dataset, item_tokens=hybrid)
+
+    @property
+    def item_tokens(self) -> bool:
+        """Whether the prompts carry soft item tokens."""
+        return self.codec.item_tokens
 
     def fit(self, dataset: RecDataset, split: Split) -> SequenceLMRecommender:
         """No training here (``recalign sft`` with ``format: sequence`` trains); adopts ``dataset``."""
         if dataset is not self.dataset:
             self.dataset = dataset
-            self.codec = SequenceCodec(self.tokenizer, dataset)
+            self.codec = self._codec(dataset)
         return self
 
     def prompts(self, examples: pd.DataFrame) -> list[list[int]]:

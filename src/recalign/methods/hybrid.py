@@ -18,6 +18,13 @@ The LM-side machinery (soft tokens in prompts, the projector, saving and loading
    optimiser step ``s`` of ``T``, is shown hybrid with probability :func:`hybrid_fraction` ``= min(1,
    s / (curriculum_span * T))`` (drawn from ``(seed, example, step)``: the same on resume and in every
    process); without it every training prompt is hybrid. Evaluation prompts are always hybrid.
+4. **Both SFT formats.** ``format: candidates`` (:func:`hybrid_examples`): every item of the candidate
+   prompt, history and candidates, as ``Title [emb]``. ``format: sequence``
+   (:func:`hybrid_sequence_examples`, :mod:`recalign.lm.sequence`): the plain-list documents with a soft
+   token after every item's line, the loss on the title lines only (~20 next-item targets per document,
+   each seeing the soft tokens of the items before it); evaluation prompts the history-only list with
+   the same soft tokens and scores the candidates' plain lines. The curriculum works for both (the
+   text-only encoding of an example is kept under ``text_<key>``, see :class:`CurriculumObjective`).
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ class HybridConfig:
 
     enabled: bool = cfg_field(
         False,
-        "write every item of the candidate prompt (history and candidates) as its title followed by one "
-        "soft token: a frozen sequential recommender's item embedding through a trainable projector",
+        "write every item as its title followed by one soft token: a frozen sequential recommender's item "
+        "embedding through a trainable projector (format=candidates: history and candidates of the prompt; "
+        "format=sequence: after every item's line of the documents and of the history-only prompt)",
     )
     recommender: str = cfg_field(
         "sasrec",
@@ -218,11 +226,36 @@ def hybrid_examples(
     return out
 
 
-class CurriculumObjective:
-    """Wraps an objective: each training example's prompt is its hybrid or its text-only encoding,
-    hybrid with probability :func:`hybrid_fraction` at the current step (see the module docstring).
+def hybrid_sequence_examples(cfg: HybridConfig, tokenizer, dataset, windows) -> list[dict]:
+    """Sequence-SFT documents (:func:`recalign.lm.sequence.sequence_examples`) with a soft item token
+    after every item's line, one per window; the loss spans are the plain documents' line spans.
 
-    The step comes from :class:`CurriculumCallback`; in evaluation mode every prompt is hybrid.
+    With the curriculum, the text-only document stays as ``text_tokens`` / ``text_targets`` and
+    ``example`` numbers the window (the :class:`CurriculumObjective` picks one of the two per step).
+    """
+    from recalign.lm.sequence import sequence_examples
+
+    hybrid = sequence_examples(tokenizer, dataset, windows, item_tokens=True)
+    if not cfg.curriculum:
+        return hybrid
+    text = sequence_examples(tokenizer, dataset, windows)
+    return [
+        {**h, "text_tokens": t["tokens"], "text_targets": t["targets"], "example": i}
+        for i, (h, t) in enumerate(zip(hybrid, text))
+    ]
+
+
+#: Prefix of the batch keys that hold an example's text-only encoding (``text_prompt``, ``text_tokens``).
+TEXT_PREFIX = "text_"
+
+
+class CurriculumObjective:
+    """Wraps an objective: each training example is its hybrid or its text-only encoding, hybrid with
+    probability :func:`hybrid_fraction` at the current step (see the module docstring).
+
+    Every batch key ``text_<key>`` holds the text-only value of ``<key>`` (``prompt`` for the candidate
+    format; ``tokens`` and ``targets`` for sequence documents), swapped in together per example. The
+    step comes from :class:`CurriculumCallback`; in evaluation mode every example is hybrid.
     """
 
     def __init__(self, inner: Any, *, span: float, seed: int) -> None:
@@ -246,8 +279,11 @@ class CurriculumObjective:
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if model.training:
             pick = self.choose(batch["example"])
-            prompts = [h if use else t for use, h, t in zip(pick, batch["prompt"], batch["text_prompt"])]
-            batch = {**batch, "prompt": prompts}
+            keys = [k[len(TEXT_PREFIX) :] for k in batch if k.startswith(TEXT_PREFIX)]
+            batch = dict(batch)
+            for key in keys:
+                batch[key] = [h if use else t
+                              for use, h, t in zip(pick, batch[key], batch[TEXT_PREFIX + key])]  # fmt: skip
             share = sum(pick) / max(len(pick), 1)
         else:
             share = 1.0

@@ -160,7 +160,8 @@ def evaluate_lm(
         seed: chooses each example's prompt phrasing, exactly as in training.
         prompt_format: ``"candidates"`` (the candidate-listing chat prompt) or ``"sequence"`` (a
             sequence-SFT model: history-only plain list, :mod:`recalign.lm.sequence`; candidates and
-            full protocols only).
+            full protocols only). Either way a model carrying a hybrid projector gets its soft item
+            tokens in the prompt (checked against ``dataset``'s catalogue).
     """
     from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
     from recalign.lm.generation import evaluate_generation
@@ -263,6 +264,8 @@ def _evaluate_sequence(
         fn = evaluate_candidates if protocol == "candidates" else evaluate_full
         metrics = fn(rec, examples, batch_size=max(len(examples), 1))
         info = {**(extra or {}), "prompt_format": "sequence", "max_history": max_history}
+        if rec.item_tokens:  # a hybrid sequence model: soft item tokens after the history lines
+            info["item_tokens"] = True
         seconds = time.perf_counter() - t0
         records.append(
             protocol_record(
