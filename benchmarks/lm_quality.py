@@ -16,6 +16,11 @@ benchmark resumes by running the same command again; training stages resume from
     with training.
 ``zeroshot``
     the untrained SmolLM2 with the same history-only prompt on the first ``--n-small`` rows.
+``sft-hybrid-sequence``
+    ``recalign sft --config configs/sft_hybrid_sequence_ml100k.yaml``: the sft-sequence run (same
+    documents, steps, batch, LoRA and history length: checked, see :func:`same_budget`) with a frozen
+    SASRec's item embedding as one projected soft token after every item's line (LLaRA's hybrid tokens in
+    the sequence format, :mod:`recalign.lm.sequence`), then the adapter on the first ``--n-small`` rows.
 ``sdpo``
     S-DPO K=3 (beta 1, random distractors from each example's candidates, a fresh LoRA adapter on the
     merged sequence-SFT model, which is the reference) on the sequence prompt, evaluated on all rows.
@@ -47,6 +52,7 @@ STAGES = (
     "curve",
     "zeroshot",
     "sft-hybrid",
+    "sft-hybrid-sequence",
     "sdpo",
     "sdpo-k3-hybrid",
     "seed1",
@@ -55,6 +61,7 @@ STAGES = (
 BASELINE_OVERRIDES = {"pop": {}, "sasrec": {"epochs": 30, "patience": 5}}
 SFT_CONFIG = "configs/sft_sequence_ml100k.yaml"
 HYBRID_CONFIG = "configs/sft_hybrid_ml100k.yaml"
+HYBRID_SEQUENCE_CONFIG = "configs/sft_hybrid_sequence_ml100k.yaml"
 SDPO_OVERRIDES = {
     "loss": "sdpo", "negatives": 3, "beta": 1.0, "strategy": "random", "n_train": 160, "max_history": 20,
     "threads": 1, "method": "sdpo-k3-sequence",
@@ -216,6 +223,45 @@ def stage_hybrid(args, run: Path, command: str) -> list:
         prompt_format="candidates",
         max_history=cfg.max_history,
     )
+
+
+#: SFT settings that make two runs' budgets and data the same (``method`` and ``hybrid`` may differ).
+BUDGET_KEYS = ("model", "dtype", "threads", "format", "window", "min_context", "data", "n_train", "max_history",
+               "seed", "lora", "training")  # fmt: skip
+
+
+def same_budget(a, b) -> list[str]:
+    """The :data:`BUDGET_KEYS` on which SFT configs ``a`` and ``b`` differ (empty: the same budget)."""
+    return [k for k in BUDGET_KEYS if getattr(a, k) != getattr(b, k)]
+
+
+def stage_hybrid_sequence(args, run: Path, command: str) -> list:
+    """Sequence SFT with hybrid item tokens on the sft-sequence budget, evaluated on the first ``--n-small``
+    rows with the history-only prompt (soft tokens after the history lines; candidates' plain lines)."""
+    from recalign.config import load_config
+    from recalign.lm.lora import load_lm, resolve_dtype
+    from recalign.methods.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, path=HYBRID_SEQUENCE_CONFIG, overrides={"eval": {"n_test": 0}})
+    differ = same_budget(cfg, sft_config(args))
+    if differ:  # the comparison with sft-sequence is only fair on the same budget
+        raise SystemExit(f"error: {HYBRID_SEQUENCE_CONFIG} differs from {SFT_CONFIG} in {', '.join(differ)}")
+    out = run / "sft-hybrid-sequence" / "model"
+    t0 = time.process_time()
+    res = train_sft(cfg, out, f"recalign sft --config {HYBRID_SEQUENCE_CONFIG} --output {out} eval.n_test=0")
+    data = load(0)
+    model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
+    info = {
+        "model": str(out), "config": HYBRID_SEQUENCE_CONFIG, "format": "sequence", "hybrid": True,
+        "recommender": cfg.hybrid.recommender, "candidate_seed": 0, "max_history": cfg.max_history,
+        "stage_cpu_seconds": round(time.process_time() - t0, 1),
+        "rows": f"first {args.n_small} of the {args.n_test} test rows",
+        **{k: res.get(k) for k in ("train_steps", "train_counts", "examples_seen", "targets_seen",
+                                   "train_cpu_seconds", "train_seconds", "dtype", "n_train")},
+    }  # fmt: skip
+    rows = test_rows(data, args.n_test).iloc[: args.n_small]
+    return lm_records(model, tok, data, rows, "sft-hybrid-sequence", info, command,
+                      max_history=cfg.max_history)  # fmt: skip
 
 
 def stage_zeroshot(args, run: Path, command: str) -> list:
@@ -382,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     command = command_line()
     fns = {"refs": stage_refs, "sft-sequence": stage_sft, "curve": stage_curve, "zeroshot": stage_zeroshot,
-           "sft-hybrid": stage_hybrid, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
+           "sft-hybrid": stage_hybrid, "sft-hybrid-sequence": stage_hybrid_sequence, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
            "seed1": stage_seed1}  # fmt: skip
     for stage in args.stages.split(","):
         if stage not in STAGES:
