@@ -24,7 +24,6 @@ The recipe reads as setup → train → save → evaluate:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -34,19 +33,10 @@ import torch
 
 from recalign.config import Ge, Gt, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
-from recalign.evaluation.records import current_command
-from recalign.io import atomic_write_json
 from recalign.lm.lora import LoRAConfig, resolve_dtype
-from recalign.methods import PreparedData, load_data, sample_examples, set_threads
-from recalign.methods.lm_recipe import (
-    LMRecipeConfig,
-    LMRunResult,
-    evaluate_trained,
-    open_run_dir,
-    training_field,
-    validate_lm_recipe,
-)
-from recalign.methods.zeroshot import metric_keys_flat
+from recalign.methods import PreparedData, sample_examples
+from recalign.methods.lm_recipe import LMRecipeConfig, LMRunResult, training_field, validate_lm_recipe
+from recalign.methods.lm_runner import LMRecipe, RecipeRun, TrainingPlan, new_adapter, run_lm_recipe
 from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
@@ -268,6 +258,80 @@ def build_examples(
     return examples, pref
 
 
+class AlignRecipe(LMRecipe):
+    """:func:`run_align`'s own steps (:func:`~recalign.methods.lm_recipe.run_lm_recipe` runs the rest)."""
+
+    resume_keys = RESUME_KEYS
+    absent_run_keys = ("threads",)
+    result_type = AlignResult
+
+    def prepare(self, run: RecipeRun) -> TrainingPlan:
+        from recalign.lm.lora import load_lm
+        from recalign.lm.sequence import model_prompt_format
+        from recalign.methods.zeroshot import check_sequence_protocols
+
+        cfg = self.cfg
+        frame = training_frame(cfg, run.data)
+        dtype = resolve_dtype(cfg.dtype)
+        # the start model with its adapter folded in: this is the reference
+        model, tok, self.src = load_lm(cfg.model, merge=True, dtype=dtype)
+        self.prompt_format = model_prompt_format(self.src)
+        if self.prompt_format == "sequence":
+            check_sequence_protocols(cfg.eval.protocols)
+        if self.prompt_format == "sequence" and cfg.prompt == "choice":
+            raise RecalignInputError(
+                f"{cfg.model} is a sequence-format model; the choice prompt needs a candidate-prompt model",
+                field="prompt",
+            )
+        examples, _ = build_examples(
+            cfg,
+            model,
+            tok,
+            run.data,
+            frame,
+            run.out / "reference",
+            run.progress,
+            prompt_format=self.prompt_format,
+        )
+        model = new_adapter(model, cfg.lora, cfg.training.seed)
+        objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight, cfg.scoring_impl)
+        # The adapter sits on the start model (itself possibly base + SFT adapter): record it as the base,
+        # so `load_lm(out)` rebuilds base -> SFT merged -> this adapter.
+        start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+        return TrainingPlan(model, tok, examples, objective, base_model=start, dtype=dtype)
+
+    def describe(self, plan: TrainingPlan, trainable: int, total: int) -> str:
+        return (
+            f"align: {self.method} on {len(plan.examples)} examples x {1 + self.cfg.negatives} answers, "
+            f"start {self.src.label} ({trainable:,} trainable of {total:,})"
+        )
+
+    def adapter_extra(self) -> dict:
+        return {
+            "max_history": self.cfg.max_history,
+            "loss": self.cfg.loss,
+            "prompt_format": self.prompt_format,
+        }
+
+    def record_extra(self, plan: TrainingPlan, run: RecipeRun, outcome) -> dict:
+        cfg = self.cfg
+        return {"start": cfg.model, "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta}
+
+    def run_info(self, run: RecipeRun, outcome) -> dict:
+        cfg = self.cfg
+        last = next((h for h in reversed(outcome.log_history) if "rewards/accuracies" in h), {})
+        return {
+            "start_model": cfg.model,
+            "loss": cfg.loss,
+            "negatives": cfg.negatives,
+            "strategy": cfg.strategy,
+            "prompt": cfg.prompt,
+            "prompt_format": self.prompt_format,
+            "reference": cfg.reference,
+            "final_diagnostics": {k: v for k, v in last.items() if k.startswith("rewards/")},
+        }
+
+
 @releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_align(
     cfg: AlignConfig,
@@ -279,90 +343,5 @@ def run_align(
     progress: bool = True,
 ) -> AlignResult:
     """Align the start model with the configured preference loss and evaluate it."""
-    from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
-    from recalign.lm.sequence import model_prompt_format
-    from recalign.methods.zeroshot import check_sequence_protocols
-    from recalign.training import distributed, train
-
-    cfg.validate()
-    out = Path(output_dir)
-    command = command if command is not None else current_command()
-    ckpt_dir = open_run_dir(cfg, out, same_on_resume=RESUME_KEYS)
-    distributed.init()  # joins the process group under accelerate launch (a no-op for one process)
-    method = cfg.method_name()
-
-    data = data or load_data(cfg.data)
-    frame = training_frame(cfg, data)
-    set_threads(cfg.threads)
-    dtype = resolve_dtype(cfg.dtype)
-    # the start model with its adapter folded in: this is the reference
-    model, tok, src = load_lm(cfg.model, merge=True, dtype=dtype)
-    prompt_format = model_prompt_format(src)
-    if prompt_format == "sequence":
-        check_sequence_protocols(cfg.eval.protocols)
-    if prompt_format == "sequence" and cfg.prompt == "choice":
-        raise RecalignInputError(
-            f"{cfg.model} is a sequence-format model; the choice prompt needs a candidate-prompt model",
-            field="prompt",
-        )
-    examples, pref = build_examples(
-        cfg, model, tok, data, frame, out / "reference", progress, prompt_format=prompt_format
-    )
-    torch.manual_seed(cfg.training.seed)
-    model = attach_lora(model, cfg.lora)
-    trainable, total = count_trainable(model)
-    if progress:
-        print(
-            f"align: {method} on {len(examples)} examples x {1 + cfg.negatives} answers, start {src.label} "
-            f"({trainable:,} trainable of {total:,})",
-            flush=True,
-        )
-    objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight, cfg.scoring_impl)
-    outcome = train(model, examples, objective, cfg.training, ckpt_dir)
-    if not outcome.trainer.args.should_save:
-        return AlignResult.other_process(out, outcome)
-    # The adapter sits on the start model (itself possibly base + SFT adapter): record it as the base,
-    # so `load_lm(out)` rebuilds base -> SFT merged -> this adapter.
-    start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    adapter_dir = save_adapter(
-        model, out / "adapter", base_model=start,
-        extra={"method": method, "seed": cfg.seed, "max_history": cfg.max_history, "loss": cfg.loss,
-               "prompt_format": prompt_format},
-    )  # fmt: skip
-    last = next((h for h in reversed(outcome.log_history) if "rewards/accuracies" in h), {})
-    records, test_examples = evaluate_trained(
-        model, tok, cfg, data, out, method=method, test_examples=test_examples, command=command,
-        progress=progress,
-        extra={"model": str(out), "start": cfg.model, "n_train": len(frame), "train_steps": outcome.global_step,
-               "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta},
-        prompt_format=prompt_format,
-    )  # fmt: skip
-    metrics = {
-        "metrics": metric_keys_flat(records),
-        "run": {
-            "method": method,
-            "start_model": cfg.model,
-            "loss": cfg.loss,
-            "negatives": cfg.negatives,
-            "strategy": cfg.strategy,
-            "prompt": cfg.prompt,
-            "prompt_format": prompt_format,
-            "reference": cfg.reference,
-            "dtype": str(dtype).replace("torch.", ""),
-            "dataset": data.dataset.name,
-            "split": data.split.name,
-            "n_train": len(frame),
-            "n_test": len(test_examples) if test_examples is not None else 0,
-            "train_steps": outcome.global_step,
-            "train_loss": outcome.train_loss,
-            "final_diagnostics": {k: v for k, v in last.items() if k.startswith("rewards/")},
-            "train_seconds": round(outcome.seconds, 2),
-            "trainable_parameters": trainable,
-            "resumed_from": str(outcome.resumed_from) if outcome.resumed_from else None,
-            "seed": cfg.seed,
-            "command": command,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    return AlignResult.of(out, outcome, adapter_dir, records, metrics)
+    return run_lm_recipe(AlignRecipe(cfg), output_dir, data=data, test_examples=test_examples,
+                         command=command, progress=progress)  # fmt: skip

@@ -12,8 +12,11 @@
   then only with the same training-relevant settings), create it and save the resolved ``config.yaml``;
 - :func:`evaluate_trained`: after training, the shared next-item evaluation on the seeded test rows,
   written as ``records.json``;
-- :class:`LMRunResult`: what :func:`~recalign.methods.sft.run_sft` and
-  :func:`~recalign.methods.align.run_align` return.
+- :class:`LMRunResult`: what :func:`~recalign.methods.sft.run_sft`,
+  :func:`~recalign.methods.align.run_align` and (a subclass) ``run_knowledge`` return.
+
+The run itself (validate, open the directory, train, save, evaluate, ``metrics.json``) is
+:func:`recalign.methods.lm_runner.run_lm_recipe`, driving a recipe's :class:`~recalign.methods.lm_runner.LMRecipe`.
 
 Base fields come first in a recipe's fields (``--help-config``, ``config.yaml``); a redeclared one keeps
 its place. The recipe's own fields follow.
@@ -182,8 +185,9 @@ class LMRunResult:
     log_history: list[dict] = field(default_factory=list, repr=False)
 
     @classmethod
-    def of(cls, out: Path, outcome, adapter_dir: Path, records: list[ResultRecord], metrics: dict):
-        """From the training outcome (:func:`recalign.training.train`) and what the run wrote."""
+    def of(cls, out: Path, outcome, adapter_dir: Path, records: list[ResultRecord], metrics: dict, **fields):
+        """From the training outcome (:func:`recalign.training.train`) and what the run wrote (``fields``:
+        a subclass's own)."""
         return cls(
             output_dir=out,
             adapter_dir=adapter_dir,
@@ -194,6 +198,7 @@ class LMRunResult:
             train_seconds=outcome.seconds,
             resumed_from=str(outcome.resumed_from) if outcome.resumed_from else None,
             log_history=outcome.log_history,
+            **fields,
         )
 
     @classmethod

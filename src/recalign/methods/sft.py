@@ -27,7 +27,6 @@ without it, a run directory that already holds checkpoints is refused (one-line 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -38,20 +37,11 @@ import torch
 
 from recalign.config import Ge, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
-from recalign.evaluation.records import current_command
-from recalign.io import atomic_write_json
 from recalign.lm.lora import resolve_dtype
-from recalign.methods import PreparedData, load_data, sample_examples, set_threads
+from recalign.methods import PreparedData, sample_examples
 from recalign.methods.hybrid import HybridConfig
-from recalign.methods.lm_recipe import (
-    LMRecipeConfig,
-    LMRunResult,
-    evaluate_trained,
-    open_run_dir,
-    training_field,
-    validate_lm_recipe,
-)
-from recalign.methods.zeroshot import metric_keys_flat
+from recalign.methods.lm_recipe import LMRecipeConfig, LMRunResult, training_field, validate_lm_recipe
+from recalign.methods.lm_runner import LMRecipe, RecipeRun, TrainingPlan, new_adapter, run_lm_recipe
 from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
@@ -209,6 +199,72 @@ def training_data(cfg: SFTConfig, tokenizer, data: PreparedData) -> tuple[list[d
     return examples, SFTObjective(cfg.scoring_impl), counts
 
 
+class SFTRecipe(LMRecipe):
+    """:func:`run_sft`'s own steps (:func:`~recalign.methods.lm_recipe.run_lm_recipe` runs the rest)."""
+
+    resume_keys = RESUME_KEYS
+    result_type = SFTResult
+
+    def __init__(self, cfg: SFTConfig) -> None:
+        super().__init__(cfg)
+        self.prompt_format = "sequence" if cfg.format == "sequence" else "candidates"
+
+    def prepare(self, run: RecipeRun) -> TrainingPlan:
+        from recalign.lm.lora import load_lm
+
+        cfg = self.cfg
+        dtype = resolve_dtype(cfg.dtype)
+        model, tok, self.src = load_lm(cfg.model, merge=False, trainable=True, dtype=dtype)
+        if self.src.adapter is None:
+            model = new_adapter(model, cfg.lora, cfg.training.seed)
+        callbacks = []
+        if cfg.hybrid.enabled:  # the trainable projector next to the adapter (recalign.methods.hybrid)
+            from recalign.methods.hybrid import attach_for_sft, describe
+            from recalign.training import find_resume_checkpoint
+
+            resume_from = find_resume_checkpoint(run.ckpt_dir, cfg.training.resume)
+            hybrid = attach_for_sft(
+                cfg.hybrid, model, run.data, resume_from, seed=cfg.training.seed, progress=run.progress
+            )
+            if run.progress:
+                print(describe(hybrid), flush=True)
+        examples, objective, self.counts = training_data(cfg, tok, run.data)
+        if cfg.hybrid.enabled:
+            from recalign.methods.hybrid import training_setup
+
+            objective, callbacks = training_setup(cfg.hybrid, objective, examples, seed=cfg.seed)
+        return TrainingPlan(model, tok, examples, objective, base_model=self.src.base, dtype=dtype,
+                            callbacks=callbacks)  # fmt: skip
+
+    def describe(self, plan: TrainingPlan, trainable: int, total: int) -> str:
+        c = self.counts
+        what = (
+            f"{c['n_documents']} documents ({c['n_targets']} next-item targets)"
+            if self.cfg.format == "sequence"
+            else f"{c['n_documents']} training examples"
+        )
+        return f"sft: {what}, model {self.src.label} ({trainable:,} trainable of {total:,} parameters)"
+
+    def adapter_extra(self) -> dict:
+        return {"max_history": self.cfg.max_history, "prompt_format": self.prompt_format}
+
+    def record_extra(self, plan: TrainingPlan, run: RecipeRun, outcome) -> dict:
+        return {"dtype": plan.dtype, "format": self.cfg.format, "train_counts": self.counts,
+                "examples_seen": _examples_seen(outcome.global_step, self.cfg.training, len(plan.examples))}  # fmt: skip
+
+    def run_info(self, run: RecipeRun, outcome) -> dict:
+        c = self.counts
+        seen = _examples_seen(outcome.global_step, self.cfg.training, c["n_documents"])
+        return {
+            "model": self.cfg.model,
+            "format": self.cfg.format,
+            "train_counts": c,
+            "examples_seen": seen,
+            "targets_seen": round(seen * c["n_targets"] / max(c["n_documents"], 1)),
+            "train_cpu_seconds": round(run.train_cpu_seconds, 2),
+        }
+
+
 @releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_sft(
     cfg: SFTConfig,
@@ -227,98 +283,5 @@ def run_sft(
         test_examples: the evaluation rows (default: ``eval.n_test`` rows of the test stage, seeded).
         command: the command line recorded in results (default: this process's argv).
     """
-    from recalign.lm.lora import attach_lora, count_trainable, load_lm, save_adapter
-    from recalign.training import train
-
-    cfg.validate()
-    out = Path(output_dir)
-    command = command if command is not None else current_command()
-    # Fail fast (before loading anything) if the directory holds another run's checkpoints.
-    ckpt_dir = open_run_dir(cfg, out, same_on_resume=RESUME_KEYS)
-
-    data = data or load_data(cfg.data)
-    split_name = data.split.name
-
-    set_threads(cfg.threads)
-    dtype = resolve_dtype(cfg.dtype)
-    model, tok, src = load_lm(cfg.model, merge=False, trainable=True, dtype=dtype)
-    if src.adapter is None:
-        torch.manual_seed(cfg.training.seed)  # adapter init from the run's seed (equal in every process)
-        model = attach_lora(model, cfg.lora)
-    callbacks = []
-    if cfg.hybrid.enabled:  # the trainable projector next to the adapter (recalign.methods.hybrid)
-        from recalign.methods.hybrid import attach_for_sft, describe
-        from recalign.training import find_resume_checkpoint
-
-        resume_from = find_resume_checkpoint(ckpt_dir, cfg.training.resume)
-        hybrid = attach_for_sft(
-            cfg.hybrid, model, data, resume_from, seed=cfg.training.seed, progress=progress
-        )
-        if progress:
-            print(describe(hybrid), flush=True)
-    trainable, total = count_trainable(model)
-    examples, objective, counts = training_data(cfg, tok, data)
-    if cfg.hybrid.enabled:
-        from recalign.methods.hybrid import training_setup
-
-        objective, callbacks = training_setup(cfg.hybrid, objective, examples, seed=cfg.seed)
-    if progress:
-        what = (
-            f"{counts['n_documents']} documents ({counts['n_targets']} next-item targets)"
-            if cfg.format == "sequence"
-            else f"{counts['n_documents']} training examples"
-        )
-        print(f"sft: {what}, model {src.label} ({trainable:,} trainable of {total:,} parameters)", flush=True)
-    cpu0 = time.process_time()
-    outcome = train(model, examples, objective, cfg.training, ckpt_dir, processing_class=None,
-                    callbacks=callbacks)  # fmt: skip
-    cpu_seconds = time.process_time() - cpu0
-    seen = _examples_seen(outcome.global_step, cfg.training, len(examples))
-    if not outcome.trainer.args.should_save:
-        # Another process of a distributed run (accelerate launch): the main process alone saves the
-        # adapter, evaluates and writes the results.
-        return SFTResult.other_process(out, outcome)
-    adapter_dir = save_adapter(
-        model,
-        out / "adapter",
-        base_model=src.base,
-        extra={"method": cfg.method, "seed": cfg.seed, "max_history": cfg.max_history,
-               "prompt_format": "sequence" if cfg.format == "sequence" else "candidates"},
-    )  # fmt: skip
-
-    records, test_examples = evaluate_trained(
-        model, tok, cfg, data, out, method=cfg.method, test_examples=test_examples, command=command,
-        progress=progress,
-        extra={"model": str(out), "n_train": counts["n_documents"], "train_steps": outcome.global_step,
-               "dtype": str(dtype).replace("torch.", ""), "format": cfg.format, "train_counts": counts,
-               "examples_seen": seen},
-        prompt_format="sequence" if cfg.format == "sequence" else "candidates",
-    )  # fmt: skip
-    metrics = {
-        "metrics": metric_keys_flat(records),
-        "run": {
-            "method": cfg.method,
-            "model": cfg.model,
-            "dataset": data.dataset.name,
-            "split": split_name,
-            "format": cfg.format,
-            "n_train": counts["n_documents"],
-            "train_counts": counts,
-            "examples_seen": seen,
-            "targets_seen": round(seen * counts["n_targets"] / max(counts["n_documents"], 1)),
-            "train_cpu_seconds": round(cpu_seconds, 2),
-            "n_test": len(test_examples) if test_examples is not None else 0,
-            "train_steps": outcome.global_step,
-            "train_loss": outcome.train_loss,
-            "train_seconds": round(outcome.seconds, 2),
-            "trainable_parameters": trainable,
-            "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(),
-            "resumed_from": str(outcome.resumed_from) if outcome.resumed_from else None,
-            "seed": cfg.seed,
-            "command": command,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    return SFTResult.of(out, outcome, adapter_dir, records, metrics)
+    return run_lm_recipe(SFTRecipe(cfg), output_dir, data=data, test_examples=test_examples, command=command,
+                         progress=progress)  # fmt: skip

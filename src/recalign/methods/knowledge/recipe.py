@@ -47,11 +47,11 @@ import pandas as pd
 from recalign.config import Ge, cfg_field, check_constraints
 from recalign.data.prepare import DataPrepareConfig
 from recalign.errors import RecalignInputError
-from recalign.evaluation.records import ResultRecord, current_command, write_records
-from recalign.io import atomic_write_json
+from recalign.evaluation.records import ResultRecord, write_records
 from recalign.lm.lora import LoRAConfig
 from recalign.methods.knowledge.templates import ALL_TASKS, AUX_TASKS, REC_TASKS
-from recalign.methods.lm_recipe import LMRecipeConfig, open_run_dir, training_field, validate_lm_recipe
+from recalign.methods.lm_recipe import LMRecipeConfig, LMRunResult, training_field, validate_lm_recipe
+from recalign.methods.lm_runner import LMRecipe, RecipeRun, TrainingPlan, new_adapter, run_lm_recipe
 from recalign.rundir import releasing
 from recalign.training.config import TrainingConfig
 
@@ -203,15 +203,10 @@ class KnowledgeConfig(LMRecipeConfig):
 
 
 @dataclass
-class KnowledgeResult:
-    output_dir: Path
-    adapter_dir: Path
-    records: list[ResultRecord]
-    metrics: dict
-    train_steps: int
-    train_loss: float
-    task_counts: dict[str, int]
-    log_history: list[dict] = field(default_factory=list, repr=False)
+class KnowledgeResult(LMRunResult):
+    """What :func:`run_knowledge` returns: the run, and the mixture's examples per task."""
+
+    task_counts: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- models
@@ -292,6 +287,140 @@ def evaluate_scored_task(scorer, tasks, task: str, stage, e: KnowledgeEvalConfig
 
 
 # ---------------------------------------------------------------------- the recipe
+class KnowledgeRecipe(LMRecipe):
+    """:func:`run_knowledge`'s own steps (:func:`~recalign.methods.lm_recipe.run_lm_recipe` runs the rest):
+    the task mixture, any model family, and the per-task evaluation."""
+
+    absent_run_keys = ("resumed_from", "finished")
+
+    def prepare(self, run: RecipeRun) -> TrainingPlan:
+        from recalign.lm.seq2seq import text_encoders
+        from recalign.methods.knowledge.mixer import allocate, mix
+        from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
+        from recalign.methods.sft import SFTObjective
+        from recalign.training import distributed
+
+        cfg = self.cfg
+        dataset, split = run.data.dataset, run.data.split
+        opts = dict(history_len=cfg.history_len, mlm_rate=cfg.mlm_rate, seed=cfg.seed, rec_form=cfg.rec_form)
+        self.train_tasks = KnowledgeTasks(
+            dataset, split, TaskOptions(n_candidates=cfg.train_candidates or None, **opts)
+        )
+        self.eval_tasks = KnowledgeTasks(dataset, split, TaskOptions(**opts))  # always the split's candidates
+        budget = cfg.budget()
+        self.counts = allocate(budget, cfg.tasks, cfg.ratios)
+        mixture = mix(self.train_tasks, cfg.tasks, cfg.ratios, budget, seed=cfg.seed)
+        # one mixture for the whole run: each process trains on its slice of every global batch of it
+        distributed.check_same(
+            distributed.digest([(e.prompt, e.answer) for e in mixture]), "the task mixture"
+        )
+
+        texts = [e.prompt + " " + e.answer for e in mixture] + self.train_tasks.titles
+        model, tok, base_name = load_base(
+            cfg.model, texts, cfg.tiny_hidden, run.out, cfg.seed, dtype=cfg.dtype
+        )
+        dtype = next(model.parameters()).dtype  # tiny models are float32 whatever cfg.dtype says
+        model = new_adapter(model, _lora_for(model, cfg.lora), cfg.training.seed)
+        enc_prompt, enc_answer = text_encoders(model, tok)
+        examples = [{"prompt": enc_prompt(e.prompt), "answers": [enc_answer(e.answer)]} for e in mixture]
+        return TrainingPlan(
+            model, tok, examples, SFTObjective(cfg.scoring_impl), base_model=base_name, dtype=dtype
+        )
+
+    def describe(self, plan: TrainingPlan, trainable: int, total: int) -> str:
+        return (
+            f"knowledge [{self.method}]: {len(plan.examples)} examples {self.counts}, model {self.cfg.model} "
+            f"({trainable:,} trainable of {total:,} parameters)"
+        )
+
+    def adapter_extra(self) -> dict:
+        return {"tasks": self.cfg.tasks, "ratios": self.cfg.ratios}
+
+    def run_info(self, run: RecipeRun, outcome) -> dict:
+        return {"model": self.cfg.model, "tasks": dict(zip(self.cfg.tasks, self.cfg.ratios)),
+                "task_counts": self.counts}  # fmt: skip
+
+    def evaluate(self, plan: TrainingPlan, run: RecipeRun, outcome, test_examples=None):
+        """Every task of ``eval.tasks`` on the merged model, written to ``records.json``; no run fields."""
+        from recalign.methods import sample_examples
+        from recalign.methods.knowledge import evaluation as ev
+
+        cfg, method, progress = self.cfg, self.method, run.progress
+        dataset, split = run.data.dataset, run.data.split
+        model, tok = plan.model.merge_and_unload(), plan.tokenizer
+        model.eval()
+        e = cfg.eval
+        stage = split.stage(e.stage)
+        scorer = ev.TaskScorer(model, tok, chunk_size=e.chunk_size)
+        base_record = dict(dataset=dataset.name, split=split.name, method=method, seed=cfg.seed,
+                           command=run.command)  # fmt: skip
+        info = {
+            "model": cfg.model,
+            "train_steps": outcome.global_step,
+            "n_train": len(plan.examples),
+            "task_counts": self.counts,
+            # the ranking task's prompt shape in training and at evaluation (the same by default)
+            "train_candidates": self.train_tasks.n_candidates,
+            "eval_candidates": self.eval_tasks.n_candidates,
+            "history_len": cfg.history_len,
+            "rec_form": cfg.rec_form,
+            "training_seed": cfg.training.seed,
+        }
+        records: list[ResultRecord] = []
+        flat: dict[str, float] = {}
+
+        def add(task: str, protocol: str, metrics: dict, n: int, seconds: float) -> None:
+            records.append(
+                ResultRecord(
+                    protocol=protocol,
+                    metrics={k: float(v) for k, v in metrics.items()},
+                    n_examples=n,
+                    seconds=round(seconds, 2),
+                    extra={"task": task, **info},
+                    **base_record,
+                )
+            )
+            flat.update({f"{task}/{k}": float(v) for k, v in metrics.items()})
+            if progress:
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in list(metrics.items())[:6])
+                print(f"{method} [{task}] n={n} {shown}", flush=True)
+
+        def rows(n: int) -> pd.DataFrame:
+            return sample_examples(stage, n, cfg.seed, stage=e.stage)
+
+        for task in e.tasks:
+            t1 = time.perf_counter()
+            if task == "rating" and not dataset.has_ratings:
+                continue
+            if task in SCORED_TASKS:
+                r = evaluate_scored_task(scorer, self.eval_tasks, task, stage, e, cfg.seed)
+            elif task == "generation":
+                r = ev.evaluate_generation(
+                    model, tok, self.eval_tasks, rows(e.n_users_generation), max_new_tokens=e.max_new_tokens
+                )
+            else:  # next_item: the protocol shared by every LM method
+                from recalign.evaluation.protocols import evaluate_candidates
+                from recalign.lm.recommender import LMRecommender
+
+                ex = rows(e.n_users)
+                rec = LMRecommender(model, tok, dataset, seed=cfg.seed, name=method, max_history=cfg.history_len,
+                                    batch_size=e.batch_size, progress=False)  # fmt: skip
+                metrics = evaluate_candidates(rec, ex, ks=e.ks, batch_size=max(len(ex), 1))
+                add("next_item", "candidates", metrics, len(ex), time.perf_counter() - t1)
+                continue
+            add(task, r.protocol, r.metrics, r.n_examples, time.perf_counter() - t1)
+
+        write_records(run.out / "records.json", records)
+        return records, flat, {}
+
+    def result(self, out: Path, outcome, adapter_dir: Path, records: list[ResultRecord], metrics: dict):
+        return KnowledgeResult.of(out, outcome, adapter_dir, records, metrics, task_counts=self.counts)
+
+    def other_process(self, out: Path, outcome):
+        # another process of a distributed run: the main process saves, evaluates and writes results
+        return self.result(out, outcome, out / "adapter", [], {"metrics": {}, "run": {}})
+
+
 @releasing  # the output directory's lock (recalign.rundir) is released on return
 def run_knowledge(
     cfg: KnowledgeConfig,
@@ -302,166 +431,4 @@ def run_knowledge(
     progress: bool = True,
 ) -> KnowledgeResult:
     """Generate the task mixture, SFT a LoRA adapter on it, evaluate every requested task."""
-    from recalign.lm.lora import attach_lora, count_trainable, save_adapter
-    from recalign.lm.seq2seq import text_encoders
-    from recalign.methods import load_data, sample_examples, set_threads
-    from recalign.methods.knowledge import evaluation as ev
-    from recalign.methods.knowledge.mixer import allocate, mix
-    from recalign.methods.knowledge.tasks import KnowledgeTasks, TaskOptions
-    from recalign.methods.sft import SFTObjective
-    from recalign.training import distributed, train
-
-    cfg.validate()
-    set_threads(cfg.threads)
-    out = Path(output_dir)
-    command = command if command is not None else current_command()
-    method = cfg.method_name()
-    ckpt_dir = open_run_dir(cfg, out)
-    distributed.init()
-    main_process = distributed.is_main()
-
-    data = data or load_data(cfg.data)
-    dataset, split = data.dataset, data.split
-    opts = dict(history_len=cfg.history_len, mlm_rate=cfg.mlm_rate, seed=cfg.seed, rec_form=cfg.rec_form)
-    train_tasks = KnowledgeTasks(
-        dataset, split, TaskOptions(n_candidates=cfg.train_candidates or None, **opts)
-    )
-    eval_tasks = KnowledgeTasks(dataset, split, TaskOptions(**opts))  # always the split's shared candidates
-    budget = cfg.budget()
-    counts = allocate(budget, cfg.tasks, cfg.ratios)
-    mixture = mix(train_tasks, cfg.tasks, cfg.ratios, budget, seed=cfg.seed)
-    # one mixture for the whole run: each process trains on its slice of every global batch of it
-    distributed.check_same(distributed.digest([(e.prompt, e.answer) for e in mixture]), "the task mixture")
-
-    texts = [e.prompt + " " + e.answer for e in mixture] + train_tasks.titles
-    model, tok, base_name = load_base(cfg.model, texts, cfg.tiny_hidden, out, cfg.seed, dtype=cfg.dtype)
-    import torch
-
-    torch.manual_seed(cfg.training.seed)  # the adapter's initialisation follows the training seed
-    model = attach_lora(model, _lora_for(model, cfg.lora))
-    trainable, total = count_trainable(model)
-    if progress and main_process:
-        print(
-            f"knowledge [{method}]: {len(mixture)} examples {counts}, model {cfg.model} "
-            f"({trainable:,} trainable of {total:,} parameters)",
-            flush=True,
-        )
-    enc_prompt, enc_answer = text_encoders(model, tok)
-    examples = [{"prompt": enc_prompt(e.prompt), "answers": [enc_answer(e.answer)]} for e in mixture]
-    t0 = time.perf_counter()
-    outcome = train(model, examples, SFTObjective(cfg.scoring_impl), cfg.training, ckpt_dir)
-    if not outcome.trainer.args.should_save:
-        # another process of a distributed run: the main process saves, evaluates and writes results
-        return KnowledgeResult(out, out / "adapter", [], {"metrics": {}, "run": {}}, outcome.global_step,
-                               outcome.train_loss, counts, outcome.log_history)  # fmt: skip
-    adapter_dir = save_adapter(
-        model,
-        out / "adapter",
-        base_model=base_name,
-        extra={"method": method, "seed": cfg.seed, "tasks": cfg.tasks, "ratios": cfg.ratios},
-    )
-    train_seconds = time.perf_counter() - t0
-
-    # ---------------------------------------------------------------- evaluation
-    model = model.merge_and_unload()
-    model.eval()
-    e = cfg.eval
-    stage = split.stage(e.stage)
-    scorer = ev.TaskScorer(model, tok, chunk_size=e.chunk_size)
-    base_record = dict(dataset=dataset.name, split=split.name, method=method, seed=cfg.seed, command=command)
-    info = {
-        "model": cfg.model,
-        "train_steps": outcome.global_step,
-        "n_train": len(mixture),
-        "task_counts": counts,
-        # the ranking task's prompt shape in training and at evaluation (the same by default)
-        "train_candidates": train_tasks.n_candidates,
-        "eval_candidates": eval_tasks.n_candidates,
-        "history_len": cfg.history_len,
-        "rec_form": cfg.rec_form,
-        "training_seed": cfg.training.seed,
-    }
-    records: list[ResultRecord] = []
-    flat: dict[str, float] = {}
-
-    def add(task: str, protocol: str, metrics: dict, n: int, seconds: float) -> None:
-        records.append(
-            ResultRecord(
-                protocol=protocol,
-                metrics={k: float(v) for k, v in metrics.items()},
-                n_examples=n,
-                seconds=round(seconds, 2),
-                extra={"task": task, **info},
-                **base_record,
-            )
-        )
-        flat.update({f"{task}/{k}": float(v) for k, v in metrics.items()})
-        if progress:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in list(metrics.items())[:6])
-            print(f"{method} [{task}] n={n} {shown}", flush=True)
-
-    def rows(n: int) -> pd.DataFrame:
-        return sample_examples(stage, n, cfg.seed, stage=e.stage)
-
-    for task in e.tasks:
-        t1 = time.perf_counter()
-        if task == "rating" and not dataset.has_ratings:
-            continue
-        if task in SCORED_TASKS:
-            r = evaluate_scored_task(scorer, eval_tasks, task, stage, e, cfg.seed)
-        elif task == "generation":
-            r = ev.evaluate_generation(
-                model, tok, eval_tasks, rows(e.n_users_generation), max_new_tokens=e.max_new_tokens
-            )
-        else:  # next_item: the protocol shared by every LM method
-            from recalign.evaluation.protocols import evaluate_candidates
-            from recalign.lm.recommender import LMRecommender
-
-            ex = rows(e.n_users)
-            rec = LMRecommender(
-                model,
-                tok,
-                dataset,
-                seed=cfg.seed,
-                name=method,
-                max_history=cfg.history_len,
-                batch_size=e.batch_size,
-                progress=False,
-            )
-            metrics = evaluate_candidates(rec, ex, ks=e.ks, batch_size=max(len(ex), 1))
-            add("next_item", "candidates", metrics, len(ex), time.perf_counter() - t1)
-            continue
-        add(task, r.protocol, r.metrics, r.n_examples, time.perf_counter() - t1)
-
-    write_records(out / "records.json", records)
-    metrics = {
-        "metrics": flat,
-        "run": {
-            "method": method,
-            "model": cfg.model,
-            "dataset": dataset.name,
-            "split": split.name,
-            "tasks": dict(zip(cfg.tasks, cfg.ratios)),
-            "task_counts": counts,
-            "n_train": len(mixture),
-            "train_steps": outcome.global_step,
-            "train_loss": outcome.train_loss,
-            "train_seconds": round(train_seconds, 2),
-            "trainable_parameters": trainable,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(),
-            "seed": cfg.seed,
-            "command": command,
-        },
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    return KnowledgeResult(
-        output_dir=out,
-        adapter_dir=adapter_dir,
-        records=records,
-        metrics=metrics,
-        train_steps=outcome.global_step,
-        train_loss=outcome.train_loss,
-        task_counts=counts,
-        log_history=outcome.log_history,
-    )
+    return run_lm_recipe(KnowledgeRecipe(cfg), output_dir, data=data, command=command, progress=progress)
