@@ -23,13 +23,13 @@ from recalign.data.dataset import RecDataset  # noqa: E402
 from recalign.data.preprocess import PreprocessConfig, genre_filter, preprocess  # noqa: E402
 from recalign.errors import RecalignInputError  # noqa: E402
 from recalign.lm.prompts import choose_template, display_titles  # noqa: E402
-from recalign.methods.dmpo import (  # noqa: E402
+from recalign.methods.dmpo import pairwise_accuracy  # noqa: E402
+from recalign.methods.dmpo_metrics import pairwise_metrics  # noqa: E402
+from recalign.methods.dmpo_prompts import (  # noqa: E402
     option_order,
     ordering_answer,
     pair_ranking_prompt,
     pair_ranking_rows,
-    pairwise_accuracy,
-    pairwise_metrics,
     pairwise_prompt,
     parse_ordering,
     preference_pairwise_prompts,

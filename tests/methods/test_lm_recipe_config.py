@@ -17,11 +17,11 @@ from recalign.methods.sft import SFTConfig
 RECIPES = (SFTConfig, AlignConfig, KnowledgeConfig)
 BASE_FIELDS = ("model", "data", "seed", "dtype", "threads", "lora", "training", "eval")
 
-#: Base fields each recipe redeclares (its own default or help); the others it inherits as they are.
+#: Base fields each recipe redeclares (its own default); the others it inherits as they are.
 REDECLARED = {
     SFTConfig: {"training"},
-    AlignConfig: {"model", "seed", "dtype", "threads", "lora", "training"},
-    KnowledgeConfig: {"model", "data", "seed", "dtype", "threads", "training", "eval"},
+    AlignConfig: {"training"},
+    KnowledgeConfig: {"data", "training", "eval"},
 }
 
 
@@ -75,3 +75,9 @@ def test_inherited_threads_constraint(cls):
     cfg = cls(threads=-1)
     with pytest.raises(RecalignInputError, match="threads"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("cls", (SFTConfig, AlignConfig), ids=lambda c: c.__name__)
+def test_max_history_must_be_positive(cls):
+    with pytest.raises(RecalignInputError, match="field 'max_history': must be >= 1"):
+        cls(max_history=0).validate()

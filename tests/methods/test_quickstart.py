@@ -195,6 +195,7 @@ def test_sequence_format_reaches_both_stages_without_the_generation_protocol(tmp
     [
         (["format=text"], "must be candidates or sequence"),
         (["format=sequence", "window=4"], "must be > min_context"),
+        (["format=sequence", "min_context=0"], "field 'min_context': must be >= 1"),
     ],
 )
 def test_bad_sequence_settings_are_one_line_errors(overrides, message):

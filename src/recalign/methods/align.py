@@ -33,7 +33,7 @@ import torch
 
 from recalign.config import Ge, Gt, cfg_field, check_constraints
 from recalign.errors import RecalignInputError
-from recalign.lm.lora import LoRAConfig, resolve_dtype
+from recalign.lm.lora import resolve_dtype
 from recalign.methods import PreparedData, sample_examples
 from recalign.methods.lm_recipe import LMRecipeConfig, LMRunResult, training_field, validate_lm_recipe
 from recalign.methods.lm_runner import LMRecipe, RecipeRun, TrainingPlan, new_adapter, run_lm_recipe
@@ -47,24 +47,11 @@ LossName = Literal["dpo", "sdpo", "dmpo"]
 class AlignConfig(LMRecipeConfig):
     """``recalign align``: DPO / S-DPO / DMPO of an LM recommender, usually starting from an SFT run.
 
-    ``data`` and ``eval``: :class:`LMRecipeConfig`'s; the other base fields are redeclared (alignment's help,
-    its optimiser defaults).
+    ``model`` (the start model), ``data``, ``seed``, ``dtype``, ``threads``, ``lora`` and ``eval``:
+    :class:`LMRecipeConfig`'s.
     """
 
-    model: str = cfg_field(
-        "smollm2", "start model (and reference): an SFT run dir, adapter dir or base model"
-    )
-    seed: int = cfg_field(0, "seed of example sampling, negatives and prompt phrasing")
-    dtype: str = cfg_field(
-        "auto",
-        "base weights: auto (bfloat16 where native, else float32), float32 or bfloat16; LoRA stays float32",
-    )
-    threads: Annotated[int, Ge(0)] = cfg_field(
-        0, "torch CPU threads (0: torch's default; 1 is faster on a shared, busy CPU)"
-    )
-    lora: LoRAConfig = cfg_field(
-        help="the new LoRA adapter trained on top of the start model", default_factory=LoRAConfig
-    )
+    # alignment's own optimiser defaults (fewer, smaller steps than SFT)
     training: TrainingConfig = training_field(
         learning_rate=1e-4, max_steps=32, batch_size=4, warmup_steps=2, save_steps=8
     )
@@ -90,7 +77,7 @@ class AlignConfig(LMRecipeConfig):
         None,
         "seed for drawing the training examples (default: seed); another value draws examples SFT did not train on",
     )
-    max_history: int = cfg_field(10, "history items shown in the prompt (most recent)")
+    max_history: Annotated[int, Ge(1)] = cfg_field(10, "history items shown in the prompt (most recent)")
     prompt: Literal["candidates", "choice"] = cfg_field(
         "candidates",
         "training prompt: candidates (the SFT candidate list) or choice (the positive and its K negatives "
@@ -220,7 +207,7 @@ def build_examples(
     )
     if cfg.prompt == "choice":
         # the choice prompt: the options are exactly the positive and its K drawn negatives (seeded order)
-        from recalign.methods.dmpo import preference_pairwise_prompts
+        from recalign.methods.dmpo_prompts import preference_pairwise_prompts
 
         pref.prompts = preference_pairwise_prompts(
             data.dataset, frame, pref.rejected, seed=cfg.seed, max_history=cfg.max_history

@@ -2,10 +2,9 @@
 
 DMPO (Bai et al., CIKM 2024) frames recommendation as "rank the likelihood of the user watching A and
 B": the prompt shows the user's history and exactly **two** items, and the answer is an *ordering* of
-the two. What is specific to that setting lives in four modules; this one holds the evaluation
-protocol and re-exports the public names of the others, so ``from recalign.methods.dmpo import ...``
-reaches all of them (the loss itself, ``dmpo``, lives in :mod:`recalign.objectives.preference`; the
-few-shot recipe in :mod:`recalign.methods.dmpo_fewshot`):
+the two. What is specific to that setting lives in four modules, each imported from where it is
+defined; this one holds the evaluation protocol (the loss itself, ``dmpo``, lives in
+:mod:`recalign.objectives.preference`; the few-shot recipe in :mod:`recalign.methods.dmpo_fewshot`):
 
 - :mod:`recalign.methods.dmpo_prompts`: **the pair-ranking prompt** (task ``pair_ranking``,
   :data:`PAIR_RANKING_TEMPLATES`, two phrasings chosen per example by seed): history, then
@@ -42,25 +41,8 @@ import pandas as pd
 from recalign.data.dataset import RecDataset
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord
-from recalign.methods.dmpo_metrics import paired_difference, pairwise_metrics
-from recalign.methods.dmpo_prompts import (
-    LETTERS,
-    PAIR_RANKING_TEMPLATES,
-    PAIR_TASK,
-    PAIRWISE_TEMPLATES,
-    TASK,
-    PairRankingRow,
-    option_line,
-    option_order,
-    ordering_answer,
-    pair_answers,
-    pair_ranking_prompt,
-    pair_ranking_rows,
-    pairwise_prompt,
-    parse_ordering,
-    preference_pairwise_prompts,
-    render_pairwise,
-)
+from recalign.methods.dmpo_metrics import pairwise_metrics
+from recalign.methods.dmpo_prompts import PairRankingRow, pair_ranking_rows
 
 # Mixed into the test-pair generator so it is not the option-order, candidate or template draw's stream.
 _PAIR_SALT = 0xD3_0002
@@ -202,28 +184,4 @@ def evaluate_pairwise(
     return record, res
 
 
-__all__ = [
-    "LETTERS",
-    "PAIRWISE_TEMPLATES",
-    "PAIR_RANKING_TEMPLATES",
-    "PAIR_TASK",
-    "TASK",
-    "PairRankingRow",
-    "PairwiseResult",
-    "evaluate_pairwise",
-    "option_order",
-    "option_line",
-    "ordering_answer",
-    "paired_difference",
-    "pair_answers",
-    "pair_ranking_prompt",
-    "pair_ranking_rows",
-    "pairwise_accuracy",
-    "pairwise_items",
-    "pairwise_metrics",
-    "pairwise_prompt",
-    "parse_ordering",
-    "preference_pairwise_prompts",
-    "render_pairwise",
-    "test_negatives",
-]
+__all__ = ["PairwiseResult", "evaluate_pairwise", "pairwise_accuracy", "pairwise_items", "test_negatives"]

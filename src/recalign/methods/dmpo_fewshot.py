@@ -82,7 +82,8 @@ def evaluate_stage(
 ) -> tuple[list[ResultRecord], dict[str, np.ndarray]]:
     """Every protocol x domain of one stage's model; returns its records and per-pair correctness."""
     from recalign.lm.lora import load_lm, resolve_dtype
-    from recalign.methods.dmpo import evaluate_pairwise, paired_difference
+    from recalign.methods.dmpo import evaluate_pairwise
+    from recalign.methods.dmpo_metrics import paired_difference
     from recalign.methods.zeroshot import EvalConfig, evaluate_lm
 
     model, tok, _ = load_lm(stage.directory / "adapter", merge=True, dtype=resolve_dtype(cfg.dtype))

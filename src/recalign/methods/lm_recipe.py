@@ -4,7 +4,7 @@
   ``dtype``, ``threads``, ``lora``, ``training``, ``eval``), the base of
   :class:`~recalign.methods.sft.SFTConfig`, :class:`~recalign.methods.align.AlignConfig` and
   :class:`~recalign.methods.knowledge.recipe.KnowledgeConfig`. A recipe redeclares a field whose
-  default or help is its own (each recipe's ``training`` defaults, through :func:`training_field`);
+  default is its own (each recipe's ``training`` defaults, through :func:`training_field`);
 - :func:`validate_lm_recipe`: the checks of the fields every LM training config has (``dtype``, an
   enabled ``lora`` adapter; ``threads >= 0`` is each recipe's field constraint) and of its nested
   ``data`` / ``lora`` / ``training`` / ``eval`` configs, run after the recipe's own checks;
@@ -56,27 +56,37 @@ def training_field(**defaults: Any) -> Any:
 
 @dataclass
 class LMRecipeConfig:
-    """The fields every LM recipe config has, with SFT's defaults and help (``training``: plain
-    :class:`TrainingConfig`, as every recipe sets its own optimiser defaults). A recipe whose default or
-    help differs redeclares the field with the same name and type (knowledge: its own ``eval`` section)."""
+    """The fields every LM recipe config has, with help that serves every recipe (``training``: plain
+    :class:`TrainingConfig`, as every recipe sets its own optimiser defaults). A recipe redeclares a field
+    only where its default differs, with the same name and type (knowledge: its own ``data`` default and
+    ``eval`` section)."""
 
     model: str = cfg_field(
-        "smollm2", "base model: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir"
+        "smollm2",
+        "the model trained: 'smollm2' (embedded), a local HF model directory, or a run/adapter dir (align: "
+        "the start model, merged in as the reference, usually an SFT run; knowledge: a base model, causal "
+        "or T5-family, or tiny-llama / tiny-t5)",
     )
     data: DataPrepareConfig = cfg_field(help="dataset, split and candidates", default_factory=llara_data)
     seed: int = cfg_field(
-        0, "seed of example sampling and prompt phrasing (training.seed seeds the optimiser)"
+        0,
+        "seed of the training data (example sampling, prompt phrasing; align: negatives; knowledge: task "
+        "data, templates, mixing) and of evaluation sampling (training.seed seeds the optimiser and adapter)",
     )
     dtype: str = cfg_field(
         "auto",
         "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
-        "bfloat16; the LoRA adapter always trains in float32",
+        "bfloat16; the LoRA adapter always trains in float32 (knowledge's tiny models: always float32)",
     )
     threads: Annotated[int, Ge(0)] = cfg_field(
         0,
-        "torch CPU threads (0: torch's default, one per core; 1 is faster on a CPU shared with busy processes)",
+        "torch CPU threads (0: torch's default, one per core; 1 is often faster on a CPU shared with busy "
+        "processes)",
     )
-    lora: LoRAConfig = cfg_field(help="LoRA adapter", default_factory=LoRAConfig)
+    lora: LoRAConfig = cfg_field(
+        help="the LoRA adapter trained (align: a new one on top of the start model)",
+        default_factory=LoRAConfig,
+    )
     training: TrainingConfig = training_field()
     eval: EvalConfig = cfg_field(help="evaluation after training", default_factory=EvalConfig)
 

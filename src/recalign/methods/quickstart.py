@@ -50,6 +50,7 @@ from recalign.lm.lora import LoRAConfig, resolve_dtype
 from recalign.methods import PreparedData, load_data, sample_examples, set_threads
 from recalign.methods.align import AlignConfig
 from recalign.methods.lm_recipe import llara_data
+from recalign.methods.sft import check_format
 from recalign.methods.zeroshot import EvalConfig, protocol_record
 from recalign.rundir import open_output_dir, releasing
 from recalign.training.config import TrainingConfig
@@ -164,10 +165,8 @@ class QuickstartConfig:
         "history as plain lists, a next-item loss on every item; S-DPO then trains on its history-only "
         "prompt; the sft and sdpo stages skip the generation protocol, which needs the candidate prompt)",
     )
-    window: int = cfg_field(24, "format=sequence: items per training window (checked by the SFT stage)")
-    min_context: int = cfg_field(
-        4, "format=sequence: items of each window that are context only (checked by the SFT stage)"
-    )
+    window: int = cfg_field(24, "format=sequence: items per training window (> min_context)")
+    min_context: int = cfg_field(4, "format=sequence: items of each window that are context only (>= 1)")
     max_history: int = cfg_field(10, "history items in prompts")
     seed: int = cfg_field(0, "seed of example sampling and prompt phrasing")
     lora: LoRAConfig = cfg_field(help="LoRA adapter of the SFT stage", default_factory=_lora)
@@ -191,12 +190,7 @@ class QuickstartConfig:
             raise RecalignInputError(
                 f"unknown stage '{unknown[0]}' (registered: {', '.join(STAGES)})", field="stages"
             )
-        if self.format not in ("candidates", "sequence"):
-            raise RecalignInputError(f"must be candidates or sequence, got {self.format!r}", field="format")
-        if self.format == "sequence" and self.window <= self.min_context:
-            raise RecalignInputError(
-                f"must be > min_context={self.min_context}, got {self.window}", field="window"
-            )
+        check_format(self.format, self.window, self.min_context)  # SFT's rule, for the sft stage
         if "sdpo" in self.stages and "sft" not in self.stages[: self.stages.index("sdpo")]:
             raise RecalignInputError(
                 "the sdpo stage starts from the SFT model: list sft before sdpo", field="stages"

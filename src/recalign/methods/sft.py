@@ -48,6 +48,18 @@ from recalign.training.config import TrainingConfig
 FORMATS = ("candidates", "sequence")
 
 
+def check_format(format: str, window: int, min_context: int) -> None:
+    """SFT's training-data rule (also the quickstart's, whose fields have the same names): a known
+    ``format`` and, for ``sequence``, ``1 <= min_context < window``."""
+    if format not in FORMATS:
+        raise RecalignInputError(f"must be {' or '.join(FORMATS)}, got {format!r}", field="format")
+    if format == "sequence":
+        if min_context < 1:
+            raise RecalignInputError("must be >= 1", field="min_context")
+        if window <= min_context:
+            raise RecalignInputError(f"must be > min_context={min_context}, got {window}", field="window")
+
+
 @dataclass
 class SFTConfig(LMRecipeConfig):
     """``recalign sft``: few-shot LoRA SFT of a causal LM on next-item prompts, then evaluation.
@@ -85,15 +97,8 @@ class SFTConfig(LMRecipeConfig):
         self.hybrid.validate()
         if self.hybrid.enabled and self.format != "candidates":
             raise RecalignInputError("hybrid item tokens need format=candidates", field="hybrid.enabled")
-        if self.format not in FORMATS:
-            raise RecalignInputError(
-                f"must be one of {', '.join(FORMATS)}, got {self.format!r}", field="format"
-            )
+        check_format(self.format, self.window, self.min_context)
         if self.format == "sequence":
-            if self.min_context < 1:
-                raise RecalignInputError("must be >= 1", field="min_context")
-            if self.window <= self.min_context:
-                raise RecalignInputError(f"must be > min_context ({self.min_context})", field="window")
             from recalign.methods.zeroshot import check_sequence_protocols
 
             check_sequence_protocols(self.eval.protocols)

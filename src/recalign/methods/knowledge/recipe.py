@@ -107,29 +107,20 @@ class KnowledgeEvalConfig:
 class KnowledgeConfig(LMRecipeConfig):
     """``recalign knowledge``: multi-task SFT on recommendation-knowledge tasks, then per-task evaluation.
 
-    ``lora``: :class:`LMRecipeConfig`'s; its other fields are redeclared (no LLaRA split, its own
-    evaluation section, help naming the tiny and T5-family models).
+    ``model``, ``seed``, ``dtype``, ``threads`` and ``lora``: :class:`LMRecipeConfig`'s; ``data``,
+    ``training`` and ``eval`` are redeclared (their defaults are knowledge's own).
     """
 
-    model: str = cfg_field(
-        "smollm2", "base model: smollm2, a local model directory (causal or T5-family), tiny-llama, tiny-t5"
-    )
+    # the configured split as it is: knowledge tasks need no LLaRA split
     data: DataPrepareConfig = cfg_field(
         help="dataset, split and candidates", default_factory=DataPrepareConfig
     )
-    seed: int = cfg_field(0, "seed of task data, template choice, mixing and evaluation sampling")
-    dtype: str = cfg_field(
-        "auto",
-        "base-model weights: auto (bfloat16 where the CPU/GPU runs it natively, else float32), float32 or "
-        "bfloat16; the LoRA adapter always trains in float32 (tiny models are always float32)",
-    )
-    threads: Annotated[int, Ge(0)] = cfg_field(
-        0, "torch CPU threads (0: torch's default). On a shared CPU, 1 is often several times faster"
-    )
+    # SFT's optimiser defaults, checkpointing every 20 steps
     training: TrainingConfig = training_field(
         learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=20
     )
-    eval: KnowledgeEvalConfig = cfg_field(  # type: ignore[assignment]  # the knowledge tasks' evaluation
+    # the knowledge tasks' own evaluation section
+    eval: KnowledgeEvalConfig = cfg_field(  # type: ignore[assignment]
         help="evaluation after training", default_factory=KnowledgeEvalConfig
     )
     method: str = cfg_field(
