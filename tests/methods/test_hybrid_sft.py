@@ -104,8 +104,9 @@ def test_config_validation_is_one_line():
     with pytest.raises(RecalignInputError, match="recommender_overrides") as e:
         HybridConfig(recommender_overrides=["epoch=3"]).validate()
     assert "\n" not in str(e.value)
-    with pytest.raises(RecalignInputError, match="format=candidates"):
-        load_config(SFTConfig, overrides={"format": "sequence", "hybrid": {"enabled": True}}).validate()
+    # both formats take hybrid item tokens (the sequence one: tests/methods/test_hybrid_sequence_sft.py)
+    seq = {"format": "sequence", "hybrid": {"enabled": True}, "eval": {"protocols": ["candidates"]}}
+    load_config(SFTConfig, overrides=seq).validate()
 
 
 # ---------------------------------------------------------------------- training

@@ -88,15 +88,14 @@ class SFTConfig(LMRecipeConfig):
         learning_rate=5e-4, max_steps=40, batch_size=8, warmup_steps=4, save_steps=10
     )
     hybrid: HybridConfig = cfg_field(
-        help="LLaRA hybrid item tokens (format=candidates): 'Title [emb]' with a projected recommender embedding",
+        help="LLaRA hybrid item tokens: 'Title [emb]' with a projected recommender embedding (candidates: in the "
+        "prompt's history and candidates; sequence: after every item's line)",
         default_factory=HybridConfig,
     )
 
     def validate(self) -> None:
         check_constraints(self, nested=False)  # the nested configs: validate_lm_recipe below
         self.hybrid.validate()
-        if self.hybrid.enabled and self.format != "candidates":
-            raise RecalignInputError("hybrid item tokens need format=candidates", field="hybrid.enabled")
         check_format(self.format, self.window, self.min_context)
         if self.format == "sequence":
             from recalign.methods.zeroshot import check_sequence_protocols
@@ -180,7 +179,12 @@ def training_data(cfg: SFTConfig, tokenizer, data: PreparedData) -> tuple[list[d
             rng = np.random.default_rng([cfg.seed, 0x5E0])
             keep = np.sort(rng.choice(len(windows), size=cfg.n_train, replace=False))
             windows = [windows[i] for i in keep]
-        examples = sequence_examples(tokenizer, data.dataset, windows)
+        if cfg.hybrid.enabled:  # a soft item token after every item's line (recalign.methods.hybrid)
+            from recalign.methods.hybrid import hybrid_sequence_examples
+
+            examples = hybrid_sequence_examples(cfg.hybrid, tokenizer, data.dataset, windows)
+        else:
+            examples = sequence_examples(tokenizer, data.dataset, windows)
         counts = {
             "n_documents": len(examples),
             "n_targets": n_targets(examples),
