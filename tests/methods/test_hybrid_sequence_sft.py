@@ -166,3 +166,61 @@ def bench_args(bench):
     import argparse
 
     return argparse.Namespace(n_test=8, n_small=5)
+
+
+def test_align_from_hybrid_sequence_sft_trains_on_hybrid_sequence_prompts(env, tmp_path, monkeypatch):
+    """S-DPO from a hybrid sequence SFT run trains on the prompts it is evaluated with: history lines each
+    followed by the item's soft token, the answers plain lines (the text-only codec would train on one
+    prompt shape and evaluate on another)."""
+    import recalign.methods.align as align_mod
+    from recalign.lm.prompts import soft_token_id
+    from recalign.lm.sequence import SequenceCodec
+    from recalign.methods.align import AlignConfig, run_align
+
+    _, data_dir, model_dir = env
+    sft_dir = tmp_path / "sft"
+    run_sft(load_config(SFTConfig, overrides=seq_overrides(data_dir, model_dir, hybrid=True)), sft_dir,
+            progress=False)  # fmt: skip
+    seen = []
+    original = align_mod.build_examples
+
+    def spy(*args, **kwargs):
+        examples, pref = original(*args, **kwargs)
+        seen.append((examples, pref))
+        return examples, pref
+
+    monkeypatch.setattr(align_mod, "build_examples", spy)
+    cfg = load_config(
+        AlignConfig,
+        overrides={
+            "model": str(sft_dir), "loss": "sdpo", "negatives": 2, "reference": "precomputed",
+            "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
+            "n_train": 4, "max_history": 6, "dtype": "float32",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
+            "training": {"learning_rate": 1e-2, "lr_scheduler": "constant", "max_steps": 1, "batch_size": 4,
+                         "save_steps": 1, "logging_steps": 1, "progress": False},
+            "eval": {"n_test": 0, "protocols": ["candidates"]},
+        },
+    )  # fmt: skip
+    run_align(cfg, tmp_path / "sdpo", progress=False)
+    ((examples, pref),) = seen
+    assert len(examples) == 4
+    for ex in examples:
+        soft = [t for t in ex["prompt"] if t < 0]
+        assert soft, "hybrid sequence prompts carry soft tokens"
+        assert all(min(a) >= 0 for a in ex["answers"])  # candidates scored as plain lines
+    # exactly the codec's hybrid prompt: a soft token after every history item
+    from recalign.data.prepare import DataPrepareConfig
+    from recalign.lm.lora import load_lm
+    from recalign.lm.prompts import recent_history
+    from recalign.methods import load_data
+
+    _, tok, _ = load_lm(str(sft_dir))
+    data = load_data(DataPrepareConfig(dataset="ml-100k", path=str(data_dir), split="llara", candidates=5))
+    codec = SequenceCodec(tok, data.dataset, item_tokens=True)
+    first = examples[0]["prompt"]
+    matches = [h for h in data.split.stage("train")["history"]
+               if codec.prompt(recent_history(h, 6)) == first]  # fmt: skip
+    assert matches
+    assert [t for t in first if t < 0] == [soft_token_id(int(i)) for i in recent_history(matches[0], 6)]
+    assert pref.prompts[0] == tok.decode([t for t in first if t >= 0], skip_special_tokens=True)

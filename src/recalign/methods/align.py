@@ -216,13 +216,15 @@ def build_examples(
         from recalign.lm.prompts import recent_history
         from recalign.lm.sequence import SequenceCodec
 
-        codec = SequenceCodec(tok, data.dataset)
+        # a hybrid sequence SFT model: the same soft tokens after every history line as its evaluation
+        codec = SequenceCodec(tok, data.dataset, item_tokens=item_tokens)
         prompt_ids = [codec.prompt(recent_history(h, cfg.max_history)) for h in frame["history"]]
         answer_ids = [
             [codec.lines[int(c)]] + [codec.lines[int(r)] for r in rej]
             for c, rej in zip(pref.chosen, pref.rejected)
         ]
-        pref.prompts = [tok.decode(p, skip_special_tokens=True) for p in prompt_ids]
+        # soft tokens (negative ids) have no text: the readable prompt leaves them out
+        pref.prompts = [tok.decode([t for t in p if t >= 0], skip_special_tokens=True) for p in prompt_ids]
     else:
         prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
     examples = [{"prompt": p, "answers": a} for p, a in zip(prompt_ids, answer_ids)]
