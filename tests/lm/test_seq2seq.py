@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from recalign.lm.loading import build_tiny_llama, train_bpe_tokenizer
+from recalign.lm.scoring import answer_logprobs
 from recalign.lm.seq2seq import (
     build_tiny_t5,
     encode_source,
     encode_target,
     is_seq2seq,
     naive_seq2seq_answer_logprobs,
-    score_answers,
     seq2seq_answer_logprobs,
     text_encoders,
 )
@@ -87,7 +87,7 @@ def test_one_entry_point_for_both_families(tok):
         p = [enc_p("Which movie next? Answer:")]
         a = [[enc_a("Heat (1995)"), enc_a("Babe (1995)")]]
         with torch.no_grad():
-            s = score_answers(model, p, a, chunk_size=1)
+            s = answer_logprobs(model, p, a, chunk_size=1)
         assert s.sum.shape == (1, 2) and torch.isfinite(s.sum).all()
     # decoder-only prompts start with BOS (prompts.encode_prompt), encoder inputs end with EOS
     assert text_encoders(llama, tok)[0]("x")[0] == tok.bos_token_id

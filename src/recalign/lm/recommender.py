@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
+from recalign.lm.modules import is_seq2seq
 from recalign.lm.prompts import (
     PromptExample,
     PromptTemplate,
@@ -46,11 +47,6 @@ from recalign.lm.prompts import (
     stop_token_ids,
 )
 from recalign.lm.scoring import answer_logprobs
-
-
-def _is_seq2seq(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base.config, "is_encoder_decoder", False))
 
 
 @dataclass
@@ -259,7 +255,7 @@ class LMRecommender:
         return uses_item_tokens(self.model, self.dataset)
 
     def _encoders(self):
-        if _is_seq2seq(self.model):
+        if is_seq2seq(self.model):
             from recalign.lm.seq2seq import encode_source, encode_target
 
             return encode_source, encode_target
@@ -270,7 +266,7 @@ class LMRecommender:
         self.model.eval()
         try:
             with torch.inference_mode():
-                if _is_seq2seq(self.model):
+                if is_seq2seq(self.model):
                     from recalign.lm.seq2seq import seq2seq_answer_logprobs
 
                     s = seq2seq_answer_logprobs(self.model, prompts, answers, chunk_size=chunk_size)

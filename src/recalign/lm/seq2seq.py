@@ -239,22 +239,6 @@ def answer_stop_ids(model, tokenizer) -> list[int]:
     return stop_token_ids(tokenizer)
 
 
-def score_answers(
-    model,
-    prompts: Sequence[Sequence[int]],
-    answers: Sequence[Sequence[Sequence[int]]],
-    *,
-    chunk_size: int | None = None,
-    causal_impl: str = "packed",
-) -> AnswerScores:
-    """Shared-prefix answer scoring for either family (``causal_impl`` picks the decoder-only variant)."""
-    if is_seq2seq(model):
-        return seq2seq_answer_logprobs(model, prompts, answers, chunk_size=chunk_size)
-    from recalign.lm.scoring import answer_logprobs
-
-    return answer_logprobs(model, prompts, answers, impl=causal_impl, chunk_size=chunk_size)
-
-
 def load_seq2seq(path: str, dtype: torch.dtype = torch.float32):
     """A local encoder-decoder model directory (FLAN-T5 style): safetensors only, no remote code."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

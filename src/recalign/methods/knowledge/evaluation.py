@@ -32,7 +32,8 @@ import torch
 
 from recalign.evaluation.metrics import mae, rmse, single_target_metrics, target_ranks
 from recalign.evaluation.protocols import full_ranks
-from recalign.lm.seq2seq import answer_stop_ids, score_answers, text_encoders
+from recalign.lm.scoring import answer_logprobs
+from recalign.lm.seq2seq import answer_stop_ids, text_encoders
 from recalign.methods.knowledge.grounding import (
     TitleMatcher,
     TitleTrie,
@@ -83,8 +84,9 @@ class TaskScorer:
         self.model.eval()
         try:
             with torch.inference_mode():
-                s = score_answers(
-                    self.model, p_ids, a_ids, chunk_size=self.chunk_size, causal_impl=self.causal_impl
+                # answer_logprobs serves both families (the encoder pass is a T5's shared prefix)
+                s = answer_logprobs(
+                    self.model, p_ids, a_ids, impl=self.causal_impl, chunk_size=self.chunk_size
                 )
         finally:
             if was_training:
