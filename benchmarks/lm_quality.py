@@ -192,37 +192,48 @@ def stage_curve(args, run: Path, command: str) -> list:
     return records
 
 
-def stage_hybrid(args, run: Path, command: str) -> list:
+def _hybrid_stage(args, run: Path, command: str, name: str, config: str, prompt_format: str,
+                  res_keys: tuple[str, ...]) -> list:  # fmt: skip
+    """Train the hybrid SFT ``config`` into ``<run>/<name>/model`` and evaluate it on the first ``--n-small``
+    rows with its own prompt format (the shared body of the two hybrid stages)."""
     from recalign.config import load_config
     from recalign.lm.lora import load_lm, resolve_dtype
     from recalign.methods.sft import SFTConfig
 
-    cfg = load_config(SFTConfig, path=HYBRID_CONFIG, overrides={"eval": {"n_test": 0}})
-    out = run / "sft-hybrid" / "model"
+    cfg = load_config(SFTConfig, path=config, overrides={"eval": {"n_test": 0}})
+    if prompt_format == "sequence":
+        differ = same_budget(cfg, sft_config(args))
+        if differ:  # the comparison with sft-sequence is only fair on the same budget
+            raise SystemExit(f"error: {config} differs from {SFT_CONFIG} in {', '.join(differ)}")
+    out = run / name / "model"
     t0 = time.process_time()
-    res = train_sft(cfg, out, f"recalign sft --config {HYBRID_CONFIG} --output {out} eval.n_test=0")
+    res = train_sft(cfg, out, f"recalign sft --config {config} --output {out} eval.n_test=0")
     data = load(0)
     model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
     info = {
-        "model": str(out), "config": HYBRID_CONFIG, "format": "candidates", "hybrid": True,
+        "model": str(out), "config": config, "format": prompt_format, "hybrid": True,
         "recommender": cfg.hybrid.recommender, "candidate_seed": 0, "max_history": cfg.max_history,
         "stage_cpu_seconds": round(time.process_time() - t0, 1),
         "rows": f"first {args.n_small} of the {args.n_test} test rows",
-        **{k: res.get(k) for k in ("train_steps", "examples_seen", "train_cpu_seconds", "train_seconds",
-                                   "dtype", "hybrid", "n_train")},
+        **{k: res.get(k) for k in res_keys},
     }  # fmt: skip
     rows = test_rows(data, args.n_test).iloc[: args.n_small]
-    return lm_records(
-        model,
-        tok,
-        data,
-        rows,
-        "sft-hybrid",
-        info,
-        command,
-        prompt_format="candidates",
-        max_history=cfg.max_history,
+    return lm_records(model, tok, data, rows, name, info, command, prompt_format=prompt_format,
+                      max_history=cfg.max_history)  # fmt: skip
+
+
+def stage_hybrid(args, run: Path, command: str) -> list:
+    """Hybrid SFT on the LLaRA candidate prompt (configs/sft_hybrid_ml100k.yaml), first ``--n-small`` rows."""
+    keys = (
+        "train_steps",
+        "examples_seen",
+        "train_cpu_seconds",
+        "train_seconds",
+        "dtype",
+        "hybrid",
+        "n_train",
     )
+    return _hybrid_stage(args, run, command, "sft-hybrid", HYBRID_CONFIG, "candidates", keys)
 
 
 #: SFT settings that make two runs' budgets and data the same (``method`` and ``hybrid`` may differ).
@@ -238,30 +249,9 @@ def same_budget(a, b) -> list[str]:
 def stage_hybrid_sequence(args, run: Path, command: str) -> list:
     """Sequence SFT with hybrid item tokens on the sft-sequence budget, evaluated on the first ``--n-small``
     rows with the history-only prompt (soft tokens after the history lines; candidates' plain lines)."""
-    from recalign.config import load_config
-    from recalign.lm.lora import load_lm, resolve_dtype
-    from recalign.methods.sft import SFTConfig
-
-    cfg = load_config(SFTConfig, path=HYBRID_SEQUENCE_CONFIG, overrides={"eval": {"n_test": 0}})
-    differ = same_budget(cfg, sft_config(args))
-    if differ:  # the comparison with sft-sequence is only fair on the same budget
-        raise SystemExit(f"error: {HYBRID_SEQUENCE_CONFIG} differs from {SFT_CONFIG} in {', '.join(differ)}")
-    out = run / "sft-hybrid-sequence" / "model"
-    t0 = time.process_time()
-    res = train_sft(cfg, out, f"recalign sft --config {HYBRID_SEQUENCE_CONFIG} --output {out} eval.n_test=0")
-    data = load(0)
-    model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
-    info = {
-        "model": str(out), "config": HYBRID_SEQUENCE_CONFIG, "format": "sequence", "hybrid": True,
-        "recommender": cfg.hybrid.recommender, "candidate_seed": 0, "max_history": cfg.max_history,
-        "stage_cpu_seconds": round(time.process_time() - t0, 1),
-        "rows": f"first {args.n_small} of the {args.n_test} test rows",
-        **{k: res.get(k) for k in ("train_steps", "train_counts", "examples_seen", "targets_seen",
-                                   "train_cpu_seconds", "train_seconds", "dtype", "n_train")},
-    }  # fmt: skip
-    rows = test_rows(data, args.n_test).iloc[: args.n_small]
-    return lm_records(model, tok, data, rows, "sft-hybrid-sequence", info, command,
-                      max_history=cfg.max_history)  # fmt: skip
+    keys = ("train_steps", "train_counts", "examples_seen", "targets_seen", "train_cpu_seconds",
+            "train_seconds", "dtype", "n_train")  # fmt: skip
+    return _hybrid_stage(args, run, command, "sft-hybrid-sequence", HYBRID_SEQUENCE_CONFIG, "sequence", keys)
 
 
 def stage_zeroshot(args, run: Path, command: str) -> list:
