@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +41,9 @@ from recalign.lm.prompts import (
 )
 from recalign.lm.reference import cache_key, cached_reference_logprobs, model_fingerprint
 from recalign.lm.scoring import answer_logprobs, naive_answer_logprobs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _grad_check import assert_grads_match_naive  # noqa: E402
 
 TOL = 1e-4
 N_ITEMS = 26
@@ -109,24 +114,7 @@ def test_hybrid_gradients_equal_naive(hybrid_model, tiny_tokenizer, impl):
     """Gradients of the LM's weights *and* of the projector equal the naive path's; the projector gets a
     non-zero gradient (it is not detached)."""
     prompts, answers = _batch(len(tiny_tokenizer), seed=1)
-    hybrid_model.train()
-    for p in hybrid_model.parameters():
-        p.requires_grad_(True)
-
-    def grads(fn):
-        hybrid_model.zero_grad()
-        s = fn()
-        s.sum[s.mask].sum().backward()
-        return {n: p.grad.detach().clone() for n, p in hybrid_model.named_parameters() if p.grad is not None}
-
-    torch.manual_seed(0)
-    ref = grads(lambda: naive_answer_logprobs(hybrid_model, prompts, answers))
-    got = grads(lambda: answer_logprobs(hybrid_model, prompts, answers, impl=impl))
-    proj = [n for n in ref if "recalign_item_tokens" in n]
-    assert len(proj) == 4 and set(ref) == set(got)
-    assert all(ref[n].abs().max() > 0 for n in proj)
-    for n in ref:
-        assert (ref[n] - got[n]).abs().max().item() <= TOL, n
+    assert_grads_match_naive(hybrid_model, prompts, answers, impl, TOL)
 
 
 def test_text_only_prompts_take_the_input_ids_path(hybrid_model, tiny_model, tiny_tokenizer, monkeypatch):

@@ -32,6 +32,9 @@ from recalign.lm.sequence import (
 )
 from recalign.methods.hybrid import CurriculumObjective, HybridConfig, hybrid_sequence_examples
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _grad_check import assert_grads_match_naive  # noqa: E402
+
 TOL = 1e-4
 D_REC = 8
 ITEMS = np.array([3, 7, 1, 12, 5, 20])
@@ -201,24 +204,7 @@ def test_hybrid_sequence_gradients_equal_naive(ds, tiny_tokenizer, hybrid_model,
     codec = SequenceCodec(tiny_tokenizer, ds, item_tokens=True)
     prompts = [codec.prompt(np.asarray(h)[-4:]) for h in ex["history"]]
     answers = [[codec.lines[int(c)] for c in cands[:3]] for cands in ex["candidates"]]
-    model = hybrid_model
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-
-    def grads(fn):
-        model.zero_grad()
-        s = fn()
-        s.sum[s.mask].sum().backward()
-        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref = grads(lambda: naive_answer_logprobs(model, prompts, answers))
-    got = grads(lambda: answer_logprobs(model, prompts, answers, impl=impl))
-    proj = [n for n in ref if "recalign_item_tokens" in n]
-    assert len(proj) == 4 and set(ref) == set(got)
-    assert all(ref[n].abs().max() > 0 for n in proj)
-    for n in ref:
-        assert (ref[n] - got[n]).abs().max().item() <= TOL, n
+    assert_grads_match_naive(hybrid_model, prompts, answers, impl, TOL)
 
 
 def test_projector_output_changes_the_scores(ds, tiny_tokenizer, tiny_model, hybrid_model):
