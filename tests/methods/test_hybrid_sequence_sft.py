@@ -162,6 +162,66 @@ def test_benchmark_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
         bench.stage_hybrid_sequence(bench_args(bench), tmp_path / "other", "x")
 
 
+def test_item_head_config_has_the_sequence_budget():
+    """configs/sft_item_head_ml100k.yaml = the hybrid sequence config plus the item head (no model loaded)."""
+    bench = _lm_quality()
+    head = load_config(SFTConfig, path=ROOT / bench.ITEM_HEAD_CONFIG)
+    hyb = load_config(SFTConfig, path=ROOT / bench.HYBRID_SEQUENCE_CONFIG)
+    assert bench.same_budget(head, load_config(SFTConfig, path=ROOT / bench.SFT_CONFIG)) == []
+    assert head.method == "sft-item-head" and head.hybrid.item_head and not hyb.hybrid.item_head
+    assert head.training.max_steps == 300
+    for key in ("recommender", "recommender_overrides", "enabled", "projector_hidden", "curriculum"):
+        assert getattr(head.hybrid, key) == getattr(hyb.hybrid, key), key
+    stages = list(bench.STAGES)
+    assert stages.index("sft-item-head") == stages.index("sft-hybrid-sequence") + 1
+
+
+def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
+    """``--stages sft-item-head --max-steps 4``: one record per scoring mode, the true steps recorded,
+    and the merge keeps all three."""
+    import yaml
+
+    from recalign.data.prepare import DataPrepareConfig
+    from recalign.methods import load_data
+
+    _, data_dir, model_dir = env
+    bench = _lm_quality()
+    over = seq_overrides(data_dir, model_dir, hybrid=True, method="sft-item-head")
+    over["hybrid"]["item_head"] = True
+    head_yaml, seq_yaml = tmp_path / "head.yaml", tmp_path / "seq.yaml"
+    head_yaml.write_text(yaml.safe_dump(over))
+    seq_yaml.write_text(yaml.safe_dump({k: v for k, v in over.items() if k != "hybrid"}))
+    monkeypatch.setattr(bench, "ITEM_HEAD_CONFIG", str(head_yaml))
+    monkeypatch.setattr(bench, "SFT_CONFIG", str(seq_yaml))
+    monkeypatch.setattr(
+        bench,
+        "load",
+        lambda seed: load_data(
+            DataPrepareConfig(dataset="ml-100k", path=str(data_dir), split="llara", seed=seed, candidates=5)
+        ),
+    )
+    run = tmp_path / "bench"
+    args = ["--stages", "sft-item-head,merge", "--run", str(run), "--n-test", "8", "--n-small", "5",
+            "--max-steps", "4", "--output", str(tmp_path / "out.json")]  # fmt: skip
+    assert bench.main(args) == 0
+    records = read_records(run / "sft-item-head" / "records.json")
+    assert [r.method for r in records] == ["sft-item-head", "sft-item-head:item", "sft-item-head:title"]
+    assert [r.extra["item_score"] for r in records] == ["sum", "item", "title"]
+    for r in records:
+        assert r.n_examples == 5 and r.extra["train_steps"] == 4 and r.extra["item_tokens"] is True
+    # the modes rank differently (the head's scores are not the titles')
+    assert records[1].metrics != records[2].metrics
+    model_run = json.loads((run / "sft-item-head" / "model" / "metrics.json").read_text())["run"]
+    assert model_run["train_steps"] == 4
+    ce = [h for h in json.loads((run / "sft-item-head" / "model" / "checkpoints" / "trainer_state.json")
+                                .read_text())["log_history"] if "item_ce" in h]  # fmt: skip
+    assert ce
+    merged = json.loads((tmp_path / "out.json").read_text())
+    assert [r["method"] for r in merged["records"] if r["method"].startswith("sft-item-head")] == [
+        r.method for r in records
+    ]
+
+
 def bench_args(bench):
     import argparse
 

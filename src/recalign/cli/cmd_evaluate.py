@@ -63,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serves both, for decoder-only models; same results, less compute)",
     )
     p.add_argument(
+        "--item-score",
+        default="auto",
+        choices=["auto", "title", "item", "sum"],
+        help="sequence-format models: rank by title log-prob, item-head log-prob or their sum (default auto: "
+        "sum for a model with an item head, title otherwise)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
@@ -91,6 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         stage=args.stage,
         max_pairs=args.max_pairs,
         joint=not args.no_joint,
+        item_score=args.item_score,
     )
     data_cfg = DataPrepareConfig(
         dataset=args.dataset,

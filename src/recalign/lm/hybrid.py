@@ -27,6 +27,18 @@ small trainable MLP. This module holds the LM-side machinery:
   (shapes, item count, a fingerprint of the catalogue's item ids, where the table came from) beside the
   adapter; :func:`recalign.lm.lora.load_lm` attaches it automatically when present. A corrupted,
   truncated or mismatched file is a one-line :class:`~recalign.errors.RecalignInputError` naming it.
+- **The item head** (optional, :meth:`ItemTokens.add_item_head`; ``hybrid.item_head`` of sequence SFT):
+  soft tokens only *feed* SASRec's space to the LM, which must then learn to decode it into title
+  tokens -- on a CPU budget it did not (the hybrid sequence run's title NLL was that of the text-only
+  run). E4SRec and CLLM4Rec instead read items *out* of the LM's final hidden state against item
+  vectors: here ``logits[j] = h . Q(E_j) + b_j`` over the whole catalogue, with ``E`` the same frozen
+  table (scaled to unit mean row norm), ``Q`` a trainable linear map ``d_rec -> d_lm`` (its own, not the
+  input projector) and ``b`` a per-item bias (zeros at first; it can learn popularity). So an item is
+  one softmax over the catalogue instead of a dozen title tokens, and the collaborative geometry of
+  ``E`` is used as is. The
+  head lives in the same module, so it trains, moves, merges, hashes and saves exactly like the
+  projector (extra tensors ``item_head.weight`` / ``item_bias`` in the same file, ``item_head: true``
+  in the JSON); a file without them is a model without a head.
 
 Decoder-only models only (the soft token enters through ``inputs_embeds``, which every HF causal LM
 accepts); encoder-decoders are refused when attaching.
@@ -64,6 +76,7 @@ __all__ = [
     "check_dataset",
     "decoder_inputs",
     "has_item_tokens",
+    "item_head_of",
     "item_tokens_of",
     "load_item_tokens",
     "load_item_tokens_state",
@@ -83,6 +96,8 @@ class ItemTokens(nn.Module):
         d_lm: the LM's input-embedding width.
         hidden: the projector's hidden width.
         info: JSON-able provenance (recommender, catalogue fingerprint), saved with the weights.
+
+    Optionally also an item output head over the same table (:meth:`add_item_head`, :meth:`item_logits`).
     """
 
     def __init__(self, item_table: torch.Tensor, d_lm: int, hidden: int, info: dict | None = None) -> None:
@@ -101,6 +116,48 @@ class ItemTokens(nn.Module):
         )
         self.info = dict(info or {})
         self.source: str | None = None  # the file it was loaded from, for error messages
+        self.item_head: nn.Linear | None = None
+        self.item_bias: nn.Parameter | None = None
+
+    def add_item_head(self) -> ItemTokens:
+        """Give the module its output head (see the module docstring); seed torch first. Returns self.
+
+        ``Q`` has no bias: ``h . c`` would add the same number to every item's logit, which the softmax
+        ignores (its gradient is zero). ``Q`` reads the table scaled to unit mean row norm
+        (:meth:`head_keys`) and starts at ``N(0, (0.1 / sqrt(d_lm))^2)``: a key then has norm ~0.1, so
+        the first logits are ~0.1 x RMS(h) -- an almost uniform distribution -- while the gradient
+        already reaches the LM through ``h``.
+        """
+        p = self.projector.item_in.weight
+        self.item_head = nn.Linear(self.d_rec, self.d_lm, bias=False).to(p.device)
+        with torch.no_grad():
+            self.item_head.weight.normal_(0.0, 0.1 / self.d_lm**0.5)
+        self.item_bias = nn.Parameter(torch.zeros(self.n_items, device=p.device))
+        self.item_head.weight.requires_grad_(p.requires_grad)
+        self.item_bias.requires_grad_(p.requires_grad)
+        return self
+
+    @property
+    def has_item_head(self) -> bool:
+        return self.item_head is not None
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, d_lm]`` final hidden states -> ``[N, n_items]`` float32 item logits ``h . Q(E) + b``."""
+        if self.item_head is None or self.item_bias is None:
+            raise RecalignInputError("the hybrid projector has no item head")
+        return hidden.float() @ self.head_keys().t() + self.item_bias
+
+    def head_keys(self) -> torch.Tensor:
+        """``[n_items, d_lm]`` item vectors ``Q(E / mean_j |E_j|)`` (tiny next to one LM forward).
+
+        Why the fixed rescaling: a recommender's embeddings can have any scale (a briefly trained
+        SASRec's are far smaller than a converged one's), and Adam moves every entry of ``Q`` by about
+        the learning rate per step whatever that scale is; on the raw table the logits would move at a
+        speed set by the recommender. With unit-length rows on average, ``Q`` sees inputs like any
+        linear layer's and a step moves a logit about as much as a step of an LM head does. It is a
+        function of the frozen table, so nothing extra is saved."""
+        table = self.item_table
+        return self.item_head(table / table.norm(dim=1).mean().clamp(min=1e-12))
 
     @property
     def n_items(self) -> int:
@@ -148,6 +205,12 @@ def item_tokens_of(model) -> ItemTokens | None:
 
 def has_item_tokens(model) -> bool:
     return item_tokens_of(model) is not None
+
+
+def item_head_of(model) -> ItemTokens | None:
+    """The model's :class:`ItemTokens` when it has an item head (:meth:`ItemTokens.add_item_head`)."""
+    module = item_tokens_of(model)
+    return module if module is not None and module.has_item_head else None
 
 
 def attach_item_tokens(model, module: ItemTokens, *, trainable: bool = False):
@@ -293,12 +356,15 @@ def save_item_tokens(model_or_module, directory: str | Path) -> Path | None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"format": FORMAT, **{k: str(v) for k, v in module.shapes().items()}}
+    if module.has_item_head:
+        meta["item_head"] = "true"
     atomic_write_bytes(directory / PROJECTOR_FILE, save(tensors, metadata=meta))
     table_sha = hashlib.sha256(tensors["item_table"].numpy().tobytes()).hexdigest()
     atomic_write_json(
         directory / PROJECTOR_META,
-        {"format": FORMAT, **module.shapes(), "item_table_sha256": table_sha, **module.info},
-    )
+        {"format": FORMAT, **module.shapes(), "item_head": module.has_item_head, "item_table_sha256": table_sha,
+         **module.info},
+    )  # fmt: skip
     return directory / PROJECTOR_FILE
 
 
@@ -375,11 +441,47 @@ def load_item_tokens(path: str | Path) -> ItemTokens:
                 raise RecalignInputError(
                     f"{key} is {info[key]} in {PROJECTOR_META} but {int(value)} in the weights", source=file
                 )
+    head = _check_item_head(file, tensors, table, w_out, info)
     module = ItemTokens(table, int(w_out.shape[0]), int(w_in.shape[0]),
                         {k: v for k, v in info.items() if k in ("recommender", "catalogue_sha256", "fit")})  # fmt: skip
+    if head:
+        module.add_item_head()
     module.load_state_dict(tensors)
     module.source = str(file)
     return module
+
+
+HEAD_KEYS = ("item_head.weight", "item_bias")
+
+
+def _check_item_head(file: Path, tensors: dict, table: torch.Tensor, w_out: torch.Tensor, info: dict) -> bool:
+    """Whether the file holds an item head; a one-line error if it holds half of one, one of the wrong
+    shape (``[d_lm, d_rec]`` and ``[n_items]``), or the JSON record disagrees. Files written before the
+    head existed hold neither tensor nor key: a module without a head."""
+    present = [k for k in HEAD_KEYS if k in tensors]
+    if present and len(present) < len(HEAD_KEYS):
+        missing = next(k for k in HEAD_KEYS if k not in tensors)
+        raise RecalignInputError(f"hybrid projector's item head lacks tensor '{missing}'", source=file)
+    head = bool(present)
+    if head:
+        want = {
+            "item_head.weight": (int(w_out.shape[0]), int(table.shape[1])),
+            "item_bias": (int(table.shape[0]),),
+        }
+        for key, shape in want.items():
+            if tuple(tensors[key].shape) != shape:
+                raise RecalignInputError(
+                    f"hybrid projector's {key} has shape {tuple(tensors[key].shape)}, expected {shape} "
+                    f"(d_lm, d_rec, n_items of its item table and projector)",
+                    source=file,
+                )
+    if "item_head" in info and bool(info["item_head"]) != head:
+        raise RecalignInputError(
+            f"item_head is {str(bool(info['item_head'])).lower()} in {PROJECTOR_META} but the weights "
+            f"{'hold' if head else 'lack'} one",
+            source=file,
+        )
+    return head
 
 
 def load_item_tokens_state(model, directory: str | Path) -> bool:
@@ -395,6 +497,12 @@ def load_item_tokens_state(model, directory: str | Path) -> bool:
     if saved.shapes() != module.shapes():
         raise RecalignInputError(
             f"projector shapes {saved.shapes()} differ from the run's {module.shapes()}", source=file
+        )
+    if saved.has_item_head != module.has_item_head:
+        raise RecalignInputError(
+            f"checkpoint's projector {'has' if saved.has_item_head else 'lacks'} an item head, the run's "
+            f"{'has' if module.has_item_head else 'does not'}",
+            source=file,
         )
     with torch.no_grad():
         for name, tensor in saved.state_dict().items():

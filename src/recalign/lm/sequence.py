@@ -42,6 +42,18 @@ plain line, as in training. A candidate's own soft token would come *after* its 
 change that line's log-probability: the candidates' soft tokens are left out, and the shared-prefix
 scorer (packed / kv / naive, :func:`recalign.lm.scoring.answer_logprobs`) works unchanged because every
 soft token lives in the prompt, which it feeds through :func:`recalign.lm.hybrid.decoder_inputs`.
+
+**The item head** (``hybrid.item_head``, :meth:`recalign.lm.hybrid.ItemTokens.add_item_head`, E4SRec /
+CLLM4Rec style): the title-only hybrid run learned nothing from its soft tokens -- decoding SASRec's
+space into a dozen title tokens is a lot to ask of a LoRA adapter in 300 steps. With a head, the hidden
+state that predicts a target line's first token (position ``span_start - 1``: the previous item's soft
+token in a hybrid document) is also scored against the whole catalogue, ``h . Q(E_j) + b_j``, and the
+objective adds ``item_head_weight`` x the mean cross-entropy of the target *item* (documents carry
+``items``, the item id of every target span) to the title NLL, from the same decoder pass. Candidates
+can then be ranked by the title (``item_score="title"``), by the head's log-softmax at the prompt's last
+position (``"item"``: the last history item's soft token, which is exactly the hidden state that
+predicted the target in training) or by their sum (``"sum"``, the default for a model with a head).
+Without a head nothing changes: the same forward, loss and scores as before.
 """
 
 from __future__ import annotations
@@ -145,19 +157,22 @@ class SequenceCodec:
         return ids
 
     def document(self, w: Window) -> dict:
-        """``{"tokens": [...], "targets": [[start, end), ...]}``: token spans of the target lines (never
-        a soft token: those sit between lines, after every item but the last)."""
+        """``{"tokens": [...], "targets": [[start, end), ...], "items": [...]}``: token spans of the
+        target lines (never a soft token: those sit between lines, after every item but the last) and
+        the item of each span, in the same order (the item head's labels)."""
         ids = list(self.header)
         spans: list[list[int]] = []
+        items: list[int] = []
         last = len(w.items) - 1
         for k, item in enumerate(w.items):
             line = self.lines[int(item)]
             if k >= w.first_target:
                 spans.append([len(ids), len(ids) + len(line)])
+                items.append(int(item))
             ids.extend(line)
             if k < last:
                 ids.extend(self._soft(item))
-        return {"tokens": ids, "targets": spans}
+        return {"tokens": ids, "targets": spans, "items": items}
 
 
 def sequence_examples(
@@ -202,6 +217,80 @@ def _target_positions(batch: dict) -> tuple[list[int], list[int], list[int]]:
     return rows, pos, tgt
 
 
+def _item_head(model):
+    """The model's :class:`~recalign.lm.hybrid.ItemTokens` if it has an item head, else None (the same as
+    :func:`recalign.lm.hybrid.item_head_of`, through the older ``item_tokens_of`` so that a long-running
+    process that imported :mod:`recalign.lm.hybrid` before the head existed keeps working)."""
+    from recalign.lm.hybrid import item_tokens_of
+
+    module = item_tokens_of(model)
+    return module if getattr(module, "item_head", None) is not None else None
+
+
+def _item_positions(batch: dict) -> tuple[list[int], list[int], list[int]]:
+    """(row, position of the hidden state that predicts the span's first token, item) per target span."""
+    if "items" not in batch:
+        raise ValueError("sequence documents carry no 'items' (the item head's labels)")
+    rows, pos, items = [], [], []
+    for b, (spans, its) in enumerate(zip(batch["targets"], batch["items"])):
+        if len(spans) != len(its):
+            raise ValueError(f"document {b} has {len(spans)} target spans but {len(its)} items")
+        for (start, _), item in zip(spans, its):
+            rows.append(b)
+            pos.append(start - 1)
+            items.append(int(item))
+    return rows, pos, items
+
+
+def padded_hidden(model, docs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Final hidden states ``[B, T_max, d]`` (what the LM head sees) of right-padded id lists.
+
+    A 2-D attention mask over right padding leaves every real token's positions and hidden state as if
+    its row ran alone; hybrid ids (soft tokens) go in as ``inputs_embeds``
+    (:func:`recalign.lm.hybrid.decoder_inputs`).
+    """
+    from recalign.lm.hybrid import decoder_inputs
+    from recalign.lm.scoring import decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    device = head.weight.device
+    t_max = max(len(d) for d in docs)
+    ids = torch.zeros(len(docs), t_max, dtype=torch.long, device=device)
+    att = torch.zeros(len(docs), t_max, dtype=torch.long, device=device)
+    for r, d in enumerate(docs):
+        ids[r, : len(d)] = torch.tensor(list(d), device=device)
+        att[r, : len(d)] = 1
+    return decoder(**decoder_inputs(model, ids), attention_mask=att).last_hidden_state
+
+
+def sequence_logprobs(model, batch: dict, *, items: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(token log-probs [n_target_tokens], item log-probs [n_target_items] or None)`` of a batch.
+
+    The first is :func:`sequence_token_logprobs`'. With ``items`` (the model must have an item head,
+    :func:`recalign.lm.hybrid.item_head_of`) the second is ``log softmax_j(h . Q(E_j) + b_j)`` at each
+    target span's item, ``h`` the hidden state at ``span_start - 1``, from the *same* decoder pass.
+    """
+    from recalign.lm.scoring import decoder_and_head, token_logprobs
+
+    _, head = decoder_and_head(model)
+    device = head.weight.device
+    rows, pos, tgt = _target_positions(batch)  # checks first: no target is a soft token
+    module = None
+    if items:
+        module = _item_head(model)
+        if module is None:
+            raise ValueError("item log-probs asked for but the model has no item head")
+        i_rows, i_pos, i_tgt = _item_positions(batch)
+    hidden = padded_hidden(model, batch["tokens"])
+    h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
+    token_lp = token_logprobs(model, head, h, torch.tensor(tgt, device=device))
+    if module is None:
+        return token_lp, None
+    h_items = hidden[torch.tensor(i_rows, device=device), torch.tensor(i_pos, device=device)]
+    item_lp = module.item_logits(h_items).log_softmax(-1)
+    return token_lp, item_lp.gather(-1, torch.tensor(i_tgt, device=device)[:, None]).squeeze(-1)
+
+
 def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     """log p(token) of every target-line token of the batch's documents, ``[n_target_tokens]``.
 
@@ -211,33 +300,38 @@ def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
     :func:`recalign.lm.hybrid.decoder_inputs`, differentiable in the projector; text-only documents take
     the plain ``input_ids`` path.
     """
-    from recalign.lm.hybrid import decoder_inputs
-    from recalign.lm.scoring import decoder_and_head, token_logprobs
-
-    decoder, head = decoder_and_head(model)
-    device = head.weight.device
-    docs = batch["tokens"]
-    t_max = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), t_max, dtype=torch.long, device=device)
-    att = torch.zeros(len(docs), t_max, dtype=torch.long, device=device)
-    for r, d in enumerate(docs):
-        ids[r, : len(d)] = torch.tensor(d, device=device)
-        att[r, : len(d)] = 1
-    rows, pos, tgt = _target_positions(batch)  # checks first: no target is a soft token
-    hidden = decoder(**decoder_inputs(model, ids), attention_mask=att).last_hidden_state
-    h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
-    targets = torch.tensor(tgt, device=device)
-    return token_logprobs(model, head, h, targets)
+    return sequence_logprobs(model, batch)[0]
 
 
 class SequenceObjective:
-    """Mean NLL over the target-line tokens of a batch of documents (every item after the context)."""
+    """Mean NLL over the target-line tokens of a batch of documents (every item after the context).
+
+    A model with an item head (:func:`recalign.lm.hybrid.item_head_of`) gets ``item_head_weight`` x the
+    mean cross-entropy of the target items over the catalogue added (logged as ``item_ce``; ``nll``
+    stays the title NLL). The trainer weights a micro-batch's loss by its share of the step's *target
+    tokens* (:meth:`loss_items`); the item term rides along with that weight, which is exact for one
+    micro-batch per step (the benchmark configs) and close otherwise.
+    """
+
+    def __init__(self, item_head_weight: float = 1.0) -> None:
+        self.item_head_weight = float(item_head_weight)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        lp = sequence_token_logprobs(model, batch)
-        loss = -lp.sum() / max(lp.numel(), 1)
         n_items = sum(len(s) for s in batch["targets"])
-        return loss, {"nll": loss.detach(), "targets": float(n_items) / len(batch["tokens"])}
+        if _item_head(model) is None:
+            lp = sequence_token_logprobs(model, batch)
+            loss = -lp.sum() / max(lp.numel(), 1)
+            return loss, {"nll": loss.detach(), "targets": float(n_items) / len(batch["tokens"])}
+        lp, item_lp = sequence_logprobs(model, batch, items=True)
+        nll = -lp.sum() / max(lp.numel(), 1)
+        item_ce = -item_lp.sum() / max(item_lp.numel(), 1)
+        loss = nll + self.item_head_weight * item_ce
+        logs = {
+            "nll": nll.detach(),
+            "item_ce": item_ce.detach(),
+            "targets": float(n_items) / len(batch["tokens"]),
+        }
+        return loss, logs
 
     @staticmethod
     def loss_items(batch: dict) -> int:
@@ -246,6 +340,30 @@ class SequenceObjective:
 
 
 # ---------------------------------------------------------------------- the recommender
+#: How :class:`SequenceLMRecommender` scores an item (see its docstring).
+ITEM_SCORES = ("auto", "title", "item", "sum")
+
+
+def resolve_item_score(model, item_score: str, *, field: str | None = None) -> str:
+    """``item_score`` for ``model``: ``"auto"`` -> ``"sum"`` with an item head, ``"title"`` without; a
+    one-line error (about ``field``, if given) for an unknown mode or a head mode without a head."""
+    from recalign.errors import RecalignInputError
+
+    if item_score not in ITEM_SCORES:
+        raise RecalignInputError(
+            f"unknown item score {item_score!r} (choose from {', '.join(ITEM_SCORES)})", field=field
+        )
+    head = _item_head(model) is not None
+    if item_score == "auto":
+        return "sum" if head else "title"
+    if item_score != "title" and not head:
+        raise RecalignInputError(
+            f"item score {item_score!r} needs a model with an item head (hybrid.item_head); this one has none",
+            field=field,
+        )
+    return item_score
+
+
 class SequenceLMRecommender:
     """Rank items by ``log p(line | header + history lines)`` under a sequence-SFT model.
 
@@ -258,6 +376,12 @@ class SequenceLMRecommender:
     been built for ``dataset``'s catalogue (:func:`recalign.lm.hybrid.uses_item_tokens`, a one-line
     error otherwise). Candidates are scored as their plain lines either way: a candidate's own soft token
     would follow its line and could not change the line's log-probability.
+
+    ``item_score`` (:data:`ITEM_SCORES`): ``"title"`` the line's log-prob (the only mode without an item
+    head); ``"item"`` the item head's log-softmax over the catalogue at the prompt's last position;
+    ``"sum"`` both added; ``"auto"`` (default) is ``"sum"`` for a model with an item head and
+    ``"title"`` otherwise. Asking for ``"item"`` / ``"sum"`` of a model without a head is a one-line
+    error.
     """
 
     def __init__(
@@ -273,6 +397,7 @@ class SequenceLMRecommender:
         all_chunk_size: int = 128,
         progress: bool = True,
         item_tokens: bool | None = None,
+        item_score: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -285,6 +410,7 @@ class SequenceLMRecommender:
         self.progress = progress
         self._item_tokens = item_tokens
         self.codec = self._codec(dataset)
+        self.item_score = resolve_item_score(model, item_score)
 
     def _codec(self, dataset: RecDataset) -> SequenceCodec:
         from recalign.lm.hybrid import uses_item_tokens
@@ -308,7 +434,8 @@ class SequenceLMRecommender:
         return [self.codec.prompt(recent_history(h, self.max_history)) for h in examples["history"]]
 
     def score_candidates(self, examples: pd.DataFrame) -> np.ndarray:
-        """``[n, C]`` summed log-prob of each candidate's line after the example's history."""
+        """``[n, C]`` score of each candidate after the example's history (:attr:`item_score`): the
+        summed log-prob of its line, the item head's log-softmax, or both added."""
         prompts = self.prompts(examples)
         cands = [np.asarray(c, dtype=np.int64) for c in examples["candidates"]]
         n_c = max((len(c) for c in cands), default=0)
@@ -317,19 +444,48 @@ class SequenceLMRecommender:
         show = self.progress and len(batches) > 1
         for start in tqdm(batches, desc=f"{self.name}: scoring", disable=not show):
             p = prompts[start : start + self.batch_size]
-            a = [[self.codec.lines[int(i)] for i in c] for c in cands[start : start + self.batch_size]]
-            s = self._score(p, a, None)
+            c = cands[start : start + self.batch_size]
+            s = np.zeros((len(p), max((len(x) for x in c), default=0)))
+            if self.item_score != "item":
+                s = s + self._score(p, [[self.codec.lines[int(i)] for i in x] for x in c], None)
+            if self.item_score != "title":
+                head = self._head_scores(p)
+                for r, x in enumerate(c):
+                    s[r, : len(x)] += head[r, x]
             out[start : start + len(p), : s.shape[1]] = s
         return out
 
     def score_all(self, examples: pd.DataFrame) -> np.ndarray:
-        """``[n, n_items]`` log-prob of every catalogue item's line (one shared-prefix pass per example)."""
+        """``[n, n_items]`` score of every catalogue item (title: one shared-prefix pass per example)."""
         prompts = self.prompts(examples)
-        out = np.empty((len(prompts), len(self.codec.lines)))
+        out = np.zeros((len(prompts), len(self.codec.lines)))
         show = self.progress and len(prompts) > 1
-        for i, p in enumerate(tqdm(prompts, desc=f"{self.name}: scoring catalogue", disable=not show)):
-            out[i] = self._score([p], [self.codec.lines], self.all_chunk_size)[0]
+        if self.item_score != "item":
+            for i, p in enumerate(tqdm(prompts, desc=f"{self.name}: scoring catalogue", disable=not show)):
+                out[i] = self._score([p], [self.codec.lines], self.all_chunk_size)[0]
+        if self.item_score != "title":
+            for start in range(0, len(prompts), self.batch_size):
+                out[start : start + self.batch_size] += self._head_scores(
+                    prompts[start : start + self.batch_size]
+                )
         return out
+
+    def _head_scores(self, prompts: list[list[int]]) -> np.ndarray:
+        """``[len(prompts), n_items]`` item-head log-softmax at each prompt's last token, one decoder pass
+        over the right-padded prompts (:func:`padded_hidden`)."""
+        module = _item_head(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                hidden = padded_hidden(self.model, prompts)
+                last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
+                h = hidden[torch.arange(len(prompts), device=hidden.device), last]
+                lp = module.item_logits(h).log_softmax(-1)
+            return lp.float().cpu().numpy().astype(np.float64)
+        finally:
+            if was_training:
+                self.model.train()
 
     def _score(self, prompts, answers, chunk_size) -> np.ndarray:
         from recalign.lm.scoring import answer_logprobs

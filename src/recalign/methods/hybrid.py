@@ -25,6 +25,13 @@ The LM-side machinery (soft tokens in prompts, the projector, saving and loading
    each seeing the soft tokens of the items before it); evaluation prompts the history-only list with
    the same soft tokens and scores the candidates' plain lines. The curriculum works for both (the
    text-only encoding of an example is kept under ``text_<key>``, see :class:`CurriculumObjective`).
+5. **The item head** (``hybrid.item_head``, sequence format only): the same frozen table also scores
+   items at the LM's output, ``h . Q(E_j) + b_j`` over the catalogue (E4SRec / CLLM4Rec style, see
+   :mod:`recalign.lm.hybrid`), trained by ``item_head_weight`` x the next-item cross-entropy next to the
+   title NLL (:class:`recalign.lm.sequence.SequenceObjective`), because the title-only hybrid run got
+   nothing out of the soft tokens: the head lets SASRec's collaborative space be used directly instead
+   of being decoded into title tokens. Evaluation then ranks by title + item log-prob
+   (``eval.item_score``).
 """
 
 from __future__ import annotations
@@ -75,13 +82,27 @@ class HybridConfig:
     curriculum_span: float = cfg_field(
         1.0, "fraction of the training steps over which the hybrid share rises to 1 (curriculum only)"
     )
+    item_head: bool = cfg_field(
+        False,
+        "format=sequence: an item output head on the LM's final hidden state, logits h . Q(E_j) + b_j over "
+        "the catalogue (E the frozen item table, Q and b trainable), trained by the next-item cross-entropy "
+        "next to the title NLL and used in scoring (eval.item_score)",
+    )
+    item_head_weight: Annotated[float, Ge(0)] = cfg_field(
+        1.0, "weight of the item head's cross-entropy in the loss (item_head only)"
+    )
 
     def validate(self) -> None:
         if not self.recommender.strip():
             raise RecalignInputError(
                 "must name a baseline (sasrec, gru4rec) or a path", field="hybrid.recommender"
             )
-        check_constraints(self, "hybrid.")  # projector_hidden >= 0
+        check_constraints(self, "hybrid.")  # projector_hidden >= 0, item_head_weight >= 0
+        if self.item_head and not self.enabled:
+            raise RecalignInputError(
+                "needs hybrid.enabled=true (the head scores items against the hybrid item table)",
+                field="hybrid.item_head",
+            )
         if not 0.0 < self.curriculum_span <= 1.0:
             raise RecalignInputError(
                 f"must be in (0, 1], got {self.curriculum_span}", field="hybrid.curriculum_span"
@@ -190,6 +211,9 @@ def attach_for_sft(cfg: HybridConfig, model, data, resume_from: Path | None, *, 
         info["catalogue_sha256"] = catalogue_fingerprint(data.dataset)
         torch.manual_seed(seed)
         module = new_item_tokens(model, table, hidden=cfg.projector_hidden, info=info)
+    if cfg.item_head and not module.has_item_head:  # after the projector's draws: it stays the same
+        torch.manual_seed(seed + 1)
+        module.add_item_head()
     check_dataset(module, data.dataset)
     attach_item_tokens(model, module, trainable=True)
     return module
@@ -313,8 +337,12 @@ def training_setup(cfg: HybridConfig, objective: Any, examples: list[dict], *, s
 
 def describe(module) -> str:
     """One line for the run's progress output."""
-    n = sum(p.numel() for p in module.parameters())
+    n = sum(p.numel() for n_, p in module.named_parameters() if n_.startswith("projector."))
     src = json.dumps(module.info.get("recommender", "?"))
-    return (
+    line = (
         f"hybrid item tokens: {module.n_items} items x {module.d_rec} from {src}, projector {n:,} parameters"
     )
+    if module.has_item_head:
+        head = module.item_head.weight.numel() + module.item_bias.numel()
+        line += f", item head {head:,} parameters"
+    return line

@@ -97,6 +97,11 @@ class SFTConfig(LMRecipeConfig):
         check_constraints(self, nested=False)  # the nested configs: validate_lm_recipe below
         self.hybrid.validate()
         check_format(self.format, self.window, self.min_context)
+        if self.hybrid.item_head and self.format != "sequence":
+            raise RecalignInputError(
+                f"needs format=sequence (the head predicts every document's next items), got {self.format!r}",
+                field="hybrid.item_head",
+            )
         if self.format == "sequence":
             from recalign.methods.zeroshot import check_sequence_protocols
 
@@ -192,7 +197,7 @@ def training_data(cfg: SFTConfig, tokenizer, data: PreparedData) -> tuple[list[d
             "window": cfg.window,
             "min_context": cfg.min_context,
         }
-        return examples, SequenceObjective(), counts
+        return examples, SequenceObjective(cfg.hybrid.item_head_weight), counts
     train_frame = sample_examples(data.split.stage("train"), cfg.n_train, cfg.seed, stage="train")
     examples = sft_examples(tokenizer, data.dataset, train_frame, cfg.seed, cfg.max_history)
     if cfg.hybrid.enabled:  # the same rows as hybrid prompts (text ones kept for the curriculum)

@@ -81,6 +81,12 @@ class EvalConfig:
         "candidates + generation together: run each prompt once for both (decoder-only models; same "
         "results, ~40% less prompt compute); false runs the two protocols separately",
     )
+    item_score: str = cfg_field(
+        "auto",
+        "sequence-format models: rank by the candidate's title log-prob ('title'), the item head's "
+        "log-softmax over the catalogue ('item'), or both added ('sum'); 'auto': sum for a model with an "
+        "item head (hybrid.item_head), title otherwise",
+    )
 
     def validate(self) -> None:
         bad = [p for p in self.protocols if p not in LM_PROTOCOLS]
@@ -91,6 +97,12 @@ class EvalConfig:
         check_constraints(self, "eval.")  # the Ge annotations, named as the section ``eval``
         if self.stage not in ("test", "valid"):
             raise RecalignInputError(f"must be test or valid, got {self.stage!r}", field="eval.stage")
+        from recalign.lm.sequence import ITEM_SCORES
+
+        if self.item_score not in ITEM_SCORES:
+            raise RecalignInputError(
+                f"must be one of {', '.join(ITEM_SCORES)}, got {self.item_score!r}", field="eval.item_score"
+            )
 
 
 def metric_keys_flat(records: list[ResultRecord]) -> dict[str, float]:
@@ -180,6 +192,11 @@ def evaluate_lm(
         )  # fmt: skip
     if prompt_format != "candidates":
         raise RecalignInputError(f"unknown prompt format {prompt_format!r} (candidates or sequence)")
+    if cfg.item_score != "auto":
+        raise RecalignInputError(
+            f"applies to sequence-format models only, got {cfg.item_score!r} for the candidate prompt",
+            field="eval.item_score",
+        )
     rec = LMRecommender(
         model,
         tokenizer,
@@ -251,12 +268,13 @@ def _evaluate_sequence(
 ) -> list[ResultRecord]:
     """:func:`evaluate_lm` for a sequence-SFT model (:class:`recalign.lm.sequence.SequenceLMRecommender`)."""
     from recalign.evaluation.protocols import evaluate_candidates, evaluate_full
-    from recalign.lm.sequence import SequenceLMRecommender
+    from recalign.lm.sequence import SequenceLMRecommender, resolve_item_score
 
     check_sequence_protocols(cfg.protocols)
+    item_score = resolve_item_score(model, cfg.item_score, field="eval.item_score")  # one-line error first
     rec = SequenceLMRecommender(
         model, tokenizer, dataset, name=base["method"], max_history=max_history,
-        batch_size=cfg.batch_size, progress=progress,
+        batch_size=cfg.batch_size, progress=progress, item_score=item_score,
     )  # fmt: skip
     records = []
     for protocol in cfg.protocols:
@@ -266,6 +284,8 @@ def _evaluate_sequence(
         info = {**(extra or {}), "prompt_format": "sequence", "max_history": max_history}
         if rec.item_tokens:  # a hybrid sequence model: soft item tokens after the history lines
             info["item_tokens"] = True
+        if rec.item_score != "title" or cfg.item_score != "auto":  # a model with an item head
+            info["item_score"] = rec.item_score
         seconds = time.perf_counter() - t0
         records.append(
             protocol_record(
