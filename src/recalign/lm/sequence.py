@@ -44,7 +44,7 @@ scorer (packed / kv / naive, :func:`recalign.lm.scoring.answer_logprobs`) works 
 soft token lives in the prompt, which it feeds through :func:`recalign.lm.hybrid.decoder_inputs`.
 
 **The item head** (``hybrid.item_head``, :meth:`recalign.lm.hybrid.ItemTokens.add_item_head`, E4SRec /
-CLLM4Rec style): the title-only hybrid run learned nothing from its soft tokens -- decoding SASRec's
+CLLM4Rec style): the title-only hybrid run's training NLL was no lower than text SFT's -- decoding SASRec's
 space into a dozen title tokens is a lot to ask of a LoRA adapter in 300 steps. With a head, the hidden
 state that predicts a target line's first token (position ``span_start - 1``: the previous item's soft
 token in a hybrid document) is also scored against the whole catalogue, ``h . Q(E_j) + b_j``, and the
