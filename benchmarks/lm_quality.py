@@ -28,6 +28,13 @@ benchmark resumes by running the same command again; training stages resume from
     title NLL), then the adapter on the first ``--n-small`` rows once per scoring mode: ``sft-item-head``
     (title + item log-prob), ``sft-item-head:item`` (head alone), ``sft-item-head:title`` (title alone).
     ``--max-steps N`` trains N steps instead of the config's 300 (the records carry the true steps).
+``item-head-full``
+    the sft-item-head model in its best scoring mode (``item``) on all ``--n-test`` rows, candidate seeds 0
+    and 1.
+``sdpo-item-head``
+    item-level S-DPO K=3 (``align.score=item``: the loss over the item head's log-softmax at the prompt's
+    end, the sdpo stage's 40 steps x 4 of 160 examples, lr 5e-4) from the sft-item-head model, evaluated by
+    the head on all ``--n-test`` rows, candidate seeds 0 and 1.
 ``sdpo``
     S-DPO K=3 (beta 1, random distractors from each example's candidates, a fresh LoRA adapter on the
     merged sequence-SFT model, which is the reference) on the sequence prompt, evaluated on all rows.
@@ -61,6 +68,8 @@ STAGES = (
     "sft-hybrid",
     "sft-hybrid-sequence",
     "sft-item-head",
+    "item-head-full",
+    "sdpo-item-head",
     "sdpo",
     "sdpo-k3-hybrid",
     "seed1",
@@ -125,15 +134,16 @@ def lm_records(
 def train_sft(cfg, out: Path, command: str) -> dict:
     """``run_sft`` into ``out`` (resuming), returning the *training* run's ``metrics.json`` "run" block.
 
-    A finished run is not resumed again: resuming it would overwrite its metrics with the no-op
-    resume's seconds, which is what the first session's sft-sequence record carries.
+    A finished run is not resumed again (also one that was itself resumed to its last step): resuming it
+    would overwrite its metrics with the no-op resume's seconds, which is what the first session's
+    sft-sequence record carries.
     """
     from recalign.methods.sft import run_sft
 
     done = out / "metrics.json"
     if done.is_file():
         info = json.loads(done.read_text())["run"]
-        if info.get("train_steps") == cfg.training.max_steps and info.get("resumed_from") is None:
+        if info.get("train_steps") == cfg.training.max_steps:
             return info
     cfg.training.resume = True
     return run_sft(cfg, out, command=command).metrics["run"]
@@ -291,6 +301,32 @@ def stage_item_head(args, run: Path, command: str) -> list:
                          item_scores=ITEM_HEAD_SCORES, max_steps=getattr(args, "max_steps", None))  # fmt: skip
 
 
+def stage_item_head_full(args, run: Path, command: str) -> list:
+    """The sft-item-head model scored by its item head alone (``eval.item_score=item``, the best mode on the
+    first ``--n-small`` rows) on all ``--n-test`` rows, with the candidate lists of seed 0 and of seed 1."""
+    from recalign.lm.lora import load_lm, resolve_dtype
+
+    path = run / "sft-item-head" / "model"
+    if not (path / "metrics.json").is_file():
+        raise SystemExit(f"error: {path}: run --stages sft-item-head first")
+    sft = json.loads((path / "metrics.json").read_text())["run"]
+    max_history = _config_max_history(path)
+    model, tok, _ = load_lm(str(path), dtype=resolve_dtype("auto"))
+    d0, d1 = load(0), load(1)
+    r0, r1 = test_rows(d0, args.n_test), test_rows(d1, args.n_test)
+    assert r0[["user", "position"]].equals(r1[["user", "position"]]), (
+        "seed-1 candidates must be on the same rows"
+    )
+    records = []
+    for cand_seed, data, rows in ((0, d0, r0), (1, d1, r1)):
+        info = {"model": str(path), "candidate_seed": cand_seed, "item_score": "item", "max_history": max_history,
+                "format": "sequence", "rows": f"all {args.n_test} test rows",
+                **{k: sft.get(k) for k in ("train_steps", "examples_seen", "targets_seen", "train_cpu_seconds")}}  # fmt: skip
+        records += lm_records(model, tok, data, rows, "sft-item-head:item", info, command,
+                              max_history=max_history, item_score="item")  # fmt: skip
+    return records
+
+
 def stage_zeroshot(args, run: Path, command: str) -> list:
     from recalign.lm.lora import load_lm, resolve_dtype
 
@@ -305,9 +341,13 @@ def stage_zeroshot(args, run: Path, command: str) -> list:
     return lm_records(model, tok, data, rows, "zeroshot-sequence", info, command)
 
 
-def align_from(args, run: Path, command: str, start_stage: str, stage: str, method: str) -> list:
+def align_from(args, run: Path, command: str, start_stage: str, stage: str, method: str, *,
+               score: str = "title", seeds: tuple[int, ...] = (0,)) -> list:  # fmt: skip
     """S-DPO K=3 (``SDPO_OVERRIDES``) from the SFT model of ``start_stage``, on that model's own prompt
-    format and history length, evaluated on all ``--n-test`` rows."""
+    format and history length, evaluated on all ``--n-test`` rows with the candidate lists of ``seeds``.
+
+    ``score="item"``: the item-level loss of an item-head model (``align.score=item``), evaluated by the
+    head alone (``eval.item_score=item``)."""
     from recalign.config import load_config
     from recalign.lm.lora import load_lm, resolve_dtype
     from recalign.methods.align import AlignConfig, run_align
@@ -318,29 +358,27 @@ def align_from(args, run: Path, command: str, start_stage: str, stage: str, meth
     max_history = _config_max_history(start)
     cfg = load_config(
         AlignConfig,
-        overrides={"model": str(start), **SDPO_OVERRIDES, "method": method, "max_history": max_history},
-    )
+        overrides={"model": str(start), **SDPO_OVERRIDES, "method": method, "max_history": max_history,
+                   "score": score},
+    )  # fmt: skip
     cfg.training.resume = True
     out = run / stage / "model"
     res = run_align(cfg, out, command=command)
-    data = load(0)
+    item_score = "item" if score == "item" else "auto"
     model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
-    info = {"model": str(out), "start": str(start), "candidate_seed": 0, "train_steps": res.train_steps,
+    info = {"model": str(out), "start": str(start), "train_steps": res.train_steps, "score": score,
             "n_train": res.metrics["run"]["n_train"], "negatives": 3, "beta": 1.0, "strategy": "random",
             "learning_rate": cfg.training.learning_rate, "prompt_format": fmt, "max_history": max_history,
             "final_diagnostics": res.metrics["run"]["final_diagnostics"],
-            "train_seconds": res.metrics["run"]["train_seconds"]}  # fmt: skip
-    return lm_records(
-        model,
-        tok,
-        data,
-        test_rows(data, args.n_test),
-        method,
-        info,
-        command,
-        prompt_format=fmt,
-        max_history=max_history,
-    )
+            "train_seconds": res.metrics["run"]["train_seconds"],
+            "train_cpu_seconds": res.metrics["run"].get("train_cpu_seconds")}  # fmt: skip
+    records = []
+    for seed in seeds:
+        data = load(seed)
+        records += lm_records(model, tok, data, test_rows(data, args.n_test), method,
+                              {**info, "candidate_seed": seed, "item_score": item_score}, command,
+                              prompt_format=fmt, max_history=max_history, item_score=item_score)  # fmt: skip
+    return records
 
 
 def _config_max_history(model_dir: Path) -> int:
@@ -355,6 +393,13 @@ def stage_sdpo(args, run: Path, command: str) -> list:
 
 def stage_sdpo_hybrid(args, run: Path, command: str) -> list:
     return align_from(args, run, command, "sft-hybrid", "sdpo-k3-hybrid", "sdpo-k3-hybrid")
+
+
+def stage_sdpo_item_head(args, run: Path, command: str) -> list:
+    """Item-level S-DPO K=3 (``align.score=item``, the sdpo stage's budget) from the sft-item-head model,
+    evaluated by the head on all ``--n-test`` rows with candidate seeds 0 and 1 (as item-head-full)."""
+    return align_from(args, run, command, "sft-item-head", "sdpo-item-head", "sdpo-k3-item-head:item",
+                      score="item", seeds=(0, 1))  # fmt: skip
 
 
 def stage_seed1(args, run: Path, command: str) -> list:
@@ -425,6 +470,13 @@ def stage_merge(args, run: Path, command: str) -> dict:
         path = run / stage / "records.json"
         if path.is_file():
             records += [r.to_dict() for r in read_records(path)]
+    # A fresh checkout's run directory holds only this session's stages: the committed results of the
+    # others are kept (methods a stage re-ran are replaced, the legacy rows are re-read below).
+    fresh = {r["method"] for r in records}
+    previous = Path(args.output)
+    if previous.is_file():
+        records += [r for r in json.loads(previous.read_text()).get("records", [])
+                    if r["method"] not in fresh and "source" not in r.get("extra", {})]  # fmt: skip
     legacy = Path("results/sft_ml100k.json")
     if legacy.is_file():
         for r in json.loads(legacy.read_text())["records"]:
@@ -471,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line()
     fns = {"refs": stage_refs, "sft-sequence": stage_sft, "curve": stage_curve, "zeroshot": stage_zeroshot,
            "sft-hybrid": stage_hybrid, "sft-hybrid-sequence": stage_hybrid_sequence,
-           "sft-item-head": stage_item_head, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
+           "sft-item-head": stage_item_head, "item-head-full": stage_item_head_full,
+           "sdpo-item-head": stage_sdpo_item_head, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
            "seed1": stage_seed1}  # fmt: skip
     for stage in args.stages.split(","):
         if stage not in STAGES:

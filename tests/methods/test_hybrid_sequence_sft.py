@@ -200,10 +200,27 @@ def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
             DataPrepareConfig(dataset="ml-100k", path=str(data_dir), split="llara", seed=seed, candidates=5)
         ),
     )
+    sdpo = {**bench.SDPO_OVERRIDES, "n_train": 8, "max_history": 6, "dtype": "float32",
+            "data": {"dataset": "ml-100k", "path": str(data_dir), "split": "llara", "candidates": 5},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
+            "training": {**bench.SDPO_OVERRIDES["training"], "max_steps": 2, "save_steps": 2, "progress": False}}  # fmt: skip
+    monkeypatch.setattr(bench, "SDPO_OVERRIDES", sdpo)
     run = tmp_path / "bench"
-    args = ["--stages", "sft-item-head,merge", "--run", str(run), "--n-test", "8", "--n-small", "5",
-            "--max-steps", "4", "--output", str(tmp_path / "out.json")]  # fmt: skip
+    # the committed results of stages this run does not hold are kept, those it re-ran replaced
+    kept = {"method": "pop", "protocol": "candidates", "metrics": {"HR@1": 0.3}, "extra": {}}
+    stale = {"method": "sft-item-head", "protocol": "candidates", "metrics": {"HR@1": 0.0}, "extra": {}}
+    (tmp_path / "out.json").write_text(json.dumps({"records": [kept, stale]}))
+    args = ["--stages", "sft-item-head,item-head-full,sdpo-item-head,merge", "--run", str(run), "--n-test", "8",
+            "--n-small", "5", "--max-steps", "4", "--output", str(tmp_path / "out.json")]  # fmt: skip
     assert bench.main(args) == 0
+    full = read_records(run / "item-head-full" / "records.json")
+    assert [(r.extra["candidate_seed"], r.n_examples, r.extra["item_score"]) for r in full] == [
+        (0, 8, "item"), (1, 8, "item")]  # fmt: skip
+    aligned = read_records(run / "sdpo-item-head" / "records.json")
+    assert [r.extra["candidate_seed"] for r in aligned] == [0, 1]
+    for r in aligned:
+        assert r.extra["score"] == "item" and r.extra["item_score"] == "item" and r.extra["train_steps"] == 2
+        assert r.n_examples == 8
     records = read_records(run / "sft-item-head" / "records.json")
     assert [r.method for r in records] == ["sft-item-head", "sft-item-head:item", "sft-item-head:title"]
     assert [r.extra["item_score"] for r in records] == ["sum", "item", "title"]
@@ -219,7 +236,8 @@ def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
     merged = json.loads((tmp_path / "out.json").read_text())
     assert [r["method"] for r in merged["records"] if r["method"].startswith("sft-item-head")] == [
         r.method for r in records
-    ]
+    ] + ["sft-item-head:item"] * 2  # item-head-full's two seeds
+    assert kept in merged["records"] and stale not in merged["records"]
 
 
 def bench_args(bench):

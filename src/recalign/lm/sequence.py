@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 
 from recalign.data.dataset import RecDataset
 from recalign.data.splits import Split
+from recalign.errors import RecalignInputError
 from recalign.lm.prompts import display_titles, item_noun, recent_history, soft_token_id
 
 #: Document header (``{nouns}``: "movies", "items", ... from the dataset's catalogue).
@@ -289,6 +290,26 @@ def sequence_logprobs(model, batch: dict, *, items: bool = False) -> tuple[torch
     h_items = hidden[torch.tensor(i_rows, device=device), torch.tensor(i_pos, device=device)]
     item_lp = module.item_logits(h_items).log_softmax(-1)
     return token_lp, item_lp.gather(-1, torch.tensor(i_tgt, device=device)[:, None]).squeeze(-1)
+
+
+def item_logprobs(model, prompts: Sequence[Sequence[int]], items: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[B, A]`` item-head log-probs ``log softmax_j(h . Q(E_j) + b_j)`` at each prompt's last token,
+    gathered at each row's ``A`` items (differentiable; one decoder pass over the right-padded prompts).
+
+    This is the item head's answer to "what comes next" over the whole catalogue, so it is the natural
+    policy log-prob for preference alignment of an item-head model (``align.score=item``): one forward
+    per prompt instead of one title per candidate."""
+    module = _item_head(model)
+    if module is None:
+        raise RecalignInputError("item log-probs need a model with an item head (hybrid.item_head)")
+    if len(prompts) != len(items) or len({len(r) for r in items}) > 1:
+        raise ValueError("item_logprobs wants one equally long item list per prompt")
+    hidden = padded_hidden(model, prompts)
+    dev = hidden.device
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    h = hidden[torch.arange(len(prompts), device=dev), last]
+    lp = module.item_logits(h).log_softmax(-1)
+    return lp.gather(-1, torch.tensor([list(map(int, r)) for r in items], device=dev))
 
 
 def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:

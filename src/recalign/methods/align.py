@@ -84,6 +84,12 @@ class AlignConfig(LMRecipeConfig):
         "as options A, B, ..., answer a title; DMPO's own pair-ranking prompt is `recalign dmpo`)",
     )
     scoring_impl: Literal["packed", "kv"] = cfg_field("packed", "shared-prefix implementation")
+    score: Literal["title", "item"] = cfg_field(
+        "title",
+        "what the preference loss compares: title (each answer's title log-prob) or item (the item head's "
+        "log-softmax over the catalogue at the prompt's end, for a sequence model with hybrid.item_head; "
+        "one forward per example, and evaluation then ranks by the head: eval.item_score=item)",
+    )
 
     def validate(self) -> None:
         check_constraints(self, nested=False)  # the nested configs: validate_lm_recipe below
@@ -94,6 +100,11 @@ class AlignConfig(LMRecipeConfig):
         if self.data.candidates - 1 < self.negatives:
             raise RecalignInputError(
                 f"{self.negatives} negatives need at least {self.negatives + 1} candidates", field="negatives"
+            )
+        if self.score == "item" and self.prompt != "candidates":
+            raise RecalignInputError(
+                "score=item ranks the catalogue after the history prompt; prompt must be candidates",
+                field="score",
             )
         validate_lm_recipe(self, "alignment trains an adapter; lora.enabled must be true")
 
@@ -134,6 +145,55 @@ class PreferenceObjective:
         return out.loss, out.metrics()
 
 
+class ItemPreferenceObjective:
+    """Item-level preference loss of an item-head model (``score=item``).
+
+    The policy log-prob of an answer is the item head's log-softmax at the prompt's last token, gathered at
+    the answer's item (:func:`recalign.lm.sequence.item_logprobs`): one decoder pass per prompt scores the
+    chosen item and all K rejected ones, with no title tokens at all. ``batch`` holds ``prompt`` (token ids),
+    ``items`` (chosen first, then the K negatives) and ``ref`` (``[B, 1+K]``, the start model's log-probs,
+    computed once before training). DMPO's NLL term is the chosen item's ``-log p`` (one "token").
+    """
+
+    def __init__(self, loss: str, beta: float, nll_weight: float = 0.0) -> None:
+        self.loss, self.beta, self.nll_weight = loss, beta, nll_weight
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        from recalign.lm.sequence import item_logprobs
+        from recalign.objectives.preference import preference_loss
+
+        policy = item_logprobs(model, batch["prompt"], batch["items"])
+        reference = torch.as_tensor(batch["ref"]).to(device=policy.device, dtype=policy.dtype)
+        kwargs: dict = {"beta": self.beta}
+        if self.loss == "dmpo" and self.nll_weight > 0:
+            kwargs["chosen_nll"] = -policy[:, 0]
+            kwargs["nll_weight"] = self.nll_weight
+        out = preference_loss(self.loss, policy, reference, **kwargs)
+        return out.loss, out.metrics()
+
+
+def reference_item_logprobs(model, prompts, items, batch_size: int, progress: bool = False) -> torch.Tensor:
+    """``[N, 1+K]`` item-head log-probs of the start model (the reference), in batches, without gradients.
+
+    Cheap (one forward per prompt), so it is recomputed on every run rather than cached on disk."""
+    from tqdm.auto import tqdm
+
+    from recalign.lm.sequence import item_logprobs
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(prompts), batch_size), desc="reference", disable=not progress):
+                sl = slice(start, start + batch_size)
+                out.append(item_logprobs(model, prompts[sl], items[sl]).float().cpu())
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 @dataclass
 class AlignResult(LMRunResult):
     """What :func:`run_align` returns."""
@@ -142,6 +202,7 @@ class AlignResult(LMRunResult):
 #: Settings a resumed alignment run must share with the run it continues.
 RESUME_KEYS = (
     "model", "loss", "negatives", "strategy", "beta", "data", "n_train", "seed", "sample_seed", "prompt", "lora",
+    "score",
 )  # fmt: skip
 
 
@@ -181,7 +242,8 @@ def build_examples(
             from recalign.lm.sequence import SequenceLMRecommender
 
             rec = SequenceLMRecommender(model, tok, data.dataset, max_history=cfg.max_history,
-                                        batch_size=cfg.eval.batch_size, progress=progress)  # fmt: skip
+                                        batch_size=cfg.eval.batch_size, progress=progress,
+                                        item_score="item" if cfg.score == "item" else "auto")  # fmt: skip
         else:
             rec = LMRecommender(model, tok, data.dataset, seed=cfg.seed, max_history=cfg.max_history,
                                 batch_size=cfg.eval.batch_size, progress=progress)  # fmt: skip
@@ -227,6 +289,14 @@ def build_examples(
         pref.prompts = [tok.decode([t for t in p if t >= 0], skip_special_tokens=True) for p in prompt_ids]
     else:
         prompt_ids, answer_ids = tokenize_preference_data(tok, pref)
+    if cfg.score == "item":
+        items = [[int(c)] + [int(r) for r in rej] for c, rej in zip(pref.chosen, pref.rejected)]
+        ref = reference_item_logprobs(model, prompt_ids, items, cfg.eval.batch_size, progress)
+        examples = [
+            {"prompt": p, "items": it, "ref": ref[i].clone()}
+            for i, (p, it) in enumerate(zip(prompt_ids, items))
+        ]
+        return examples, pref
     examples = [{"prompt": p, "answers": a} for p, a in zip(prompt_ids, answer_ids)]
     if cfg.reference == "precomputed":
         from recalign.training import distributed
@@ -272,6 +342,16 @@ class AlignRecipe(LMRecipe):
                 f"{cfg.model} is a sequence-format model; the choice prompt needs a candidate-prompt model",
                 field="prompt",
             )
+        if cfg.score == "item":
+            from recalign.lm.sequence import _item_head
+
+            if self.prompt_format != "sequence" or _item_head(model) is None:
+                raise RecalignInputError(
+                    f"{cfg.model} has no item head: score=item needs a sequence SFT run with hybrid.item_head",
+                    field="score",
+                )
+            if cfg.eval.item_score == "auto":
+                cfg.eval.item_score = "item"  # evaluate with what was aligned
         examples, _ = build_examples(
             cfg,
             model,
@@ -283,7 +363,10 @@ class AlignRecipe(LMRecipe):
             prompt_format=self.prompt_format,
         )
         model = new_adapter(model, cfg.lora, cfg.training.seed)
-        objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight, cfg.scoring_impl)
+        if cfg.score == "item":
+            objective = ItemPreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight)
+        else:
+            objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.nll_weight, cfg.scoring_impl)
         # The adapter sits on the start model (itself possibly base + SFT adapter): record it as the base,
         # so `load_lm(out)` rebuilds base -> SFT merged -> this adapter.
         start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
@@ -291,7 +374,8 @@ class AlignRecipe(LMRecipe):
 
     def describe(self, plan: TrainingPlan, trainable: int, total: int) -> str:
         return (
-            f"align: {self.method} on {len(plan.examples)} examples x {1 + self.cfg.negatives} answers, "
+            f"align: {self.method} on {len(plan.examples)} examples x {1 + self.cfg.negatives} answers "
+            f"({self.cfg.score} scores), "
             f"start {self.src.label} ({trainable:,} trainable of {total:,})"
         )
 
@@ -304,7 +388,8 @@ class AlignRecipe(LMRecipe):
 
     def record_extra(self, plan: TrainingPlan, run: RecipeRun, outcome) -> dict:
         cfg = self.cfg
-        return {"start": cfg.model, "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta}
+        return {"start": cfg.model, "negatives": cfg.negatives, "strategy": cfg.strategy, "beta": cfg.beta,
+                "score": cfg.score}  # fmt: skip
 
     def run_info(self, run: RecipeRun, outcome) -> dict:
         cfg = self.cfg
@@ -316,7 +401,8 @@ class AlignRecipe(LMRecipe):
             "strategy": cfg.strategy,
             "prompt": cfg.prompt,
             "prompt_format": self.prompt_format,
-            "reference": cfg.reference,
+            "reference": cfg.reference if cfg.score == "title" else "item-head (computed before training)",
+            "score": cfg.score,
             "final_diagnostics": {k: v for k, v in last.items() if k.startswith("rewards/")},
         }
 
