@@ -31,6 +31,9 @@ benchmark resumes by running the same command again; training stages resume from
 ``item-head-full``
     the sft-item-head model in its best scoring mode (``item``) on all ``--n-test`` rows, candidate seeds 0
     and 1.
+``item-head-curve``
+    the sft-item-head checkpoints at ``--curve-steps`` (default 100, 200, 300), head scores, first
+    ``--n-curve`` rows.
 ``sdpo-item-head``
     item-level S-DPO K=3 (``align.score=item``: the loss over the item head's log-softmax at the prompt's
     end, the sdpo stage's 40 steps x 4 of 160 examples, lr 5e-4) from the sft-item-head model, evaluated by
@@ -69,6 +72,7 @@ STAGES = (
     "sft-hybrid-sequence",
     "sft-item-head",
     "item-head-full",
+    "item-head-curve",
     "sdpo-item-head",
     "sdpo",
     "sdpo-k3-hybrid",
@@ -327,6 +331,28 @@ def stage_item_head_full(args, run: Path, command: str) -> list:
     return records
 
 
+def stage_item_head_curve(args, run: Path, command: str) -> list:
+    """The sft-item-head checkpoints at ``--curve-steps`` scored by the head alone on the first ``--n-curve``
+    rows (candidate seed 0): how its HR@1 moves with training."""
+    from recalign.lm.lora import load_lm, resolve_dtype
+
+    model_dir = run / "sft-item-head" / "model"
+    max_history = _config_max_history(model_dir)
+    data = load(0)
+    rows = test_rows(data, args.n_test).iloc[: args.n_curve]
+    records = []
+    for step in args.curve_steps:
+        path = model_dir / "checkpoints" / f"checkpoint-{step}"
+        if not path.is_dir():
+            raise SystemExit(f"error: {path}: no such checkpoint (run --stages sft-item-head first)")
+        model, tok, _ = load_lm(str(path), dtype=resolve_dtype("auto"))
+        info = {"model": str(path), "train_steps": step, "examples_seen": step * 4, "candidate_seed": 0,
+                "item_score": "item", "rows": f"first {args.n_curve} of the {args.n_test} test rows"}  # fmt: skip
+        records += lm_records(model, tok, data, rows, f"sft-item-head-step{step}:item", info, command,
+                              max_history=max_history, item_score="item")  # fmt: skip
+    return records
+
+
 def stage_zeroshot(args, run: Path, command: str) -> list:
     from recalign.lm.lora import load_lm, resolve_dtype
 
@@ -524,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     fns = {"refs": stage_refs, "sft-sequence": stage_sft, "curve": stage_curve, "zeroshot": stage_zeroshot,
            "sft-hybrid": stage_hybrid, "sft-hybrid-sequence": stage_hybrid_sequence,
            "sft-item-head": stage_item_head, "item-head-full": stage_item_head_full,
+           "item-head-curve": stage_item_head_curve,
            "sdpo-item-head": stage_sdpo_item_head, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
            "seed1": stage_seed1}  # fmt: skip
     for stage in args.stages.split(","):

@@ -210,9 +210,12 @@ def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
     kept = {"method": "pop", "protocol": "candidates", "metrics": {"HR@1": 0.3}, "extra": {}}
     stale = {"method": "sft-item-head", "protocol": "candidates", "metrics": {"HR@1": 0.0}, "extra": {}}
     (tmp_path / "out.json").write_text(json.dumps({"records": [kept, stale]}))
-    args = ["--stages", "sft-item-head,item-head-full,sdpo-item-head,merge", "--run", str(run), "--n-test", "8",
-            "--n-small", "5", "--max-steps", "4", "--output", str(tmp_path / "out.json")]  # fmt: skip
+    args = ["--stages", "sft-item-head,item-head-full,item-head-curve,sdpo-item-head,merge", "--run", str(run),
+            "--n-test", "8", "--n-small", "5", "--max-steps", "4", "--curve-steps", "3", "--n-curve", "6",
+            "--output", str(tmp_path / "out.json")]  # fmt: skip
     assert bench.main(args) == 0
+    (curve,) = read_records(run / "item-head-curve" / "records.json")
+    assert (curve.method, curve.n_examples, curve.extra["train_steps"]) == ("sft-item-head-step3:item", 6, 3)
     full = read_records(run / "item-head-full" / "records.json")
     assert [(r.extra["candidate_seed"], r.n_examples, r.extra["item_score"]) for r in full] == [
         (0, 8, "item"), (1, 8, "item")]  # fmt: skip
@@ -236,7 +239,7 @@ def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
     merged = json.loads((tmp_path / "out.json").read_text())
     assert [r["method"] for r in merged["records"] if r["method"].startswith("sft-item-head")] == [
         r.method for r in records
-    ] + ["sft-item-head:item"] * 2  # item-head-full's two seeds
+    ] + ["sft-item-head:item"] * 2 + ["sft-item-head-step3:item"]  # item-head-full's two seeds, the curve
     assert kept in merged["records"] and stale not in merged["records"]
 
 
