@@ -171,3 +171,15 @@ def test_item_score_needs_a_model_with_a_head(env, tmp_path):
 def test_item_score_rejects_the_choice_prompt():
     with pytest.raises(RecalignInputError, match="prompt must be candidates"):
         load_config(AlignConfig, overrides={"score": "item", "prompt": "choice"})
+
+
+def test_cli_refuses_item_score_on_a_model_without_a_head(env, tmp_path, capsys):
+    from recalign.cli.main import main
+
+    data_dir, _, plain_dir = env
+    argv = ["align", "--model", str(plain_dir), "--output", str(tmp_path / "o"), "score=item", "negatives=2",
+            "n_train=4", f"data.path={data_dir}", "data.candidates=5", "dtype=float32", "eval.n_test=0",
+            "eval.protocols=[candidates]"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no item head" in err
