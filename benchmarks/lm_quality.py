@@ -38,6 +38,8 @@ benchmark resumes by running the same command again; training stages resume from
     item-level S-DPO K=3 (``align.score=item``: the loss over the item head's log-softmax at the prompt's
     end, the sdpo stage's 40 steps x 4 of 160 examples, lr 5e-4) from the sft-item-head model, evaluated by
     the head on all ``--n-test`` rows, candidate seeds 0 and 1.
+``sdpo-item-head-hard``
+    the same with hard negatives (``strategy=hard``: the start model's highest-ranked wrong candidates).
 ``sdpo``
     S-DPO K=3 (beta 1, random distractors from each example's candidates, a fresh LoRA adapter on the
     merged sequence-SFT model, which is the reference) on the sequence prompt, evaluated on all rows.
@@ -74,6 +76,7 @@ STAGES = (
     "item-head-full",
     "item-head-curve",
     "sdpo-item-head",
+    "sdpo-item-head-hard",
     "sdpo",
     "sdpo-k3-hybrid",
     "seed1",
@@ -368,7 +371,7 @@ def stage_zeroshot(args, run: Path, command: str) -> list:
 
 
 def align_from(args, run: Path, command: str, start_stage: str, stage: str, method: str, *,
-               score: str = "title", seeds: tuple[int, ...] = (0,)) -> list:  # fmt: skip
+               score: str = "title", seeds: tuple[int, ...] = (0,), strategy: str = "random") -> list:  # fmt: skip
     """S-DPO K=3 (``SDPO_OVERRIDES``) from the SFT model of ``start_stage``, on that model's own prompt
     format and history length, evaluated on all ``--n-test`` rows with the candidate lists of ``seeds``.
 
@@ -385,7 +388,7 @@ def align_from(args, run: Path, command: str, start_stage: str, stage: str, meth
     cfg = load_config(
         AlignConfig,
         overrides={"model": str(start), **SDPO_OVERRIDES, "method": method, "max_history": max_history,
-                   "score": score},
+                   "score": score, "strategy": strategy},
     )  # fmt: skip
     cfg.training.resume = True
     out = run / stage / "model"
@@ -393,7 +396,7 @@ def align_from(args, run: Path, command: str, start_stage: str, stage: str, meth
     item_score = "item" if score == "item" else "auto"
     model, tok, _ = load_lm(str(out), dtype=resolve_dtype(cfg.dtype))
     info = {"model": str(out), "start": str(start), "train_steps": res.train_steps, "score": score,
-            "n_train": res.metrics["run"]["n_train"], "negatives": 3, "beta": 1.0, "strategy": "random",
+            "n_train": res.metrics["run"]["n_train"], "negatives": 3, "beta": 1.0, "strategy": strategy,
             "learning_rate": cfg.training.learning_rate, "prompt_format": fmt, "max_history": max_history,
             "final_diagnostics": res.metrics["run"]["final_diagnostics"],
             "train_seconds": res.metrics["run"]["train_seconds"],
@@ -426,6 +429,13 @@ def stage_sdpo_item_head(args, run: Path, command: str) -> list:
     evaluated by the head on all ``--n-test`` rows with candidate seeds 0 and 1 (as item-head-full)."""
     return align_from(args, run, command, "sft-item-head", "sdpo-item-head", "sdpo-k3-item-head:item",
                       score="item", seeds=(0, 1))  # fmt: skip
+
+
+def stage_sdpo_item_head_hard(args, run: Path, command: str) -> list:
+    """sdpo-item-head with hard negatives: each example's 3 candidates the start model's head ranks highest
+    among the wrong ones (``strategy=hard``), instead of random ones it already ranks low."""
+    return align_from(args, run, command, "sft-item-head", "sdpo-item-head-hard", "sdpo-k3-hard-item-head:item",
+                      score="item", seeds=(0, 1), strategy="hard")  # fmt: skip
 
 
 def stage_seed1(args, run: Path, command: str) -> list:
@@ -551,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
            "sft-hybrid": stage_hybrid, "sft-hybrid-sequence": stage_hybrid_sequence,
            "sft-item-head": stage_item_head, "item-head-full": stage_item_head_full,
            "item-head-curve": stage_item_head_curve,
-           "sdpo-item-head": stage_sdpo_item_head, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
+           "sdpo-item-head": stage_sdpo_item_head, "sdpo-item-head-hard": stage_sdpo_item_head_hard, "sdpo": stage_sdpo, "sdpo-k3-hybrid": stage_sdpo_hybrid,
            "seed1": stage_seed1}  # fmt: skip
     for stage in args.stages.split(","):
         if stage not in STAGES:

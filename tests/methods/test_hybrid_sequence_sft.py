@@ -210,7 +210,7 @@ def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
     kept = {"method": "pop", "protocol": "candidates", "metrics": {"HR@1": 0.3}, "extra": {}}
     stale = {"method": "sft-item-head", "protocol": "candidates", "metrics": {"HR@1": 0.0}, "extra": {}}
     (tmp_path / "out.json").write_text(json.dumps({"records": [kept, stale]}))
-    args = ["--stages", "sft-item-head,item-head-full,item-head-curve,sdpo-item-head,merge", "--run", str(run),
+    args = ["--stages", "sft-item-head,item-head-full,item-head-curve,sdpo-item-head,sdpo-item-head-hard,merge", "--run", str(run),
             "--n-test", "8", "--n-small", "5", "--max-steps", "4", "--curve-steps", "3", "--n-curve", "6",
             "--output", str(tmp_path / "out.json")]  # fmt: skip
     assert bench.main(args) == 0
@@ -223,7 +223,10 @@ def test_item_head_stage_runs_on_the_tiny_model(env, tmp_path, monkeypatch):
     assert [r.extra["candidate_seed"] for r in aligned] == [0, 1]
     for r in aligned:
         assert r.extra["score"] == "item" and r.extra["item_score"] == "item" and r.extra["train_steps"] == 2
-        assert r.n_examples == 8
+        assert r.n_examples == 8 and r.extra["strategy"] == "random"
+    hard = read_records(run / "sdpo-item-head-hard" / "records.json")
+    assert [(r.extra["strategy"], r.extra["score"], r.extra["candidate_seed"]) for r in hard] == [
+        ("hard", "item", 0), ("hard", "item", 1)]  # fmt: skip
     records = read_records(run / "sft-item-head" / "records.json")
     assert [r.method for r in records] == ["sft-item-head", "sft-item-head:item", "sft-item-head:title"]
     assert [r.extra["item_score"] for r in records] == ["sum", "item", "title"]
