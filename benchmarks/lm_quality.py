@@ -492,6 +492,35 @@ NOTES = [
     "LM's final hidden state, E the frozen SASRec table; its next-item cross-entropy added to the title NLL), "
     "because the title-only hybrid run's training NLL was no lower than text SFT's; one record per scoring mode: "
     "sft-item-head (title + item log-prob), sft-item-head:item, sft-item-head:title.",
+    "sft-item-head training: `recalign sft --config configs/sft_item_head_ml100k.yaml --output "
+    "runs/lm_quality/sft-item-head/model eval.n_test=0 training.resume=true`, stopped after checkpoint-150 and "
+    "resumed with the same command (a workaround for step times that grow in long hybrid runs: 6.5 -> 7.9 s per "
+    "step and RSS 6.0 -> 8.4 GB over steps 47-118; a restart resets both); the records' train_cpu_seconds "
+    "(1,244) are the second invocation's only: the two took 1,222 + 1,252 = 2,474 CPU-s (~41 CPU-min, each "
+    "including a ~130 s SASRec fit; the checkpoint restores the same item table), against ~32 CPU-min for "
+    "sft-sequence on the same 300 steps x 4 documents (~22k next-item targets). item_ce 7.79 (ln 1682 = 7.43 "
+    "plus the bias start) -> ~5.8 by step 150, flat after (SASRec's own training loss 5.7).",
+    "sft-item-head, first 500 rows (pop 0.334, SASRec 0.558, sft-sequence 0.316 on these rows): by the head alone "
+    "HR@1 0.530 / NDCG@10 0.751; title + head 0.470 / 0.688; title alone 0.342 / 0.601 (the head's training "
+    "also moved the titles a little, within noise of sft-hybrid-sequence's 0.346). The title log-prob is what "
+    "drags the sum down: it ranks by how often a title occurs, i.e. popularity.",
+    "item-head-full (`--stages item-head-full`): sft-item-head:item on all 1,000 rows: HR@1 0.521 +- 0.016 with "
+    "candidate seed 0 (pop 0.316, SASRec 0.544) and 0.535 +- 0.016 with seed 1 (pop 0.306, SASRec 0.545): "
+    "above popularity by ~13 standard errors on both seeds, within noise of SASRec (whose item table it reads).",
+    "item-head-curve (`--stages item-head-curve --n-curve 500 --curve-steps 100,200,300`): HR@1 0.450 / 0.528 / "
+    "0.530 and NDCG@10 0.695 / 0.745 / 0.751 after 100 / 200 / 300 steps on the first 500 rows: it rises to "
+    "step 200 (~27 CPU-min) and is flat after, with item_ce.",
+    "sdpo-item-head (`--stages sdpo-item-head`): item-level S-DPO K=3 (align.score=item, random negatives from "
+    "each example's candidates, 40 steps x 4 of 160 examples, lr 5e-4, beta 1) from sft-item-head: HR@1 0.520 / "
+    "NDCG@10 0.738 (seed 0) and 0.523 / 0.744 (seed 1) vs the SFT's 0.521 / 0.745 and 0.535 / 0.753 on the same "
+    "rows: not below it beyond noise (differences 0.001 and 0.012, SE ~0.016), not above it either. Why: random "
+    "candidates are items the head already ranks far down; the final reward margin was 6.5 with 85% accuracy, "
+    "reached mostly by pushing those negatives down further (rejected reward -7.4) while the chosen item's "
+    "log-prob also fell (chosen reward -0.93), which leaves the top of the ranking where it was.",
+    "sdpo-item-head-hard (`--stages sdpo-item-head-hard`): the same with hard negatives (strategy=hard, the start "
+    "head's highest-ranked wrong candidates): HR@1 0.531 / NDCG@10 0.748 (seed 0) and 0.537 / 0.752 (seed 1), "
+    "+0.010 / +0.002 over the SFT: within noise. The loss fell from ln 4 = 1.39 to ~1.15 at 55% reward accuracy "
+    "(margin 0.79): the hard negatives are close calls, and 40 steps of 4 move them only a little.",
     "seed1 (`--stages seed1 --best sft-sequence`): the sft-sequence adapter on the same 1,000 rows with candidate "
     "seed 1: HR@1 0.324 (pop 0.306, SASRec 0.545 on these lists); with seed 0 it is 0.300 vs pop 0.316: "
     "within noise of popularity both ways.",
