@@ -117,6 +117,19 @@ def test_rows(data, n: int):
     return sample_examples(data.split.stage("test"), n, 0, stage="test")
 
 
+def seed_rows(args, seeds: tuple[int, ...] = (0, 1)) -> list:
+    """``[(seed, data, rows)]``: the first ``--n-test`` test rows with the candidate lists of each seed (the
+    same users and positions for every seed, checked)."""
+    out = []
+    for seed in seeds:
+        data = load(seed)
+        rows = test_rows(data, args.n_test)
+        if out and not out[0][2][["user", "position"]].equals(rows[["user", "position"]]):
+            raise SystemExit(f"error: candidate seed {seed} draws other test rows than seed {out[0][0]}")
+        out.append((seed, data, rows))
+    return out
+
+
 def lm_records(
     model,
     tok,
@@ -319,13 +332,8 @@ def stage_item_head_full(args, run: Path, command: str) -> list:
     sft = json.loads((path / "metrics.json").read_text())["run"]
     max_history = _config_max_history(path)
     model, tok, _ = load_lm(str(path), dtype=resolve_dtype("auto"))
-    d0, d1 = load(0), load(1)
-    r0, r1 = test_rows(d0, args.n_test), test_rows(d1, args.n_test)
-    assert r0[["user", "position"]].equals(r1[["user", "position"]]), (
-        "seed-1 candidates must be on the same rows"
-    )
     records = []
-    for cand_seed, data, rows in ((0, d0, r0), (1, d1, r1)):
+    for cand_seed, data, rows in seed_rows(args):
         info = {"model": str(path), "candidate_seed": cand_seed, "item_score": "item", "max_history": max_history,
                 "format": "sequence", "rows": f"all {args.n_test} test rows",
                 **{k: sft.get(k) for k in ("train_steps", "examples_seen", "targets_seen", "train_cpu_seconds")}}  # fmt: skip
@@ -402,9 +410,8 @@ def align_from(args, run: Path, command: str, start_stage: str, stage: str, meth
             "train_seconds": res.metrics["run"]["train_seconds"],
             "train_cpu_seconds": res.metrics["run"].get("train_cpu_seconds")}  # fmt: skip
     records = []
-    for seed in seeds:
-        data = load(seed)
-        records += lm_records(model, tok, data, test_rows(data, args.n_test), method,
+    for seed, data, rows in seed_rows(args, seeds):
+        records += lm_records(model, tok, data, rows, method,
                               {**info, "candidate_seed": seed, "item_score": item_score}, command,
                               prompt_format=fmt, max_history=max_history, item_score=item_score)  # fmt: skip
     return records
@@ -442,11 +449,7 @@ def stage_seed1(args, run: Path, command: str) -> list:
     """The ``--best`` SFT stage's model on the same rows with the candidate lists of seed 1."""
     from recalign.lm.lora import load_lm, resolve_dtype
 
-    d0, d1 = load(0), load(1)
-    r0, r1 = test_rows(d0, args.n_test), test_rows(d1, args.n_test)
-    assert r0[["user", "position"]].equals(r1[["user", "position"]]), (
-        "seed-1 candidates must be on the same rows"
-    )
+    _, (_, d1, r1) = seed_rows(args)
     path = run / args.best / "model"
     sft = json.loads((path / "metrics.json").read_text())["run"]
     fmt = sft.get("format", "candidates")

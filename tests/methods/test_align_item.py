@@ -82,10 +82,14 @@ def _naive_item_logprobs(model, prompt: list[int]) -> torch.Tensor:
     return _item_head(model).item_logits(h[None])[0].log_softmax(-1)
 
 
+def _head_inputs(env):
+    """The item-head model, three prompts of different lengths and each prompt's three items."""
+    model, prompts = _prompts(env[1])
+    return model, prompts, [[0, 3, 5], [2, 1, 4], [7, 0, 1]]
+
+
 def test_item_logprobs_equal_the_per_prompt_head_softmax(env):
-    _, head_dir, _ = env
-    model, prompts = _prompts(head_dir)
-    items = [[0, 3, 5], [2, 1, 4], [7, 0, 1]]
+    model, prompts, items = _head_inputs(env)
     with torch.no_grad():
         got = item_logprobs(model, prompts, items)
         for b, p in enumerate(prompts):
@@ -95,9 +99,7 @@ def test_item_logprobs_equal_the_per_prompt_head_softmax(env):
 
 
 def test_item_objective_is_sdpo_and_dmpo_over_item_logprobs_with_gradients(env):
-    _, head_dir, _ = env
-    model, prompts = _prompts(head_dir)
-    items = [[0, 3, 5], [2, 1, 4], [7, 0, 1]]
+    model, prompts, items = _head_inputs(env)
     with torch.no_grad():
         policy = item_logprobs(model, prompts, items)
     ref = torch.tensor([[-3.0, -2.0, -4.0], [-1.0, -5.0, -2.5], [-2.0, -2.0, -2.0]])

@@ -292,24 +292,29 @@ def sequence_logprobs(model, batch: dict, *, items: bool = False) -> tuple[torch
     return token_lp, item_lp.gather(-1, torch.tensor(i_tgt, device=device)[:, None]).squeeze(-1)
 
 
-def item_logprobs(model, prompts: Sequence[Sequence[int]], items: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``[B, A]`` item-head log-probs ``log softmax_j(h . Q(E_j) + b_j)`` at each prompt's last token,
-    gathered at each row's ``A`` items (differentiable; one decoder pass over the right-padded prompts).
-
-    This is the item head's answer to "what comes next" over the whole catalogue, so it is the natural
-    policy log-prob for preference alignment of an item-head model (``align.score=item``): one forward
-    per prompt instead of one title per candidate."""
+def head_logprobs(model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[B, n_items]`` item-head log-softmax ``log softmax_j(h . Q(E_j) + b_j)`` at each prompt's last
+    token: one decoder pass over the right-padded prompts (:func:`padded_hidden`), differentiable."""
     module = _item_head(model)
     if module is None:
         raise RecalignInputError("item log-probs need a model with an item head (hybrid.item_head)")
-    if len(prompts) != len(items) or len({len(r) for r in items}) > 1:
-        raise ValueError("item_logprobs wants one equally long item list per prompt")
     hidden = padded_hidden(model, prompts)
     dev = hidden.device
     last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
     h = hidden[torch.arange(len(prompts), device=dev), last]
-    lp = module.item_logits(h).log_softmax(-1)
-    return lp.gather(-1, torch.tensor([list(map(int, r)) for r in items], device=dev))
+    return module.item_logits(h).log_softmax(-1)
+
+
+def item_logprobs(model, prompts: Sequence[Sequence[int]], items: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[B, A]`` :func:`head_logprobs` gathered at each row's ``A`` items (differentiable).
+
+    This is the item head's answer to "what comes next" over the whole catalogue, so it is the natural
+    policy log-prob for preference alignment of an item-head model (``align.score=item``): one forward
+    per prompt instead of one title per candidate."""
+    if len(prompts) != len(items) or len({len(r) for r in items}) > 1:
+        raise ValueError("item_logprobs wants one equally long item list per prompt")
+    lp = head_logprobs(model, prompts)
+    return lp.gather(-1, torch.tensor([list(map(int, r)) for r in items], device=lp.device))
 
 
 def sequence_token_logprobs(model, batch: dict) -> torch.Tensor:
@@ -492,17 +497,12 @@ class SequenceLMRecommender:
         return out
 
     def _head_scores(self, prompts: list[list[int]]) -> np.ndarray:
-        """``[len(prompts), n_items]`` item-head log-softmax at each prompt's last token, one decoder pass
-        over the right-padded prompts (:func:`padded_hidden`)."""
-        module = _item_head(self.model)
+        """``[len(prompts), n_items]`` :func:`head_logprobs` without gradients, as float64 numpy."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                hidden = padded_hidden(self.model, prompts)
-                last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
-                h = hidden[torch.arange(len(prompts), device=hidden.device), last]
-                lp = module.item_logits(h).log_softmax(-1)
+                lp = head_logprobs(self.model, prompts)
             return lp.float().cpu().numpy().astype(np.float64)
         finally:
             if was_training:
