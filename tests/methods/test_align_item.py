@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import _lm_tiny  # noqa: E402
@@ -125,7 +126,7 @@ def test_item_objective_is_sdpo_and_dmpo_over_item_logprobs_with_gradients(env):
     assert grads and all(g > 0 for g in grads)
 
 
-def _align(data_dir, start, out, **over):
+def _align(data_dir, start, out, cfg_out: list | None = None, **over):
     cfg = load_config(
         AlignConfig,
         overrides={
@@ -139,6 +140,8 @@ def _align(data_dir, start, out, **over):
             **over,
         },
     )  # fmt: skip
+    if cfg_out is not None:
+        cfg_out.append(cfg)
     return run_align(cfg, out, progress=False)
 
 
@@ -147,7 +150,8 @@ def test_item_sdpo_run_learns_records_its_score_and_evaluates_with_the_head(env,
 
     data_dir, head_dir, _ = env
     out = tmp_path / "sdpo-item"
-    _align(data_dir, head_dir, out)
+    cfgs = []
+    _align(data_dir, head_dir, out, cfg_out=cfgs)
     history = json.loads((out / "checkpoints" / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[0] == pytest.approx(math.log(3), abs=1e-3)  # fresh adapter: policy = reference
@@ -156,6 +160,9 @@ def test_item_sdpo_run_learns_records_its_score_and_evaluates_with_the_head(env,
     assert rec.extra["score"] == "item" and rec.extra["item_score"] == "item"
     run = json.loads((out / "metrics.json").read_text())["run"]
     assert run["score"] == "item"
+    # the evaluation resolved auto -> item on a copy: the caller's config and the saved one stay as asked
+    assert cfgs[0].eval.item_score == "auto"
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval"]["item_score"] == "auto"
     # the saved run reloads with the head and ranks by it
     model, _, _ = load_lm(str(out), dtype="float32")
     from recalign.lm.sequence import _item_head

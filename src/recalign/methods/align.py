@@ -24,7 +24,7 @@ The recipe reads as setup → train → save → evaluate:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -350,8 +350,6 @@ class AlignRecipe(LMRecipe):
                     f"{cfg.model} has no item head: score=item needs a sequence SFT run with hybrid.item_head",
                     field="score",
                 )
-            if cfg.eval.item_score == "auto":
-                cfg.eval.item_score = "item"  # evaluate with what was aligned
         examples, _ = build_examples(
             cfg,
             model,
@@ -371,6 +369,13 @@ class AlignRecipe(LMRecipe):
         # so `load_lm(out)` rebuilds base -> SFT merged -> this adapter.
         start = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
         return TrainingPlan(model, tok, examples, objective, base_model=start, dtype=dtype)
+
+    def eval_config(self) -> AlignConfig:
+        """With ``score=item`` and ``eval.item_score=auto``, evaluate by the head that was aligned."""
+        cfg = self.cfg
+        if cfg.score == "item" and cfg.eval.item_score == "auto":
+            return replace(cfg, eval=replace(cfg.eval, item_score="item"))
+        return cfg
 
     def describe(self, plan: TrainingPlan, trainable: int, total: int) -> str:
         return (

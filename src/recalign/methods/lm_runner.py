@@ -121,13 +121,19 @@ class LMRecipe:
         """The recipe's own ``metrics.json`` run fields (after ``method``, before the shared ones)."""
         return {}
 
+    def eval_config(self):
+        """The config the evaluation after training reads (its ``eval`` section); ``self.cfg`` unless a
+        recipe resolves an evaluation setting from its training settings (it returns a copy: the saved
+        ``config.yaml`` stays what the user asked for)."""
+        return self.cfg
+
     def evaluate(self, plan: TrainingPlan, run: RecipeRun, outcome, test_examples: pd.DataFrame | None):
         """``(records, flat metrics, run fields)`` after training: the shared next-item evaluation
         (:func:`evaluate_trained`, written to ``records.json``), with ``n_test`` as its run field."""
         extra = {"model": str(run.out), "n_train": len(plan.examples), "train_steps": outcome.global_step,
                  **self.record_extra(plan, run, outcome)}  # fmt: skip
         records, test_examples = evaluate_trained(
-            plan.model, plan.tokenizer, self.cfg, run.data, run.out, method=self.method,
+            plan.model, plan.tokenizer, self.eval_config(), run.data, run.out, method=self.method,
             test_examples=test_examples, command=run.command, progress=run.progress, extra=extra,
             prompt_format=self.prompt_format,
         )  # fmt: skip
