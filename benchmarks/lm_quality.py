@@ -63,6 +63,8 @@ import sys
 import time
 from pathlib import Path
 
+from recalign.logs import add_verbose_flag, configure
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = (
@@ -579,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None,
                     help="sft-item-head only: optimiser steps instead of the config's (300)")  # fmt: skip
     ap.add_argument("--output", default="results/lm_ml100k.json")
+    add_verbose_flag(ap)
     args = ap.parse_args(argv)
+    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
 
     import torch
 

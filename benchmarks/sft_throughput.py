@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from recalign.logs import add_verbose_flag, configure
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--output", default="results/sft_throughput.json")
+    add_verbose_flag(ap)
     args = ap.parse_args(argv)
+    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
 
     import numpy as np
     import torch

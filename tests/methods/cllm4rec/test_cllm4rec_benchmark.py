@@ -40,3 +40,27 @@ def test_benchmark_runs_every_ablation_with_two_seeds(files, tmp_path):  # noqa:
     assert by[("cllm4rec", 1)]["extra"]["settings_differing_from_default"]["seed"] == 1
     assert by[("cllm4rec", 0)]["n_examples"] == by[("pop", 0)]["n_examples"]  # the same users
     assert all(r["split"] == "holdout" and r["protocol"] == "full" for r in recs)
+
+
+def _library_warning_shown() -> bool:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # keeps the active filters
+        warnings.warn_explicit("deprecated", FutureWarning, "modeling_utils.py", 1, module="peft.peft_model")
+    return bool(caught)
+
+
+def test_benchmark_is_quiet_unless_verbose(files, tmp_path):  # noqa: F811
+    """A benchmark silences library FutureWarnings as the CLI does; ``-v`` shows them again."""
+    from recalign.logs import configure
+
+    bench = _benchmark()
+    argv = ["--config", str(files), "--results", str(tmp_path / "r.json"), "--runs", str(tmp_path / "runs"),
+            "--splits", "holdout", "--only", "pop"]  # fmt: skip
+    configure(1)  # the libraries' defaults, whatever an earlier test did
+    assert _library_warning_shown()
+    assert bench.main(argv) == 0
+    assert not _library_warning_shown()
+    assert bench.main([*argv, "-v"]) == 0
+    assert _library_warning_shown()
+    configure(0)
