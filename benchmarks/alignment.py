@@ -20,7 +20,7 @@ from pathlib import Path
 
 from recalign.config import load_config
 from recalign.evaluation.records import read_records, write_records
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 from recalign.methods import load_data, sample_examples
 from recalign.methods.align import AlignConfig, run_align
 
@@ -42,9 +42,7 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/alignment", help="where the run directories go")
     ap.add_argument("--output", default="results/alignment_ml100k.json")
     ap.add_argument("overrides", nargs="*", help="AlignConfig overrides applied to every method")
-    add_verbose_flag(ap)
-    args = ap.parse_args()
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap)  # -v: library output, quiet otherwise
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
     base_cfg = load_config(AlignConfig, args.config, [f"model={args.sft}", *args.overrides])

@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 
 VARIANTS = ("naive", "shared", "shared-precomputed")
 
@@ -223,9 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
     args.ks = [int(k) for k in str(args.ks).split(",") if k]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

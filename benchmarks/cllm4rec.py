@@ -47,7 +47,7 @@ import torch
 
 from recalign.config import load_config
 from recalign.evaluation.records import ResultRecord, read_records, write_records
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.protocol import holdout_split
@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default=CONFIG, help="CLLM4Rec config (its data section: every method's split)"
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every CLLM4Rec variant")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     torch.set_num_threads(1)
     only = [m for m in args.only.split(",") if m]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from recalign.config import load_config
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="lm-only", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default="results/cllm4rec_lr_probe.json")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
     refs = json.loads(Path("results/cllm4rec_valid_refs.json").read_text())["collab_loss_bars"]
     path = Path(args.output)
     old = json.loads(path.read_text())["runs"] if path.is_file() else []

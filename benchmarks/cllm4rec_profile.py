@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from recalign.config import load_config
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.documents import (
     collab_documents,
@@ -275,9 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default="results/cllm4rec_profile.json")
     ap.add_argument("--estimate", action="store_true", help="recompute benchmark_estimate only")
     ap.add_argument("--eager-only", action="store_true", help="measure and merge only the bf16-eager steps")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     if args.estimate:
         report = json.loads(Path(args.output).read_text())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from recalign.config import load_config
 from recalign.evaluation.records import write_records
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 from recalign.methods.dmpo_fewshot import DMPOFewShotConfig, run_dmpo_fewshot
 
 
@@ -31,9 +31,7 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/dmpo_bench", help="where the run directories go")
     ap.add_argument("--output", default="results/dmpo_ml100k.json")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (e.g. eval.n_test=100), recorded")
-    add_verbose_flag(ap)
-    args = ap.parse_args()
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap)  # -v: library output, quiet otherwise
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     records = []
     for prompt in [p.strip() for p in args.prompts.split(",") if p.strip()]:

@@ -75,7 +75,7 @@ from recalign.lm.joint import joint_unsupported  # noqa: E402
 from recalign.lm.lora import load_lm, resolve_dtype  # noqa: E402
 from recalign.lm.prompts import encode_prompt, examples_to_prompts  # noqa: E402
 from recalign.lm.recommender import LMRecommender  # noqa: E402
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (1 is much faster when other processes load the CPU: no spin-waiting)",
     )
     ap.add_argument("--output", default="results/eval_joint.json")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     if args.threads:
         torch.set_num_threads(args.threads)

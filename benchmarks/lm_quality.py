@@ -63,7 +63,7 @@ import sys
 import time
 from pathlib import Path
 
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -581,9 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None,
                     help="sft-item-head only: optimiser steps instead of the config's (300)")  # fmt: skip
     ap.add_argument("--output", default="results/lm_ml100k.json")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
 
     import torch
 

@@ -69,7 +69,7 @@ from recalign.lm.generation import generate_answers  # noqa: E402
 from recalign.lm.loading import load_model  # noqa: E402
 from recalign.lm.prompts import display_titles, encode_answer, encode_prompt, examples_to_prompts  # noqa: E402
 from recalign.lm.scoring import answer_logprobs, naive_answer_logprobs  # noqa: E402
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 
 
 def _status_kb(key: str) -> int | None:
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--output", default="results/scoring_ml100k.json")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
 
     impls = [i for i in args.impls.split(",") if i]

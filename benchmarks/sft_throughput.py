@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from recalign.logs import add_verbose_flag, configure
+from recalign.logs import parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--output", default="results/sft_throughput.json")
-    add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    configure(args.verbose)  # quiet libraries, as the CLI (-v shows them)
+    args = parse_args(ap, argv)  # -v: library output, quiet otherwise
 
     import numpy as np
     import torch

@@ -64,6 +64,15 @@ def verbose() -> int:
     return int(_STATE["verbose"] or 0)
 
 
+def parse_args(parser, argv: list[str] | None = None):
+    """``parser.parse_args(argv)`` for a script (a benchmark): adds ``-v/--verbose`` and applies
+    :func:`configure` with it, so the script is as quiet as the CLI unless ``-v`` is given."""
+    add_verbose_flag(parser)
+    args = parser.parse_args(argv)
+    configure(args.verbose)
+    return args
+
+
 def add_verbose_flag(parser) -> None:
     """``-v/--verbose`` on ``parser`` and on every (nested) subcommand parser, so that both
     ``recalign -v recommend ...`` and ``recalign recommend ... -v`` work."""
