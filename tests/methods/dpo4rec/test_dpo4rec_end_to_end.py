@@ -201,9 +201,7 @@ def test_interrupted_summary_generation_resumes_from_shards(tmp_path, tiny_lm_di
     full = summ.generate_summaries(model, tok, reqs, **kw)
     assert len(full) == 8 and [r.sample for r in full[:2]] == [0, 1]
 
-    import recalign.lm.generation as generation
-
-    real = generation.generate_answers
+    real = summ._batch_texts
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -212,7 +210,7 @@ def test_interrupted_summary_generation_resumes_from_shards(tmp_path, tiny_lm_di
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(generation, "generate_answers", flaky)
+    monkeypatch.setattr(summ, "_batch_texts", flaky)
     with pytest.raises(KeyboardInterrupt):
         summ.generate_summaries(model, tok, reqs, shard_dir=tmp_path / "shards", **kw)
     assert sorted(p.name for p in (tmp_path / "shards").glob("shard-*.jsonl")) == ["shard-00000.jsonl"]
@@ -220,6 +218,25 @@ def test_interrupted_summary_generation_resumes_from_shards(tmp_path, tiny_lm_di
     resumed = summ.generate_summaries(model, tok, reqs, shard_dir=tmp_path / "shards", **kw)
     # the same seeded texts as an uninterrupted run, with the first batch read from its shard
     assert [r.text for r in resumed] == [r.text for r in full]
-    assert calls["n"] == 10 + 2  # batches 2 and 3 only
+    assert calls["n"] == 10 + 3  # batches 2, 3 and 4 only (one whole request of 2 samples per batch)
     with pytest.raises(RecalignInputError, match="other prompts or settings"):
         summ.generate_summaries(model, tok, reqs[:2], shard_dir=tmp_path / "shards", **kw)
+
+
+def test_shared_prompt_summaries_equal_generate_when_greedy(tiny_lm_dir, monkeypatch):
+    """The one-prefill-per-user path and the ``generate`` fallback give the same greedy summaries."""
+    from recalign.lm.loading import load_model
+    from recalign.methods.dpo4rec import summaries as summ
+
+    ds = toy_dataset()
+    split = build_split(ds, "loo", n_candidates=6)
+    reqs = build_requests(ds, split.stage("test").head(3))
+    model, tok = load_model(tiny_lm_dir)
+    kw = dict(n_samples=2, sample=False, max_new_tokens=6, batch_size=4, progress=False)
+    shared = summ.generate_summaries(model, tok, reqs, **kw)
+    import recalign.lm.sampling as sampling
+
+    monkeypatch.setattr(sampling, "shared_sampling_unsupported", lambda *a, **k: "forced fallback")
+    fallback = summ.generate_summaries(model, tok, reqs, **kw)
+    assert [r.text for r in shared] == [r.text for r in fallback]
+    assert [(r.user, r.sample) for r in shared] == [(r.user, r.sample) for r in fallback]

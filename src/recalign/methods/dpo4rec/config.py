@@ -37,7 +37,11 @@ class SummaryConfig:
     )
     top_p: float = cfg_field(0.9, "nucleus-sampling mass of the summaries DPO learns from")
     max_new_tokens: Annotated[int, Ge(1)] = cfg_field(40, "longest summary, in tokens (longer ones are cut)")
-    batch_size: Annotated[int, Ge(1)] = cfg_field(8, "prompts generated together")
+    batch_size: Annotated[int, Ge(1)] = cfg_field(
+        32,
+        "summaries decoded together; users are taken whole (batch_size // samples of them per batch, at "
+        "least one), each user's prompt prefilled once for its samples",
+    )
     eval_decoding: Literal["greedy", "sample"] = cfg_field(
         "greedy", "decoding of the one summary per test user used for the test metrics"
     )

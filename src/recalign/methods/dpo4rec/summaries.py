@@ -10,10 +10,13 @@ SmolLM2-Instruct it is the user turn of the model's chat template with the assis
 and the summary is the assistant's reply.
 
 Sampling. DPO needs *different* summaries of the same user to compare, so summaries are sampled
-(temperature, nucleus top-p), N per user, in batches, through :func:`recalign.lm.generation.generate_answers`.
-Every batch is seeded from ``(seed, tag, batch index)``: the same request list and settings give the
-same texts on every run, and a batch's texts do not depend on which batches ran before it -- which is
-what makes the sharded, resumable writing below exact.
+(temperature, nucleus top-p), N per user, in batches of whole users. The N summaries of a user share
+their prompt, so the prompt is run once and its KV cache copied to the N rows
+(:func:`recalign.lm.sampling.sample_continuations`): on SmolLM2 and this CPU a summary costs ~0.3 s
+instead of ~1 s with the prompt listed N times through ``generate``. Every batch is seeded from ``(seed,
+tag, batch index)``: the same request list and settings give the same texts on every run, and a batch's
+texts do not depend on which batches ran before it -- which is what makes the sharded, resumable writing
+below exact.
 
 Resumability. Sampling a few thousand summaries with a 135M model on a CPU takes a long time. With a
 ``shard_dir``, each batch is written as its own JSONL shard (write-then-rename) the moment it is done,
@@ -224,15 +227,16 @@ def generate_summaries(
 ) -> list[SummaryRecord]:
     """``n_samples`` summaries per request (greedy decoding gives identical samples: use ``n_samples=1``).
 
-    The flat work list is request-major (request 0's samples first); batches of ``batch_size`` prompts
-    are generated with a seed derived from ``(seed, tag, batch index)``. With ``shard_dir`` every finished
-    batch is saved and reused by a rerun (see the module docstring).
+    Requests are taken whole, ``max(1, batch_size // n_samples)`` per batch, so a batch decodes about
+    ``batch_size`` summaries; each request's prompt is prefilled once for its ``n_samples`` summaries
+    (:func:`recalign.lm.sampling.sample_continuations`; models it cannot serve fall back to
+    ``generate`` over the prompt repeated). Each batch samples with a generator seeded from ``(seed,
+    tag, batch index)``. With ``shard_dir`` every finished batch is saved and reused by a rerun (see the
+    module docstring). The result is request-major (request 0's samples first).
     """
-    from recalign.lm.generation import generate_answers
-
     if n_samples < 1:
         raise ValueError("n_samples must be >= 1")
-    work = [(r, s) for r in requests for s in range(n_samples)]
+    per_batch = max(1, batch_size // n_samples)
     settings = {
         "n_samples": n_samples,
         "sample": sample,
@@ -242,6 +246,7 @@ def generate_summaries(
         "batch_size": batch_size,
         "seed": seed,
         "tag": tag,
+        "layout": "shared-prompt",  # batches of whole requests, one prefill each
     }
     shards = Path(shard_dir) if shard_dir is not None else None
     if shards is not None:
@@ -258,37 +263,93 @@ def generate_summaries(
         else:
             atomic_write_json(manifest, {"fingerprint": fp, "requests": len(requests), **settings})
     out: list[SummaryRecord] = []
-    starts = list(range(0, len(work), batch_size))
+    starts = list(range(0, len(requests), per_batch))
     bar = tqdm(starts, desc=f"summaries ({tag})", unit="batch", disable=not progress)
     for b, start in enumerate(bar):
-        chunk = work[start : start + batch_size]
+        chunk = requests[start : start + per_batch]
         shard = shards / f"shard-{b:05d}.jsonl" if shards is not None else None
         if shard is not None and shard.is_file():
             rows = [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line]
-            if len(rows) == len(chunk):
+            if len(rows) == len(chunk) * n_samples:
                 out.extend(SummaryRecord(**row) for row in rows)
                 continue
-        texts = generate_answers(
+        texts = _batch_texts(
             model,
             tokenizer,
-            [r.prompt for r, _ in chunk],
-            batch_size=len(chunk),
-            max_new_tokens=max_new_tokens,
-            progress=False,
-            do_sample=sample,
+            [r.prompt for r in chunk],
+            n_samples=n_samples,
+            sample=sample,
             temperature=temperature,
             top_p=top_p,
+            max_new_tokens=max_new_tokens,
             seed=_batch_seed(seed, tag, b),
         )
         recs = [
-            SummaryRecord(user=r.user, position=r.position, sample=s, prompt=r.prompt, text=t)
-            for (r, s), t in zip(chunk, texts)
+            SummaryRecord(user=r.user, position=r.position, sample=s, prompt=r.prompt, text=texts[i][s])
+            for i, r in enumerate(chunk)
+            for s in range(n_samples)
         ]
         if shard is not None:
             atomic_write_text(shard, "".join(json.dumps(x.to_dict()) + "\n" for x in recs))
         out.extend(recs)
     bar.close()
     return out
+
+
+def _batch_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    n_samples: int,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[list[str]]:
+    """``n_samples`` texts per prompt: one prefill per prompt where the model allows it, else ``generate``."""
+    import torch
+
+    from recalign.lm.generation import decode_answer, generate_answers, pad_id
+    from recalign.lm.modules import is_seq2seq
+    from recalign.lm.prompts import encode_prompt, stop_token_ids
+    from recalign.lm.sampling import sample_continuations, shared_sampling_unsupported
+
+    if is_seq2seq(model) or shared_sampling_unsupported(model, max_new_tokens=max_new_tokens):
+        flat = generate_answers(
+            model,
+            tokenizer,
+            [p for p in prompts for _ in range(n_samples)],
+            batch_size=len(prompts) * n_samples,
+            max_new_tokens=max_new_tokens,
+            progress=False,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        return [flat[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]
+    stops = stop_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        out = sample_continuations(
+            model,
+            [encode_prompt(tokenizer, p) for p in prompts],
+            n_samples=n_samples,
+            stop_ids=stops,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            pad_id=pad_id(tokenizer),
+            generator=torch.Generator().manual_seed(int(seed)),
+        )
+    finally:
+        if was_training:
+            model.train()
+    return [[decode_answer(tokenizer, ids, stops) for ids in per_prompt] for per_prompt in out.generated]
 
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
