@@ -171,3 +171,23 @@ def test_pipeline_stages_apply_the_threads_policy_and_restore_it(
     pipeline.evaluate(cfg, tmp_path)
     assert seen == [expected] * 3
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_user_lr_scale_moves_user_rows_that_much_further(make_model, make_config, dataset, split, stage):
+    """Adam's first step moves every coordinate with a gradient by ~lr (|m/sqrt(v)| = 1): the user rows
+    of the batch by lr x user_lr_scale, the item rows by lr; at scale 1 both by lr."""
+    moved = {}
+    for scale in (1.0, 8.0):
+        cfg = make_config(
+            pretrain__collab_steps=1, pretrain__content_ratio=0, pretrain__lr=1e-3, pretrain__user_lr_scale=scale,
+            finetune__steps=1, finetune__content_ratio=0, finetune__lr=1e-3, finetune__user_lr_scale=scale,
+        )  # fmt: skip
+        model, tok = make_model(cfg)
+        before = model.id_state()
+        run_stage(model, _data(tok, dataset, split), cfg, stage)
+        after = model.id_state()
+        moved[scale] = {k: float((after[k] - before[k]).abs().max()) for k in ("collab_user", "collab_item")}
+    for scale, m in moved.items():
+        assert m["collab_user"] == pytest.approx(1e-3 * scale, rel=1e-3)
+        assert m["collab_item"] == pytest.approx(1e-3, rel=1e-3)

@@ -97,6 +97,13 @@ class PretrainConfig:
         "ML-100K packing adds tokens (results/cllm4rec_profile.json); it pays for mixed lengths (reviews)",
     )
     lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
+    user_lr_scale: Annotated[float, Gt(0, show_value=True)] = cfg_field(
+        1.0,
+        "the user table's learning rate is lr x this. A user row gets a gradient only in the steps whose "
+        "batch holds that user (a few per epoch), an item row in every step (the item head is tied to the "
+        "item table), and Adam moves a coordinate by about lr per step: at 1.0 the user rows barely leave "
+        "their initialisation in a CPU budget of epochs",
+    )
     mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(
         1.0, "λ of the mutual regulariser λ·mean‖z_collab − sg(z_content)‖² (0 = the 'no-mutual' ablation)"
     )
@@ -134,6 +141,9 @@ class FinetuneConfig:
     )
     mask_ratio: float = cfg_field(0.2, "fraction of the history held out as targets (at least one item)")
     lr: Annotated[float, Gt(0, show_value=True)] = cfg_field(1e-2, "Adam learning rate of the ID tables")
+    user_lr_scale: Annotated[float, Gt(0, show_value=True)] = cfg_field(
+        1.0, "the user table's learning rate is lr x this (see pretrain.user_lr_scale)"
+    )
     mutual_lambda: Annotated[float, Ge(0, show_value=True)] = cfg_field(
         1.0, "λ of the mutual regulariser during fine-tuning (0 = off)"
     )

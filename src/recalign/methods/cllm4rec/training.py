@@ -180,12 +180,26 @@ def stage_plan(cfg: CLLM4RecConfig, stage: Stage) -> dict:
     if stage == "pretrain":
         sc = cfg.pretrain
         return {"epochs": sc.epochs, "steps": sc.collab_steps, "ratio": sc.content_ratio,
-                "lam": sc.mutual_lambda, "lr": sc.lr, "every": sc.checkpoint_every,
+                "lam": sc.mutual_lambda, "lr": sc.lr, "user_lr_scale": sc.user_lr_scale,
+                "every": sc.checkpoint_every,
                 "validate_every": sc.validate_every, "patience": sc.patience}  # fmt: skip
     fc = cfg.finetune
     return {"epochs": fc.epochs, "steps": fc.steps, "ratio": fc.content_ratio, "lam": fc.mutual_lambda,
-            "lr": fc.lr, "every": fc.checkpoint_every, "validate_every": fc.validate_every,
+            "lr": fc.lr, "user_lr_scale": fc.user_lr_scale, "every": fc.checkpoint_every,
+            "validate_every": fc.validate_every,
             "patience": fc.patience}  # fmt: skip
+
+
+def _adam(params: list[torch.nn.Parameter], lr: float, user_lr_scale: float) -> torch.optim.Adam:
+    """Adam over one side's ``[user table, item table]``; the user table at ``lr x user_lr_scale``.
+
+    At scale 1 it is one parameter group, as before the option existed, so that checkpoints written
+    then still load their optimiser state.
+    """
+    if user_lr_scale == 1.0:
+        return torch.optim.Adam(params, lr=lr)
+    users, items = params
+    return torch.optim.Adam([{"params": [users], "lr": lr * user_lr_scale}, {"params": [items]}], lr=lr)
 
 
 def run_stage(
@@ -255,8 +269,7 @@ def run_stage(
         )
     global_batch = [main.batch_size, content.batch_size if content is not None else 0]
     optimizers = {
-        "collab": torch.optim.Adam(model.side_parameters("collab"), lr=lr),
-        "content": torch.optim.Adam(model.side_parameters("content"), lr=lr),
+        side: _adam(model.side_parameters(side), lr, plan["user_lr_scale"]) for side in ("collab", "content")
     }
     reg_users = data.content_has_users
     validate_every, patience = plan["validate_every"], plan["patience"]
