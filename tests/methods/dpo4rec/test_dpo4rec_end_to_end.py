@@ -187,6 +187,51 @@ def test_default_reward_has_resolution_and_every_iteration_is_reported(tmp_path,
     assert set(m["test"]) == {"sasrec", "sasrec+summaries-unaligned", "sasrec+summaries-iter1",
                               "sasrec+summaries-aligned"}  # fmt: skip
     assert (out / "summaries" / "test_iter1.jsonl").is_file()
+    # paired comparisons on the same test users: the mean paired difference is the difference of the
+    # two records' metrics, and only aligned LMs are compared with the unaligned one
+    recs = {
+        (r["method"], r["protocol"]): r for r in json.loads((out / "records.json").read_text())["records"]
+    }
+    for name in ("unaligned", "iter1", "aligned"):
+        rec = recs[(f"sasrec+summaries-{name}", "candidates")]
+        paired = rec["extra"]["paired"]
+        assert ("vs_unaligned" in paired) == (name != "unaligned")
+        for base, base_metrics in (
+            ("vs_sasrec", m["test"]["sasrec"]),
+            ("vs_unaligned", m["test"]["sasrec+summaries-unaligned"]),
+        ):
+            for metric in ("NDCG@5", "HR@1"):
+                if base in paired:
+                    d = paired[base][metric]
+                    assert d["n"] == 20 and d["se"] >= 0
+                    assert d["diff"] == pytest.approx(rec["metrics"][metric] - base_metrics[metric], abs=1e-9)
+    # the valid-sample records carry the paired change of the users' mean reward since iteration 0
+    assert (
+        recs[("sasrec+summaries-iter0", "candidates/valid-samples")]["extra"]["mean_sampled_reward_vs_iter0"]
+        is None
+    )
+    change = recs[("sasrec+summaries-iter2", "candidates/valid-samples")]["extra"][
+        "mean_sampled_reward_vs_iter0"
+    ]
+    r0 = recs[("sasrec+summaries-iter0", "candidates/valid-samples")]["extra"]["mean_sampled_reward"]
+    r2 = recs[("sasrec+summaries-iter2", "candidates/valid-samples")]["extra"]["mean_sampled_reward"]
+    assert change["diff"] == pytest.approx(r2 - r0, abs=1e-9)  # every user has the same N samples
+
+
+def test_paired_difference_by_hand():
+    from recalign.methods.dpo4rec.report import paired_difference, paired_metrics, per_example
+
+    # differences 1, 0, 2, -1: mean 0.5, sd = sqrt(((0.5)^2 + 0.5^2 + 1.5^2 + 1.5^2) / 3) = sqrt(5/3)
+    d = paired_difference([3, 2, 4, 1], [2, 2, 2, 2])
+    assert d["diff"] == 0.5 and d["n"] == 4
+    assert d["se"] == pytest.approx((5 / 3) ** 0.5 / 2)
+    # ranks 1, 3, 6: NDCG@5 = 1, 1/log2(4) = 0.5, 0; HR@1 = 1, 0, 0
+    assert per_example([1, 3, 6], "NDCG@5").tolist() == [1.0, 0.5, 0.0]
+    assert per_example([1, 3, 6], "HR@1").tolist() == [1.0, 0.0, 0.0]
+    p = paired_metrics([1, 3, 6], [3, 3, 1])  # NDCG@5 1 - 0.5, 0, 0 - 1 -> mean -1/6
+    assert p["NDCG@5"]["diff"] == pytest.approx(-1 / 6) and p["HR@1"]["diff"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1.0], [0.0])
 
 
 def test_interrupted_summary_generation_resumes_from_shards(tmp_path, tiny_lm_dir, monkeypatch):

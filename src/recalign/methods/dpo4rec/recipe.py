@@ -67,7 +67,7 @@ from recalign.methods.dpo4rec.config import DPO4RecConfig
 from recalign.methods.dpo4rec.encoder import make_encoder
 from recalign.methods.dpo4rec.report import (
     evaluate_augmented,
-    metrics_from_scores,
+    metrics_and_ranks,
     previous_seconds,
     sampled_metrics,
     write_report,
@@ -88,6 +88,7 @@ from recalign.methods.dpo4rec.stages import (
     reward_summary,
     select_users,
     summaries_stage,
+    user_mean_rewards,
 )
 from recalign.methods.dpo4rec.summaries import build_requests
 from recalign.rundir import open_output_dir, releasing
@@ -135,6 +136,11 @@ class RunState:
     #: the LM's adapter after t DPO rounds (None: the unaligned LM; a skipped round keeps the previous)
     adapters: dict[int, Path | None] = dataclasses.field(default_factory=dict)
     test_metrics: dict[str, dict] = dataclasses.field(default_factory=dict)
+    #: per-test-example ranks of each tested LM's summaries and of plain SASRec (paired comparisons)
+    test_ranks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    sasrec_test_ranks: np.ndarray | None = None
+    #: each user's mean sampled reward at iteration t (the paired reward change between rounds)
+    user_rewards: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def progress(self) -> bool:
@@ -200,7 +206,7 @@ def stage_sasrec(run: RunState) -> None:
     t0 = time.perf_counter()
     valid, test = run.valid, run.test
     run.sasrec, run.sasrec_info = fit_or_load_sasrec(run.cfg, run.dataset, run.split, run.out, run.progress)
-    run.sasrec_test = metrics_from_scores(run.sasrec.score_candidates(test), test)
+    run.sasrec_test, run.sasrec_test_ranks = metrics_and_ranks(run.sasrec.score_candidates(test), test)
     run.sasrec_valid_reward = float(
         compute_rewards(
             run.cfg,
@@ -255,6 +261,7 @@ def stage_iterations(run: RunState) -> None:
             out / "rewards" / f"iter{t}.jsonl",
         )
         run.rewards[t] = reward_summary(scored)
+        run.user_rewards[t] = user_mean_rewards(scored)
         run.valid_metrics[t] = sampled_metrics(scored, len(run.valid["candidates"].iloc[0]))
         run.adapters[t] = run.adapter
         pairs, run.pair_stats[t] = pairs_stage(scored, out / "pairs" / f"iter{t}.jsonl")
@@ -319,12 +326,15 @@ def stage_test(run: RunState) -> None:
         t0 = time.perf_counter()
         if adapter in seen:  # a round without pairs left the LM unchanged: the same summaries
             run.test_metrics[name] = run.test_metrics[seen[adapter]]
+            run.test_ranks[name] = run.test_ranks[seen[adapter]]
             continue
         seen[adapter] = name
         # no DPO round had a pair: the "aligned" LM is the unaligned one, and so are its summaries
         tag = f"test_{name}" if adapter is not None else "test_unaligned"
         recs = run.summarise(test_requests, tag, adapter, n_samples=1, sample=sample)
-        run.test_metrics[name] = evaluate_augmented(run.full, recs, run.test, run.encoder)
+        run.test_metrics[name], run.test_ranks[name] = evaluate_augmented(
+            run.full, recs, run.test, run.encoder
+        )
         run.mark("test", t0)
 
 

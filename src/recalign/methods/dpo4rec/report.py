@@ -27,9 +27,43 @@ METRIC_KS = (1, 5, 10, 20)
 
 # ---------------------------------------------------------------------- evaluation
 def metrics_from_scores(scores: np.ndarray, examples: pd.DataFrame) -> dict[str, float]:
+    return metrics_and_ranks(scores, examples)[0]
+
+
+def metrics_and_ranks(scores: np.ndarray, examples: pd.DataFrame) -> tuple[dict[str, float], np.ndarray]:
+    """Candidate metrics of ``scores`` and the per-example ranks they come from (for paired comparisons)."""
     ranks = candidate_ranks(scores, examples)
     n_c = scores.shape[1]
-    return single_target_metrics(ranks, [k for k in METRIC_KS if k <= n_c], n_candidates=n_c)
+    return single_target_metrics(ranks, [k for k in METRIC_KS if k <= n_c], n_candidates=n_c), ranks
+
+
+#: the per-example metrics paired comparisons report (DPO4Rec's reward metric and the headline one)
+PAIRED_METRICS = ("NDCG@5", "HR@1")
+
+
+def per_example(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """One example's value of ``metric`` (``NDCG@K`` or ``HR@K``, one target) from its rank."""
+    name, k = metric.split("@")
+    r = np.asarray(ranks, dtype=np.float64)
+    hit = r <= int(k)
+    if name == "HR":
+        return hit.astype(np.float64)
+    if name == "NDCG":
+        return np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)
+    raise ValueError(f"no per-example form for {metric!r}")
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean of ``a - b`` over paired examples (the same users) with its standard error (sd / sqrt(n))."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError("a paired difference needs two equally long 1-D arrays of at least 2 values")
+    return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": int(len(d))}
+
+
+def paired_metrics(ranks: np.ndarray, base_ranks: np.ndarray) -> dict[str, dict[str, float]]:
+    """:func:`paired_difference` of every :data:`PAIRED_METRICS` between two rankings of the same examples."""
+    return {m: paired_difference(per_example(ranks, m), per_example(base_ranks, m)) for m in PAIRED_METRICS}
 
 
 def sampled_metrics(scored, n_candidates: int) -> dict[str, float]:
@@ -45,7 +79,8 @@ def sampled_metrics(scored, n_candidates: int) -> dict[str, float]:
 
 def evaluate_augmented(
     model: AugmentedRecommender, records: list[SummaryRecord], test: pd.DataFrame, encoder
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics (and per-example ranks) of the augmented recommender given each test user's summary."""
     by_user = {r.user: r for r in records}
     missing = [int(u) for u in test["user"] if int(u) not in by_user]
     if missing:
@@ -54,7 +89,7 @@ def evaluate_augmented(
     emb = encoder.encode([r.text for r in ordered])
     hist = [np.asarray(h, dtype=np.int64) for h in test["history"]]
     cands = np.stack([np.asarray(c, dtype=np.int64) for c in test["candidates"]])
-    return metrics_from_scores(model.score_candidates(hist, emb, cands), test)
+    return metrics_and_ranks(model.score_candidates(hist, emb, cands), test)
 
 
 def previous_seconds(out: Path) -> dict[str, float]:
@@ -66,6 +101,17 @@ def previous_seconds(out: Path) -> dict[str, float]:
         old = json.loads(metrics.read_text(encoding="utf-8")).get("seconds", {})
         return {k: float(v) for k, v in old.items() if k != "total"}
     return {}
+
+
+def _reward_change(run: RunState, t: int) -> dict[str, float] | None:
+    """Paired change of each user's mean sampled reward from iteration 0 to ``t`` (None for t = 0)."""
+    if t == 0 or 0 not in run.user_rewards or t not in run.user_rewards:
+        return None
+    before, after = run.user_rewards[0], run.user_rewards[t]
+    users = sorted(set(before) & set(after))
+    if len(users) < 2:
+        return None
+    return paired_difference([after[u] for u in users], [before[u] for u in users])
 
 
 def _test_name(t: int, iterations: int) -> str:
@@ -138,6 +184,14 @@ def write_report(run: RunState) -> tuple[dict, list[ResultRecord]]:
         if t > 0:
             extra["mean_sampled_reward_before"] = rewards[0]["mean"]
             extra["iterations"] = cfg.iterations
+        ranks = run.test_ranks.get(name)
+        if ranks is not None:  # the same test users: paired differences with their standard errors
+            paired = {}
+            if run.sasrec_test_ranks is not None:
+                paired["vs_sasrec"] = paired_metrics(ranks, run.sasrec_test_ranks)
+            if t > 0 and run.test_ranks.get("unaligned") is not None:
+                paired["vs_unaligned"] = paired_metrics(ranks, run.test_ranks["unaligned"])
+            extra["paired"] = paired
         records.append(
             ResultRecord(
                 method=f"sasrec+summaries-{name}",
@@ -162,6 +216,7 @@ def write_report(run: RunState) -> tuple[dict, list[ResultRecord]]:
                     "dpo_rounds": t,
                     "samples_per_user": cfg.summary.samples,
                     "mean_sampled_reward": vm.get("mean_reward"),
+                    "mean_sampled_reward_vs_iter0": _reward_change(run, t),
                     "reward_metric": reward_info["metric"],
                     "usable_pairs": run.pair_stats.get(t, {}).get("pairs"),
                     "tied_users": run.pair_stats.get(t, {}).get("ties"),

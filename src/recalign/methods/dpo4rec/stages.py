@@ -323,6 +323,14 @@ def reward_summary(scored: list[ScoredSummary]) -> dict:
     }
 
 
+def user_mean_rewards(scored: list[ScoredSummary]) -> dict[int, float]:
+    """Each user's mean reward over their sampled summaries."""
+    by_user: dict[int, list[float]] = {}
+    for s in scored:
+        by_user.setdefault(s.user, []).append(s.reward)
+    return {u: float(np.mean(v)) for u, v in by_user.items()}
+
+
 def pairs_stage(scored: list[ScoredSummary], path: Path) -> tuple[list[SummaryPair], dict]:
     stats_path = path.with_suffix(".stats.json")
     if path.is_file() and stats_path.is_file():
