@@ -31,24 +31,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+from scoring import _reset_peak, _status_kb  # noqa: E402  (benchmarks/scoring.py: the same peak-RSS meter)
 
 
 def main(argv: list[str] | None = None) -> None:
