@@ -78,16 +78,25 @@ def _checked_ranks(ranks, n_candidates: int | None = None) -> np.ndarray:
     return ranks
 
 
-def hit_rate(ranks: np.ndarray, k: int) -> float:
+def hit_values(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each example's HR@k (1.0 or 0.0) from its target's rank: the terms :func:`hit_rate` averages."""
+    return (_checked_ranks(ranks) <= k).astype(np.float64)
+
+
+def ndcg_values(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each example's NDCG@k (one target: 1/log2(rank+1) within k, else 0): the terms :func:`ndcg` averages."""
     ranks = _checked_ranks(ranks)
-    return float((ranks <= k).mean()) if len(ranks) else float("nan")
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> float:
+    values = hit_values(ranks, k)
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
-    ranks = _checked_ranks(ranks)
-    if not len(ranks):
-        return float("nan")
-    return float(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+    values = ndcg_values(ranks, k)
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def mrr(ranks: np.ndarray, k: int) -> float:

@@ -55,10 +55,9 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.modules import AnswerScores, cache_kwarg
+from recalign.lm.modules import AnswerScores, cache_kwarg, head_logits
 from recalign.lm.modules import assemble_scores as _assemble
 from recalign.lm.modules import model_dtype_device as _model_dtype_device
-from recalign.lm.modules import softcap as _softcap
 from recalign.lm.modules import unwrap_peft as _unwrap
 from recalign.lm.modules import validate_answers as _validate
 from recalign.lm.scoring import decoder_and_head, packed_batch, packed_scores
@@ -130,11 +129,7 @@ def joint_unsupported(model, *, max_new_tokens: int = 32) -> str | None:
 
 def _greedy(model, head, hidden: torch.Tensor) -> torch.Tensor:
     """argmax of the next-token logits for ``[B, H]`` hidden states (float32, soft-capped like the model)."""
-    logits = head(hidden).float()
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.argmax(-1)
+    return head_logits(model, head, hidden).argmax(-1)
 
 
 def score_and_generate(

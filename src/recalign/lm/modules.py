@@ -40,6 +40,16 @@ def softcap(model) -> float | None:
     return getattr(cfg, "final_logit_softcapping", None)
 
 
+def head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 next-token logits of ``hidden`` through the LM ``head``, soft-capped where the model's config
+    asks (:func:`softcap`): what every decoding loop and scorer applies to a hidden state."""
+    logits = head(hidden).float()
+    cap = softcap(model)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 @dataclass
 class AnswerScores:
     """Per-answer log-probabilities, padded to ``[B, A_max]``.

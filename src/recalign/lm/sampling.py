@@ -40,9 +40,8 @@ from transformers import DynamicCache, StaticCache
 
 from recalign.lm.hybrid import decoder_inputs
 from recalign.lm.joint import joint_unsupported
-from recalign.lm.modules import cache_kwarg
+from recalign.lm.modules import cache_kwarg, head_logits
 from recalign.lm.modules import model_dtype_device as _model_dtype_device
-from recalign.lm.modules import softcap as _softcap
 from recalign.lm.modules import unwrap_peft as _unwrap
 from recalign.lm.scoring import decoder_and_head
 
@@ -141,14 +140,6 @@ def next_tokens(
     return tok
 
 
-def _logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def sample_continuations(
     model,
     prompts: Sequence[Sequence[int]],
@@ -221,7 +212,7 @@ def sample_continuations(
         row_plens = plens.repeat_interleave(n_samples)
 
         # 3. decode every row together
-        logits = _logits(model, head, last)
+        logits = head_logits(model, head, last)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         total = torch.zeros(rows, dtype=torch.float32, device=device)
         generated: list[list[int]] = [[] for _ in range(rows)]
@@ -250,7 +241,7 @@ def sample_continuations(
                 use_cache=True,
                 **cache_kwarg(decoder, static),
             ).last_hidden_state[:, -1]
-            logits = _logits(model, head, h)
+            logits = head_logits(model, head, h)
             steps += 1
     nested = [generated[u * n_samples : (u + 1) * n_samples] for u in range(u_n)]
     return SampleOutput(generated=nested, logprobs=total.view(u_n, n_samples), steps=steps)

@@ -55,10 +55,9 @@ import torch
 from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.modules import AnswerScores, cache_kwarg, output_cache
+from recalign.lm.modules import AnswerScores, cache_kwarg, head_logits, output_cache
 from recalign.lm.modules import assemble_scores as _assemble
 from recalign.lm.modules import model_dtype_device as _model_dtype_device
-from recalign.lm.modules import softcap as _softcap
 from recalign.lm.modules import unwrap_peft as _unwrap
 from recalign.lm.modules import validate_answers as _validate
 
@@ -87,13 +86,9 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 def token_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target | hidden) for ``[N, H]`` hidden states, LM head applied in row chunks (soft-capped
     where the model's config asks): the one place where hidden states meet the vocabulary."""
-    cap = _softcap(model)
     out = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = head(hidden[start : start + HEAD_CHUNK]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        lp = logits.log_softmax(-1)
+        lp = head_logits(model, head, hidden[start : start + HEAD_CHUNK]).log_softmax(-1)
         out.append(lp.gather(-1, targets[start : start + HEAD_CHUNK, None]).squeeze(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 

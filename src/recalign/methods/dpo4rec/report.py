@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from recalign.evaluation.metrics import single_target_metrics
+from recalign.evaluation.metrics import hit_values, ndcg_values, single_target_metrics
 from recalign.evaluation.protocols import candidate_ranks
 from recalign.evaluation.records import ResultRecord, current_command
 from recalign.io import atomic_write_json
@@ -44,13 +44,10 @@ PAIRED_METRICS = ("NDCG@5", "HR@1")
 def per_example(ranks: np.ndarray, metric: str) -> np.ndarray:
     """One example's value of ``metric`` (``NDCG@K`` or ``HR@K``, one target) from its rank."""
     name, k = metric.split("@")
-    r = np.asarray(ranks, dtype=np.float64)
-    hit = r <= int(k)
-    if name == "HR":
-        return hit.astype(np.float64)
-    if name == "NDCG":
-        return np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)
-    raise ValueError(f"no per-example form for {metric!r}")
+    values = {"HR": hit_values, "NDCG": ndcg_values}.get(name)
+    if values is None:
+        raise ValueError(f"no per-example form for {metric!r}")
+    return values(np.asarray(ranks), int(k))
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:

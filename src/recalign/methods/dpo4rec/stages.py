@@ -308,9 +308,7 @@ def reward_stage(
 
 def reward_summary(scored: list[ScoredSummary]) -> dict:
     """Mean reward of the samples, mean of each user's best and worst, and how many distinct texts."""
-    by_user: dict[int, list[float]] = {}
-    for s in scored:
-        by_user.setdefault(s.user, []).append(s.reward)
+    by_user = _rewards_by_user(scored)
     best = [max(v) for v in by_user.values()]
     worst = [min(v) for v in by_user.values()]
     return {
@@ -325,10 +323,14 @@ def reward_summary(scored: list[ScoredSummary]) -> dict:
 
 def user_mean_rewards(scored: list[ScoredSummary]) -> dict[int, float]:
     """Each user's mean reward over their sampled summaries."""
+    return {u: float(np.mean(v)) for u, v in _rewards_by_user(scored).items()}
+
+
+def _rewards_by_user(scored: list[ScoredSummary]) -> dict[int, list[float]]:
     by_user: dict[int, list[float]] = {}
     for s in scored:
         by_user.setdefault(s.user, []).append(s.reward)
-    return {u: float(np.mean(v)) for u, v in by_user.items()}
+    return by_user
 
 
 def pairs_stage(scored: list[ScoredSummary], path: Path) -> tuple[list[SummaryPair], dict]:

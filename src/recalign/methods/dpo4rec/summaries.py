@@ -312,11 +312,10 @@ def _batch_texts(
     import torch
 
     from recalign.lm.generation import decode_answer, generate_answers, pad_id
-    from recalign.lm.modules import is_seq2seq
     from recalign.lm.prompts import encode_prompt, stop_token_ids
     from recalign.lm.sampling import sample_continuations, shared_sampling_unsupported
 
-    if is_seq2seq(model) or shared_sampling_unsupported(model, max_new_tokens=max_new_tokens):
+    if shared_sampling_unsupported(model, max_new_tokens=max_new_tokens):  # e.g. encoder-decoders
         flat = generate_answers(
             model,
             tokenizer,
