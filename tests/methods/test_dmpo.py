@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -448,11 +449,34 @@ def test_fewshot_records_carry_the_rows_trained_on(env, tmp_path, monkeypatch, p
             if not r.method.startswith("sft"):
                 assert set(x["vs_sft"]) == {"diff", "se", "n"} and x["vs_sft"]["n"] == 6
     assert read_back(tmp_path / "run" / "records.json") == len(res.records)
-    # a rerun with resume reuses every finished stage (no training) and gives the same records
+    # a rerun with resume reuses every finished stage and its evaluation (no training, no scoring) and
+    # gives the same records
+    import recalign.methods.dmpo_fewshot as fewshot
+
+    evaluated = []
+    real_eval = fewshot.evaluate_stage
+
+    def eval_spy(cfg, stage, *a, **kw):
+        evaluated.append(stage.name)
+        return real_eval(cfg, stage, *a, **kw)
+
+    monkeypatch.setattr(fewshot, "evaluate_stage", eval_spy)
     seen.clear()
     again = run_dmpo_fewshot(cfg, tmp_path / "run", command="test", progress=False)
-    assert seen == []
-    assert [r.metrics for r in again.records] == [r.metrics for r in res.records]
+    assert seen == [] and evaluated == []
+    assert [r.to_dict() for r in again.records] == [r.to_dict() for r in res.records]
+    # an unfinished stage is trained and evaluated; its paired comparison with SFT uses SFT's saved pairs
+    shutil.rmtree(tmp_path / "run" / "sdpo")
+    third = run_dmpo_fewshot(cfg, tmp_path / "run", command="test", progress=False)
+    assert evaluated == ["sdpo"] and len(seen) == 1
+    assert [(r.metrics, r.extra.get("vs_sft")) for r in third.records] == [
+        (r.metrics, r.extra.get("vs_sft")) for r in res.records
+    ]
+    # a changed evaluation setting evaluates every stage again
+    evaluated.clear()
+    cfg.eval.max_pairs = 1
+    run_dmpo_fewshot(cfg, tmp_path / "run", command="test", progress=False)
+    assert evaluated == ["sft", "dmpo", "sdpo"]
 
 
 def read_back(path: Path) -> int:

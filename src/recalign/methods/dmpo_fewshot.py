@@ -120,6 +120,56 @@ def evaluate_stage(
     return records, correct
 
 
+_NOT_EVALUATION = ("threads", "resume")  # settings that change neither a model nor its scores
+
+
+def finished_records(cfg: DMPOFewShotConfig, out: Path) -> list[ResultRecord]:
+    """The records an earlier run in ``out`` finished, if it ran with this config (else none).
+
+    Evaluating one stage costs ~25 CPU-minutes on SmolLM2 (500 candidate rows and 500 pairs per domain),
+    so a resumed run reuses finished evaluations as it reuses finished training. Only when the earlier
+    ``config.yaml`` equals this one apart from ``threads`` / ``resume``: any other change could change a
+    model or its scores.
+    """
+    from recalign.config import config_to_dict, read_yaml
+    from recalign.evaluation.records import read_records
+
+    if not (out / "config.yaml").is_file() or not (out / "records.json").is_file():
+        return []
+    before, now = read_yaml(out / "config.yaml"), config_to_dict(cfg)
+    for key in _NOT_EVALUATION:
+        before.pop(key, None)
+        now.pop(key, None)
+    return read_records(out / "records.json") if before == now else []
+
+
+def reuse_evaluation(
+    cfg: DMPOFewShotConfig, stage: StageResult, earlier: list[ResultRecord]
+) -> tuple[list[ResultRecord], dict[str, np.ndarray]] | None:
+    """A reused stage's finished records and per-pair correctness, or None to evaluate it afresh.
+
+    Only for a stage whose training was reused too (``from_cache``), with a record for every protocol x
+    domain and, for the pairwise protocol, the per-pair scores (``pairs_<domain>.json``) that the aligned
+    stages' paired comparison with SFT needs.
+    """
+    if not stage.from_cache:
+        return None
+    method = cfg.method(stage.name)
+    mine = {r.protocol: r for r in earlier if r.method == method}
+    wanted = [f"{p}/{d}" for d in cfg.eval.domains for p in cfg.eval.protocols]
+    if any(w not in mine for w in wanted):
+        return None
+    correct: dict[str, np.ndarray] = {}
+    if "pairwise" in cfg.eval.protocols:
+        for dom in cfg.eval.domains:
+            f = stage.directory / f"pairs_{dom}.json"
+            if not f.is_file():
+                return None
+            rows = json.loads(f.read_text())
+            correct[dom] = np.array([float(r["positive_first"] > r["negative_first"]) for r in rows])
+    return [mine[w] for w in wanted], correct
+
+
 @dataclass
 class DMPOFewShotResult:
     records: list[ResultRecord]
@@ -145,6 +195,7 @@ def run_dmpo_fewshot(
     cfg.validate()
     out = Path(output_dir)
     open_output_dir(out)
+    earlier = finished_records(cfg, out) if cfg.resume else []
     save_config(cfg, out / "config.yaml")
     command = command if command is not None else current_command()
     set_threads(cfg.threads)
@@ -173,8 +224,9 @@ def run_dmpo_fewshot(
     stages["sft"] = sft
     sft_info = {**common, **sft.counts, "n_train": sft.counts["n_sft_rows"], "train_steps": sft.train_steps,
                 "train_seconds": sft.train_seconds}  # fmt: skip
-    recs, sft_correct = evaluate_stage(cfg, sft, domains, tests, extra=sft_info, command=command,
-                                       progress=progress)  # fmt: skip
+    reused = reuse_evaluation(cfg, sft, earlier)
+    recs, sft_correct = reused or evaluate_stage(cfg, sft, domains, tests, extra=sft_info, command=command,
+                                                 progress=progress)  # fmt: skip
     records.extend(recs)
     flush()
     for loss in cfg.losses:
@@ -185,8 +237,9 @@ def run_dmpo_fewshot(
                 "n_train": sft.counts["n_sft_rows"] + st.counts["n_pref_rows"],
                 "sft_train_steps": sft.train_steps, "train_steps": st.train_steps,
                 "train_seconds": round(sft.train_seconds + st.train_seconds, 1)}  # fmt: skip
-        recs, _ = evaluate_stage(cfg, st, domains, tests, extra=info, command=command, sft_pairs=sft_correct,
-                                 progress=progress)  # fmt: skip
+        recs, _ = reuse_evaluation(cfg, st, earlier) or evaluate_stage(
+            cfg, st, domains, tests, extra=info, command=command, sft_pairs=sft_correct, progress=progress
+        )
         records.extend(recs)
         flush()
     return DMPOFewShotResult(records=records, stages=stages)
