@@ -45,7 +45,7 @@ import torch
 from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.modules import cache_kwarg, softcap, unwrap_peft
+from recalign.lm.modules import cache_kwarg, head_logits, unwrap_peft
 from recalign.lm.scoring import answer_logprobs, check_attn_impl, decoder_and_head
 
 #: nodes fed per forward pass of the search (one token each)
@@ -132,7 +132,6 @@ def exact_top_k(
     base = unwrap_peft(model)
     device = next(base.parameters()).device
     dtype = next(base.parameters()).dtype
-    cap = softcap(model)
     n_items = len(trie.sequences)
     k_eff = min(int(k), n_items - len([i for i in exclude if 0 <= i < n_items]))
     if k_eff < 1:
@@ -147,10 +146,7 @@ def exact_top_k(
         prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
 
         def logsoftmax(hidden: torch.Tensor) -> torch.Tensor:
-            logits = head(hidden).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            return torch.log_softmax(logits, dim=-1)
+            return torch.log_softmax(head_logits(model, head, hidden), dim=-1)
 
         found: dict[int, float] = {}  # item -> search score
         best: list[float] = []  # min-heap of the k best counted scores

@@ -210,22 +210,18 @@ def trie_beam_search(
     """
     from transformers import DynamicCache
 
-    from recalign.lm.modules import cache_kwarg, softcap, unwrap_peft
+    from recalign.lm.modules import cache_kwarg, head_logits, unwrap_peft
     from recalign.lm.scoring import decoder_and_head
 
     decoder, head = decoder_and_head(model)
     device = next(unwrap_peft(model).parameters()).device
-    cap = softcap(model)
     cache = DynamicCache(config=unwrap_peft(model).config)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     hidden = decoder(input_ids=ids, use_cache=True, **cache_kwarg(decoder, cache)).last_hidden_state[:, -1]
     live: list[tuple[tuple[int, ...], float, dict]] = [((), 0.0, trie.root)]  # prefix, score, trie node
     found: dict[int, float] = {}
     for _ in range(max_new_tokens):
-        logits = head(hidden).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(head_logits(model, head, hidden), dim=-1)
         nxt: list[tuple[float, int, int, dict]] = []  # score, parent row, token, child node
         for row, (prefix, score, node) in enumerate(live):
             toks = list(node)
