@@ -75,6 +75,11 @@ def pairwise_items(
     return [r for g in groups for r in g]
 
 
+def decided_for_positive(positive_first, negative_first) -> np.ndarray:
+    """``[n_pairs]`` 1.0 where the "positive first" ordering is strictly more likely (ties and NaN: 0.0)."""
+    return ((np.asarray(positive_first) - np.asarray(negative_first)) > 0).astype(float)
+
+
 @dataclass
 class PairwiseResult:
     metrics: dict[str, float]
@@ -85,7 +90,7 @@ class PairwiseResult:
     @property
     def correct(self) -> np.ndarray:
         """``[n_pairs]`` 1.0 where the pair was decided for the positive (for paired comparisons)."""
-        return ((self.positive_first - self.negative_first) > 0).astype(float)
+        return decided_for_positive(self.positive_first, self.negative_first)
 
     def to_rows(self) -> list[dict]:
         return [

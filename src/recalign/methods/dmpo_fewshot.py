@@ -103,7 +103,7 @@ def evaluate_stage(
             correct[dom] = res.correct
             if sft_pairs is not None and dom in sft_pairs:
                 rec.extra["vs_sft"] = paired_difference(res.correct, sft_pairs[dom])
-            (stage.directory / f"pairs_{dom}.json").write_text(json.dumps(res.to_rows()))
+            _pairs_file(stage, dom).write_text(json.dumps(res.to_rows()))
             records.append(rec)
             if progress:
                 print(f"{method} [{rec.protocol}] {rec.metrics}", flush=True)
@@ -159,15 +159,23 @@ def reuse_evaluation(
     wanted = [f"{p}/{d}" for d in cfg.eval.domains for p in cfg.eval.protocols]
     if any(w not in mine for w in wanted):
         return None
+    from recalign.methods.dmpo import decided_for_positive
+
     correct: dict[str, np.ndarray] = {}
     if "pairwise" in cfg.eval.protocols:
         for dom in cfg.eval.domains:
-            f = stage.directory / f"pairs_{dom}.json"
+            f = _pairs_file(stage, dom)
             if not f.is_file():
                 return None
             rows = json.loads(f.read_text())
-            correct[dom] = np.array([float(r["positive_first"] > r["negative_first"]) for r in rows])
+            correct[dom] = decided_for_positive([r["positive_first"] for r in rows],
+                                                [r["negative_first"] for r in rows])  # fmt: skip
     return [mine[w] for w in wanted], correct
+
+
+def _pairs_file(stage: StageResult, domain: str) -> Path:
+    """Every scored pair of one stage's model on one domain (``PairwiseResult.to_rows``)."""
+    return stage.directory / f"pairs_{domain}.json"
 
 
 @dataclass
@@ -224,9 +232,9 @@ def run_dmpo_fewshot(
     stages["sft"] = sft
     sft_info = {**common, **sft.counts, "n_train": sft.counts["n_sft_rows"], "train_steps": sft.train_steps,
                 "train_seconds": sft.train_seconds}  # fmt: skip
-    reused = reuse_evaluation(cfg, sft, earlier)
-    recs, sft_correct = reused or evaluate_stage(cfg, sft, domains, tests, extra=sft_info, command=command,
-                                                 progress=progress)  # fmt: skip
+    recs, sft_correct = reuse_evaluation(cfg, sft, earlier) or evaluate_stage(
+        cfg, sft, domains, tests, extra=sft_info, command=command, progress=progress
+    )
     records.extend(recs)
     flush()
     for loss in cfg.losses:

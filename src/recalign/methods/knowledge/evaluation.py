@@ -162,8 +162,7 @@ def catalogue_rank(
 
     seeds = {j: list(a) for j, a in (seeds or {}).items() if j != target and j not in exclude}
     items_s = list(seeds)
-    # the target and the seeds in one pass: the prompt is run once for both (on SmolLM2 a pass over the
-    # ~280-token retrieval prompt is most of what scoring ~30 seed titles costs)
+    # the target and the seeds in one pass: the ~280-token retrieval prompt runs once for both
     first = scorer.score_ids([prompt_ids], [[list(target_ids)] + [seeds[j] for j in items_s]])[0]
     s_t, cost = float(first[0]), sum(len(seeds[j]) for j in items_s)
     if np.isnan(s_t) or s_t == float("inf"):
