@@ -30,6 +30,7 @@ from recalign.data.loaders.embedded import load_ml100k_embedded
 from recalign.data.splits import build_split
 from recalign.evaluation.records import ResultRecord, write_records
 from recalign.evaluation.report import comparison_table, render_markdown
+from recalign.logs import parse_args as quiet_parse_args
 
 HEADLINE = {"candidates": ("HR@1", "NDCG@5"), "full": ("HR@10", "NDCG@10")}
 
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="config override for one method, e.g. --set sasrec.epochs=50 (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return quiet_parse_args(p, argv)
 
 
 def sanity_failures(records: list[ResultRecord]) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from recalign.baselines import make_baseline
 from recalign.config import load_config
+from recalign.logs import parse_args as quiet_parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.protocol import evaluate_multi_target, holdout_split
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/cllm4rec_ml100k.yaml")
     ap.add_argument("--output", default="results/cllm4rec_valid_refs.json")
-    args = ap.parse_args(argv)
+    args = quiet_parse_args(ap, argv)
     cfg = load_config(CLLM4RecConfig, args.config, [])
     dataset, _ = pipeline.load_data(cfg)
     d = cfg.data

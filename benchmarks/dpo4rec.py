@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "held-out cross-entropy: does the summary text carry any signal the recommender can use?",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    from recalign.logs import parse_args as quiet_parse_args
+
+    args = quiet_parse_args(p, argv)
 
     from recalign.config import config_to_dict
     from recalign.io import atomic_write_json

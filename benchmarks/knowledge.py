@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "overrides", nargs="*", help="config overrides for every variant, e.g. training.max_steps=4"
     )
-    args = p.parse_args(argv)
+    from recalign.logs import parse_args as quiet_parse_args
+
+    args = quiet_parse_args(p, argv)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
 
     from recalign.config import load_config

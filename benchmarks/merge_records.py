@@ -20,6 +20,7 @@ import sys
 
 from recalign.errors import RecalignInputError
 from recalign.evaluation.records import ResultRecord, read_records, write_records
+from recalign.logs import parse_args as quiet_parse_args
 
 
 def select(spec: str) -> list[ResultRecord]:
@@ -57,7 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="FILE or FILE:METHOD,METHOD")
     ap.add_argument("--output", required=True)
-    args = ap.parse_args()
+    args = quiet_parse_args(ap)
     try:
         records = merge(args.inputs)
     except RecalignInputError as e:

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recalign.logs import parse_args as quiet_parse_args
+
 
 def _timed(fn):
     w, c = time.perf_counter(), time.process_time()
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-two-stage", action="store_true")
     ap.add_argument("--output", default="results/recommend_ml100k.json")
-    args = ap.parse_args(argv)
+    args = quiet_parse_args(ap, argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 

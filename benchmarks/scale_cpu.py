@@ -45,6 +45,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from recalign.logs import parse_args as quiet_parse_args
+
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
 
@@ -111,7 +113,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/MKL threads per process")
-    args = ap.parse_args()
+    args = quiet_parse_args(ap)
     if args.global_batch % 2:
         raise SystemExit("--global-batch must be even (split over 2 processes)")
 
