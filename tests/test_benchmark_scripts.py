@@ -42,9 +42,8 @@ def test_there_are_benchmarks_with_a_command_line():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_parses_its_arguments_quietly(script):
     tree = ast.parse(script.read_text(encoding="utf-8"), filename=str(script))
-    assert not _plain_parse_calls(tree), (
-        f"{script.name}: parse arguments with recalign.logs.parse_args (lines {_plain_parse_calls(tree)})"
-    )
+    plain = _plain_parse_calls(tree)
+    assert not plain, f"{script.name}: parse arguments with recalign.logs.parse_args (lines {plain})"
     assert _imports_quiet_parser(tree), f"{script.name}: does not import recalign.logs.parse_args"
 
 
