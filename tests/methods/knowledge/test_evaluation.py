@@ -244,3 +244,53 @@ def test_rating_references_use_only_ratings_known_before_the_evaluated_rows(tiny
     assert m["RMSE"] == pytest.approx(math.sqrt(((1 - mu) ** 2 + (2 - mu) ** 2 + (4 - mu) ** 2) / 3))
     assert refs["rating-bias"].n_examples == refs["rating-global-mean"].n_examples == 3
     assert set(refs["rating-bias"].metrics) == {"RMSE", "MAE"}
+
+
+def test_catalogue_rank_shared_scores_score_target_and_seeds_once_with_the_same_ranks():
+    """evaluate_retrieval's narrow beam, wide beam, then search: one ``scored`` dict across the calls
+    scores the target and every seed once per prompt, and every rank is the one found without it."""
+    from recalign.lm.seq2seq import answer_stop_ids
+    from recalign.methods.knowledge.evaluation import beam_seeds
+
+    tok = train_bpe_tokenizer(CATALOGUE + ["History: Answer:"], vocab_size=330)
+    model = build_tiny_llama(tok, seed=2).eval()
+    scorer = TaskScorer(model, tok, chunk_size=64)
+    trie = TitleTrie.from_titles(CATALOGUE, scorer.encode_answer)
+    prompt = scorer.encode_prompt("History: Star 1 (1957). Answer:")
+    stop = answer_stop_ids(model, tok)
+    narrow, wide = beam_seeds(scorer, prompt, trie, stop, 2), beam_seeds(scorer, prompt, trie, stop, 8)
+    assert set(narrow) & set(wide)  # the wide beam re-finds titles of the narrow one
+
+    calls = []
+    real = scorer.score_ids
+
+    def counting(prompts, answers):
+        calls.append([tuple(a) for a in answers[0]])
+        return real(prompts, answers)
+
+    scorer.score_ids = counting
+    both = set(narrow) | set(wide)
+    for target in range(0, len(CATALOGUE), 3):
+        t_ids = scorer.encode_answer(CATALOGUE[target])
+        plain = [
+            catalogue_rank(scorer, prompt, trie, target, t_ids, set(), 3, seeds=s, search=False)[0]
+            for s in (narrow, wide)
+        ] + [catalogue_rank(scorer, prompt, trie, target, t_ids, set(), 3, seeds=wide)[0]]
+        calls.clear()
+        scored = {}
+        shared = [
+            catalogue_rank(
+                scorer, prompt, trie, target, t_ids, set(), 3, seeds=s, search=False, scored=scored
+            )[0]
+            for s in (narrow, wide)
+        ]
+        # the two seed passes together score the target and each seed exactly once
+        firsts = [a for c in calls for a in c]
+        assert sorted(firsts) == sorted(
+            {tuple(t_ids)} | {tuple(trie.sequences[j]) for j in both if j != target}
+        )
+        assert set(scored) == {target} | both
+        shared.append(
+            catalogue_rank(scorer, prompt, trie, target, t_ids, set(), 3, seeds=wide, scored=scored)[0]
+        )
+        assert shared == plain, target

@@ -130,6 +130,7 @@ def catalogue_rank(
     margin: float = 1e-3,
     seeds: Mapping[int, Sequence[int]] | None = None,
     search: bool = True,
+    scored: dict[int, float] | None = None,
 ) -> tuple[int | None, int]:
     """Exact rank of ``target`` among all catalogue titles when it is at most ``k_max``, without scoring
     the whole catalogue; ``k_max + 1`` means "below ``k_max``".
@@ -154,6 +155,10 @@ def catalogue_rank(
         target_ids: the target's answer ids (its path in ``trie``).
         seeds: item -> answer ids of titles to check before searching.
         search: ``False`` returns ``(None, cost)`` instead of searching when the seeds prove nothing.
+        scored: item -> full-title score already computed for this prompt, filled in by the call. A
+            caller that tries a narrow beam's seeds, then a wider beam's, then the search (as
+            :func:`evaluate_retrieval` does) passes one dict to every call, so the target and the seeds
+            are scored once per prompt, not once per call.
 
     Returns:
         ``(rank, answer tokens scored)``.
@@ -162,9 +167,14 @@ def catalogue_rank(
 
     seeds = {j: list(a) for j, a in (seeds or {}).items() if j != target and j not in exclude}
     items_s = list(seeds)
-    # the target and the seeds in one pass: the ~280-token retrieval prompt runs once for both
-    first = scorer.score_ids([prompt_ids], [[list(target_ids)] + [seeds[j] for j in items_s]])[0]
-    s_t, cost = float(first[0]), sum(len(seeds[j]) for j in items_s)
+    known = {} if scored is None else scored
+    ids_of = {**seeds, target: list(target_ids)}
+    need = [j for j in [target, *items_s] if j not in known]
+    cost = sum(len(ids_of[j]) for j in need)
+    if need:  # the target and the seeds in one pass: the ~280-token retrieval prompt runs once for both
+        for j, v in zip(need, scorer.score_ids([prompt_ids], [[ids_of[j] for j in need]])[0]):
+            known[j] = float(v)
+    s_t = known[target]
     if np.isnan(s_t) or s_t == float("inf"):
         # NaN or +inf target score (a diverged model): it ranks last, never first (the project's rule,
         # README "Metric conventions"); `v >= NaN` is always False and would have counted nothing above it
@@ -172,7 +182,7 @@ def catalogue_rank(
     bound = s_t - margin
     counted: set[int] = set()
     if seeds:
-        sc = _nan_high(first[1 : 1 + len(items_s)])
+        sc = _nan_high([known[j] for j in items_s])
         counted = {j for j, v in zip(items_s, sc) if v >= s_t}
         if len(counted) >= k_max:
             return k_max + 1, cost
@@ -285,17 +295,19 @@ def evaluate_retrieval(
             t = int(row["target"])
             p_ids = scorer.encode_prompt(ex.prompt)
             t_ids = scorer.encode_answer(titles[t])
-            r, cost, seeds = None, 0, None
+            r, cost, seeds, scored = None, 0, None, {}
             for width in (beams, 4 * beams) if stop is not None else ():
                 seeds = beam_seeds(scorer, p_ids, trie, stop, width)
                 r, c = catalogue_rank(
-                    scorer, p_ids, trie, t, t_ids, exclude, max(ks), seeds=seeds, search=False
+                    scorer, p_ids, trie, t, t_ids, exclude, max(ks), seeds=seeds, search=False, scored=scored
                 )
                 cost += c
                 if r is not None:
                     break
             if r is None:
-                r, c = catalogue_rank(scorer, p_ids, trie, t, t_ids, exclude, max(ks), seeds=seeds)
+                r, c = catalogue_rank(
+                    scorer, p_ids, trie, t, t_ids, exclude, max(ks), seeds=seeds, scored=scored
+                )
                 cost += c
         ranks.append(r)
         details.append(
