@@ -127,6 +127,46 @@ def joint_unsupported(model, *, max_new_tokens: int = 32) -> str | None:
     return None
 
 
+def prompt_static_cache(cfg, cache: DynamicCache, p_max: int, length: int, repeat: int = 1) -> StaticCache:
+    """A preallocated cache of ``length`` slots whose first ``p_max`` hold every layer's prompt entries
+    from ``cache`` (each row repeated ``repeat`` times: one prompt, several continuations). Decoding then
+    writes one slot per step instead of growing (re-allocating) the keys and values."""
+    static = StaticCache(config=cfg, max_cache_len=length)
+    for li, layer in enumerate(cache.layers):
+        keys, values = layer.keys[:, :, :p_max], layer.values[:, :, :p_max]
+        if repeat > 1:
+            keys, values = keys.repeat_interleave(repeat, 0), values.repeat_interleave(repeat, 0)
+        static.update(keys, values, li)
+    return static
+
+
+def decode_step(
+    decoder,
+    static: StaticCache,
+    key_ok: torch.Tensor,
+    slot: int,
+    feed: torch.Tensor,
+    positions: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One token per row through ``decoder`` into cache slot ``slot``; the last hidden states ``[R, H]``.
+
+    ``key_ok`` ``[R, length]`` says which cache slots each row may attend to (its own prompt tokens and
+    the tokens fed so far); ``slot`` is marked valid for every row first. Rows that have stopped are fed
+    a pad token by the caller, and their outputs are ignored. Shared by greedy decoding
+    (:func:`score_and_generate`) and sampling (:func:`~recalign.lm.sampling.sample_continuations`)."""
+    key_ok[:, slot] = True
+    mask = torch.zeros(key_ok.shape[0], 1, 1, key_ok.shape[1], dtype=dtype, device=key_ok.device)
+    mask.masked_fill_(~key_ok[:, None, None, :], torch.finfo(dtype).min)
+    return decoder(
+        input_ids=feed[:, None],
+        attention_mask=mask,
+        position_ids=positions[:, None],
+        use_cache=True,
+        **cache_kwarg(decoder, static),
+    ).last_hidden_state[:, -1]
+
+
 def _greedy(model, head, hidden: torch.Tensor) -> torch.Tensor:
     """argmax of the next-token logits for ``[B, H]`` hidden states (float32, soft-capped like the model)."""
     return head_logits(model, head, hidden).argmax(-1)
@@ -200,24 +240,12 @@ def score_and_generate(
         if static is None:
             # room for the at most max_new_tokens - 1 tokens fed back; prompt entries copied once
             length = p_max + max_new_tokens - 1
-            static = StaticCache(config=cfg, max_cache_len=length)
-            for li, layer in enumerate(cache.layers):
-                static.update(layer.keys[:, :, :p_max], layer.values[:, :, :p_max], li)
+            static = prompt_static_cache(cfg, cache, p_max, length)
             del cache
             key_ok = torch.zeros(b_n, length, dtype=torch.bool, device=device)
             key_ok[:, :p_max] = torch.arange(p_max, device=device)[None, :] < plens[:, None]
-        slot = p_max + step
-        key_ok[:, slot] = True
-        mask = torch.zeros(b_n, 1, 1, key_ok.shape[1], dtype=dtype, device=device)
-        mask.masked_fill_(~key_ok[:, None, None, :], torch.finfo(dtype).min)
         feed = torch.where(torch.tensor(done, device=device), torch.full_like(tok, pad_id), tok)
-        h = decoder(
-            input_ids=feed[:, None],
-            attention_mask=mask,
-            position_ids=(plens + step)[:, None],
-            use_cache=True,
-            **cache_kwarg(decoder, static),
-        ).last_hidden_state[:, -1]
+        h = decode_step(decoder, static, key_ok, p_max + step, feed, plens + step, dtype)
         tok = _greedy(model, head, h)
         steps += 1
     t3 = time.perf_counter()

@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from recalign.lm.hybrid import decoder_inputs
-from recalign.lm.joint import joint_unsupported
+from recalign.lm.joint import decode_step, joint_unsupported, prompt_static_cache
 from recalign.lm.modules import cache_kwarg, head_logits
 from recalign.lm.modules import model_dtype_device as _model_dtype_device
 from recalign.lm.modules import unwrap_peft as _unwrap
@@ -197,15 +197,7 @@ def sample_continuations(
 
         # 2. each prompt's entries copied to its n_samples rows of a preallocated cache
         length = p_max + max_new_tokens - 1
-        static = None
-        if max_new_tokens > 1:
-            static = StaticCache(config=cfg, max_cache_len=length)
-            for li, layer in enumerate(cache.layers):
-                static.update(
-                    layer.keys[:, :, :p_max].repeat_interleave(n_samples, 0),
-                    layer.values[:, :, :p_max].repeat_interleave(n_samples, 0),
-                    li,
-                )
+        static = prompt_static_cache(cfg, cache, p_max, length, n_samples) if max_new_tokens > 1 else None
         del cache
         key_ok = torch.zeros(rows, length, dtype=torch.bool, device=device)
         key_ok[:, :p_max] = valid.repeat_interleave(n_samples, 0)
@@ -229,18 +221,8 @@ def sample_continuations(
             done |= stopped
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            slot = p_max + step
-            key_ok[:, slot] = True
-            step_mask = torch.zeros(rows, 1, 1, length, dtype=dtype, device=device)
-            step_mask.masked_fill_(~key_ok[:, None, None, :], neg)
             feed = torch.where(done, torch.full_like(tok, pad_id), tok)
-            h = decoder(
-                input_ids=feed[:, None],
-                attention_mask=step_mask,
-                position_ids=(row_plens + step)[:, None],
-                use_cache=True,
-                **cache_kwarg(decoder, static),
-            ).last_hidden_state[:, -1]
+            h = decode_step(decoder, static, key_ok, p_max + step, feed, row_plens + step, dtype)
             logits = head_logits(model, head, h)
             steps += 1
     nested = [generated[u * n_samples : (u + 1) * n_samples] for u in range(u_n)]
