@@ -77,3 +77,29 @@ def test_mutual_regulariser_gradient_reaches_only_the_updated_side(make_model):
     )
     assert torch.allclose(model.mutual_regulariser("collab", users, items, 0.7), expected)
     assert model.mutual_regulariser("collab", users, items, 0.0) == 0
+
+
+def test_scoring_runs_sdpa_under_auto_and_restores_the_training_kernel(make_model, make_config, split):
+    """auto: eager attention trains, sdpa scores (no backward there); the scores agree to float rounding."""
+    import numpy as np
+
+    from recalign.methods.cllm4rec.recommender import CLLM4RecRecommender
+
+    cfg = make_config()
+    model, tok = make_model(cfg)
+    assert cfg.model.attn_implementation == "auto"
+    assert model.backbone.config._attn_implementation == "eager"
+    attn = model.backbone.base_model.layers[0].self_attn
+    seen = []
+    hook = attn.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
+    ex = split.stage("test")
+    try:
+        auto = CLLM4RecRecommender(cfg, model=model, tokenizer=tok).score_all(ex)
+        n = len(seen)
+        eager_cfg = make_config(model__attn_implementation="eager")
+        eager = CLLM4RecRecommender(eager_cfg, model=model, tokenizer=tok).score_all(ex)
+    finally:
+        hook.remove()
+    assert n >= 1 and seen == ["sdpa"] * n + ["eager"] * (len(seen) - n) and len(seen) > n
+    assert np.allclose(auto, eager, atol=1e-4)
+    assert model.backbone.config._attn_implementation == "eager"  # training continues with eager

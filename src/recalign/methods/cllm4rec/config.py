@@ -50,8 +50,10 @@ class ModelConfig:
     )
     attn_implementation: Literal["auto", "eager", "sdpa"] = cfg_field(
         "auto",
-        "attention kernel of the frozen backbone; auto = eager (plain matmuls), which trains ~1.5x "
-        "faster than sdpa's CPU flash-attention backward on these short rows (results/cllm4rec_profile.json)",
+        "attention kernel of the frozen backbone; auto = eager (plain matmuls) for training, which trains "
+        "~1.5x faster than sdpa's CPU flash-attention backward on these short rows "
+        "(results/cllm4rec_profile.json), and sdpa for forward-only scoring (validation, evaluation, "
+        "recommend), faster on long whole-history prompts",
     )
     dtype: Literal["float32", "bfloat16", "auto"] = cfg_field(
         "float32",

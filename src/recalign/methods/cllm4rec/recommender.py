@@ -10,6 +10,7 @@ path and never returns an item the user has already seen.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,26 @@ def build_model(
     model = CLLM4RecModel(backbone, n_users, n_items, vocab, init_std=cfg.model.init_std, seed=cfg.seed)
     model.full_depth, model.depth = full_depth, decoder_depth(backbone)
     return model, tok
+
+
+@contextmanager
+def inference_attention(backbone, setting: str):
+    """Forward-only passes with sdpa when the config says ``auto``; the training kernel is restored after.
+
+    ``auto`` trains with eager attention (sdpa's CPU backward is the slow part of a step), but inference
+    has no backward, and there sdpa's fused kernel is the faster one on long prompts (SmolLM2, one CPU
+    thread, float32: 8.3 s vs 13.5 s for 4 prompts of 500 tokens; equal at 32 x 60) -- and validation and
+    evaluation prompts hold whole histories (up to ~530 tokens on ML-100K). Scores agree to float
+    rounding (~1e-4). An explicit ``eager`` or ``sdpa`` is used as set."""
+    before = getattr(backbone.config, "_attn_implementation", None)
+    switch = setting == "auto" and before == "eager" and hasattr(backbone, "set_attn_implementation")
+    if switch:
+        backbone.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:
+            backbone.set_attn_implementation(before)
 
 
 def _layer_list(backbone):
@@ -300,16 +321,17 @@ class CLLM4RecRecommender:
         ]
         out = torch.empty((len(prompts), self.model.n_items))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
-        for start in range(0, len(order), bs):
-            idx = order[start : start + bs]
-            chunk = [prompts[i] for i in idx]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, p in enumerate(chunk):
-                ids[r, : len(p)] = torch.tensor(p)
-                mask[r, : len(p)] = 1
-            out[torch.tensor(idx)] = self.model.rec_item_log_probs(ids, mask)
+        with inference_attention(self.model.backbone, self.config.model.attn_implementation):
+            for start in range(0, len(order), bs):
+                idx = order[start : start + bs]
+                chunk = [prompts[i] for i in idx]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), self.tokenizer.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, p in enumerate(chunk):
+                    ids[r, : len(p)] = torch.tensor(p)
+                    mask[r, : len(p)] = 1
+                out[torch.tensor(idx)] = self.model.rec_item_log_probs(ids, mask)
         return out
 
     def score_all(self, examples: pd.DataFrame) -> np.ndarray:
