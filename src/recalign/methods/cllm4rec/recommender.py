@@ -83,9 +83,10 @@ def inference_attention(backbone, setting: str):
 
     ``auto`` trains with eager attention (sdpa's CPU backward is the slow part of a step), but inference
     has no backward, and there sdpa's fused kernel is the faster one on long prompts (SmolLM2, one CPU
-    thread, float32: 8.3 s vs 13.5 s for 4 prompts of 500 tokens; equal at 32 x 60) -- and validation and
-    evaluation prompts hold whole histories (up to ~530 tokens on ML-100K). Scores agree to float
-    rounding (~1e-4). An explicit ``eager`` or ``sdpa`` is used as set."""
+    thread, float32: 8.3 s vs 14.6 s for 4 prompts of 500 tokens, equal at 32 x 60;
+    ``results/cllm4rec_attention.json``) -- and validation and evaluation prompts hold whole histories
+    (up to ~530 tokens on ML-100K). Scores agree to float rounding (~1e-4). An explicit ``eager`` or
+    ``sdpa`` is used as set."""
     before = getattr(backbone.config, "_attn_implementation", None)
     switch = setting == "auto" and before == "eager" and hasattr(backbone, "set_attn_implementation")
     if switch:
