@@ -140,7 +140,7 @@ def resolve_tables(run_dir: Path, which: str) -> Path | None:
         return run_dir / "pretrain.safetensors"
     if which == "best":
         state = json.loads((run_dir / "checkpoints" / "pretrain" / "state.json").read_text())
-        best = (state.get("info") or state).get("best")
+        best = state.get("best")  # the checkpoint's state.json carries the stage's best-so-far
         if not best:
             raise SystemExit(f"{run_dir}: pretraining has no validated epoch yet")
         return run_dir / "checkpoints" / "pretrain" / best["file"]
