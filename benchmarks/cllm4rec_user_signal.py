@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from recalign.logs import parse_args
 
@@ -67,10 +66,7 @@ def doc_nlls(model, docs, pad_id: int, batch_size: int) -> list[np.ndarray]:
     out: list[np.ndarray] = []
     for b in range(0, len(docs), batch_size):
         part = docs[b : b + batch_size]
-        batch = collate_lm(part, pad_id)
-        h = model.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
-        rows, pos = batch["pred_pos"][:, 0], batch["pred_pos"][:, 1]
-        nll = F.cross_entropy(model.item_logits(h[rows, pos]), batch["targets"], reduction="none").numpy()
+        nll = model.collab_target_nlls(collate_lm(part, pad_id)).numpy()
         start = 0
         for d in part:  # collate_lm lists targets document by document
             out.append(nll[start : start + len(d.targets)].astype(np.float64))
@@ -82,12 +78,9 @@ def with_user(tok, doc, user: int):
     """``doc`` with its prompt rebuilt for ``user`` (same items, same targets)."""
     from dataclasses import replace
 
-    from recalign.methods.cllm4rec.documents import COLLAB_PROMPT
-    from recalign.methods.cllm4rec.vocab import user_token
+    from recalign.methods.cllm4rec.documents import collab_prompt
 
-    return replace(
-        doc, user=user, prompt=tok.encode(COLLAB_PROMPT.format(user=user_token(user)), add_bos=True)
-    )
+    return replace(doc, user=user, prompt=collab_prompt(tok, user))
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:

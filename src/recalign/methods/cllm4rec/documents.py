@@ -74,6 +74,12 @@ def chunk_sizes(n: int, max_items: int) -> list[int]:
     return [base + 1] * extra + [base] * (k - extra)
 
 
+def collab_prompt(tok: IDTokenizer, user: int) -> list[int]:
+    """Token ids of a collaborative document's prompt for ``user`` (BOS, then the prompt naming the user's
+    token); the document's item list follows it."""
+    return tok.encode(COLLAB_PROMPT.format(user=user_token(user)), add_bos=True)
+
+
 def collab_documents(
     tok: IDTokenizer,
     sequences: list[np.ndarray],
@@ -90,7 +96,7 @@ def collab_documents(
         if len(seq) == 0:
             continue
         perm = rng.permutation(np.unique(np.asarray(seq, dtype=np.int64)))
-        prompt = tok.encode(COLLAB_PROMPT.format(user=user_token(u)), add_bos=True)
+        prompt = collab_prompt(tok, u)
         start = 0
         for size in chunk_sizes(len(perm), max_items):
             chunk = perm[start : start + size].tolist()

@@ -161,15 +161,20 @@ class CLLM4RecModel(nn.Module):
         return self.backbone.get_output_embeddings()(hidden)
 
     # ------------------------------------------------------------------ losses
-    def collab_lm_loss(self, batch: dict) -> torch.Tensor:
-        """Mean next-item NLL at the positions whose next token is an item of the document's item list.
+    def collab_target_nlls(self, batch: dict) -> torch.Tensor:
+        """``[N]`` next-item NLL at the positions whose next token is an item of the document's item list,
+        in ``collate_lm``'s order (document by document).
 
         ``batch["pred_pos"]`` ``[N, 2]`` holds (row, position) of the hidden state that predicts
         ``batch["targets"]`` ``[N]`` (item indices). Only those N rows go through the item head.
         """
         h = self._lm_hidden(batch, "collab")
         rows, pos = batch["pred_pos"][:, 0], batch["pred_pos"][:, 1]
-        return F.cross_entropy(self.item_logits(h[rows, pos]), batch["targets"])
+        return F.cross_entropy(self.item_logits(h[rows, pos]), batch["targets"], reduction="none")
+
+    def collab_lm_loss(self, batch: dict) -> torch.Tensor:
+        """Mean of :meth:`collab_target_nlls`: the collaborative LM's training loss."""
+        return self.collab_target_nlls(batch).mean()
 
     def content_lm_loss(self, batch: dict) -> torch.Tensor:
         """Mean next-word NLL on the main text (review / description) with the backbone's LM head.
