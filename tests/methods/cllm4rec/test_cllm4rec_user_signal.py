@@ -46,6 +46,16 @@ def test_doc_nlls_are_the_collaborative_training_loss(probe, make_model, split, 
     with torch.no_grad():
         ref = float(model.collab_lm_loss(collate_lm(docs, tok.pad_id)))
     assert np.concatenate(per_doc).mean() == pytest.approx(ref, rel=1e-5)
+    # per target, in the document's order: each document alone, by the obvious path (log-softmax of the
+    # item head at the position before each target), equals its slice of the batched NLLs
+    for doc, got in zip(docs, per_doc):
+        one = collate_lm([doc], tok.pad_id)
+        with torch.no_grad():
+            h = model.hidden_states(one["input_ids"], one["attention_mask"], "collab")[0]
+            logp = torch.log_softmax(model.item_logits(h), dim=-1)
+        prompt_len = len(doc.prompt)
+        want = [-float(logp[prompt_len + k - 1, t]) for k, t in enumerate(doc.targets)]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_swapping_users_changes_nothing_when_user_rows_are_equal(probe, make_model, split, dataset):
