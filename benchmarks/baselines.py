@@ -19,7 +19,6 @@ on every (split, protocol) headline metric; it exits with code 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from recalign.baselines import BASELINES, load_baseline_config
 from recalign.baselines.runner import run_baseline
 from recalign.data.loaders.embedded import load_ml100k_embedded
 from recalign.data.splits import build_split
-from recalign.evaluation.records import ResultRecord, write_records
+from recalign.evaluation.records import ResultRecord, script_command, write_records
 from recalign.evaluation.report import comparison_table, render_markdown
 from recalign.logs import parse_args as quiet_parse_args
 
@@ -80,7 +79,7 @@ def sanity_failures(records: list[ResultRecord]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python " + shlex.join(["benchmarks/baselines.py", *(sys.argv[1:] if argv is None else argv)])
+    command = script_command("benchmarks/baselines.py", argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     overrides: dict[str, list[str]] = {m: [f"seed={args.seed}", *BUDGET.get(m, [])] for m in methods}

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 
 SHAPES = ((4, 500), (32, 60))
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu": platform.processor() or platform.machine(),
         "bf16_native": cpu_has_native_bf16(),
         "rows": rows,
-        "command": shlex.join(
-            ["python", "benchmarks/cllm4rec_attention.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": script_command("benchmarks/cllm4rec_attention.py", argv),
     }
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
 

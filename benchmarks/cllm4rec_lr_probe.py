@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from recalign.config import load_config
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
@@ -84,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     refs = json.loads(Path("results/cllm4rec_valid_refs.json").read_text())["collab_loss_bars"]
     path = Path(args.output)
     old = json.loads(path.read_text())["runs"] if path.is_file() else []
-    command = shlex.join(
-        ["python", "benchmarks/cllm4rec_lr_probe.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    command = script_command("benchmarks/cllm4rec_lr_probe.py", argv)
     with tempfile.TemporaryDirectory(prefix="cllm4rec-lr-") as tmp:
         for variant in args.variants.split(","):
             for lr in (float(x) for x in args.lrs.split(",")):

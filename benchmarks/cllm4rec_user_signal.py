@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 
 STAT_KEYS = ("own", "swapped", "unigram")
@@ -176,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         "backbone_layers": model.depth,
         **row,
         "seconds": round(time.time() - t0, 1),
-        "command": shlex.join(
-            ["python", "benchmarks/cllm4rec_user_signal.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": script_command("benchmarks/cllm4rec_user_signal.py", argv),
     }
     print(json.dumps(row, indent=2), flush=True)
     path = Path(args.output)

@@ -81,6 +81,12 @@ def current_command() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def script_command(script: str, argv: list[str] | None = None) -> str:
+    """``python <script> <args>``, shell-quoted, for a benchmark's ``command`` field: ``argv`` as passed to
+    its ``main`` (tests call it with a list), else this process's arguments."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def write_records(path: str | Path, records: list[ResultRecord], command: str | None = None) -> None:
     payload: dict = {"records": [r.to_dict() for r in records]}
     if command:
