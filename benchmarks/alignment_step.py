@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 
 VARIANTS = ("naive", "shared", "shared-precomputed")
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_worker(args)))
         return 0
 
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = script_command("benchmarks/alignment_step.py", argv)
     t_start = time.perf_counter()
     inputs = build_inputs(args)
     rows = []

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from recalign.baselines import make_baseline
 from recalign.config import load_config
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args as quiet_parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # next-item loss (pretraining's "collab" in curve.json) must go under before it models more than counts
     counts = np.bincount(np.concatenate([np.asarray(x) for x in split.train_sequences(dataset)]))
     freq = counts[counts > 0] / counts.sum()
-    command = " ".join(["python benchmarks/cllm4rec_valid_refs.py", *map(shlex.quote, argv or sys.argv[1:])])
+    command = script_command("benchmarks/cllm4rec_valid_refs.py", argv)
     out = {
         "command": command,
         "config": args.config,

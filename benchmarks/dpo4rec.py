@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 from pathlib import Path
 
@@ -155,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     args = quiet_parse_args(p, argv)
 
     from recalign.config import config_to_dict
+    from recalign.evaluation.records import script_command
     from recalign.io import atomic_write_json
     from recalign.methods.dpo4rec.config import load_dpo4rec_config
     from recalign.methods.dpo4rec.recipe import run_dpo4rec
 
-    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/dpo4rec.py", *sys.argv[1:]])
+    command = script_command("benchmarks/dpo4rec.py", argv)
     cfg = load_dpo4rec_config(
         args.config, args.overrides, samples=args.samples, iterations=args.iterations, users=args.users
     )

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -69,6 +68,7 @@ from recalign.data.splits import build_split  # noqa: E402
 from recalign.evaluation.generation import generation_metrics, match_answer  # noqa: E402
 from recalign.evaluation.metrics import single_target_metrics  # noqa: E402
 from recalign.evaluation.protocols import candidate_ranks  # noqa: E402
+from recalign.evaluation.records import script_command  # noqa: E402
 from recalign.io import atomic_write_json  # noqa: E402
 from recalign.lm.generation import generate_answers  # noqa: E402
 from recalign.lm.joint import joint_unsupported  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--output", default="results/eval_joint.json")
     args = parse_args(ap, argv)  # -v: library output, quiet otherwise
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = script_command("benchmarks/eval_joint.py", argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -38,7 +38,6 @@ a re-run skips variants whose run directory already has records.json), in the qu
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -197,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "overrides", nargs="*", help="config overrides for every variant, e.g. training.max_steps=4"
     )
+    from recalign.evaluation.records import script_command
     from recalign.logs import parse_args as quiet_parse_args
 
     args = quiet_parse_args(p, argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
+    command = script_command("benchmarks/knowledge.py", argv)
 
     from recalign.config import load_config
     from recalign.evaluation.records import read_records, write_records

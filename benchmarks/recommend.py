@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args as quiet_parse_args
 
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return round(float(np.mean(vals)), 2) if vals else None
 
     result = {
-        "command": "python benchmarks/recommend.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": script_command("benchmarks/recommend.py", argv),
         "model": model_arg,
         "dataset": "ml-100k",
         "catalogue_items": ds.n_items,

@@ -45,6 +45,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args as quiet_parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def main() -> None:
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
 
     result = {
-        "command": "python benchmarks/scale_cpu.py" + "".join(f" {x}" for x in sys.argv[1:]),
+        "command": script_command("benchmarks/scale_cpu.py"),
         "what": "recalign sft, same global batch: 1 process x batch B vs accelerate launch 2 CPU processes x B/2",
         "model": args.model or f"tiny Llama (hidden {args.hidden}, {args.layers} layers, BPE vocab 400)",
         "rows": rows,

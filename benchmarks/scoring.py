@@ -48,8 +48,6 @@ import ctypes
 import gc
 import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -64,6 +62,7 @@ from recalign.data.loaders import load_dataset  # noqa: E402
 from recalign.data.splits import build_split  # noqa: E402
 from recalign.evaluation.generation import generation_metrics, match_answer  # noqa: E402
 from recalign.evaluation.metrics import single_target_metrics, target_ranks  # noqa: E402
+from recalign.evaluation.records import script_command  # noqa: E402
 from recalign.io import atomic_write_json  # noqa: E402
 from recalign.lm.generation import generate_answers  # noqa: E402
 from recalign.lm.loading import load_model  # noqa: E402
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--output", default="results/scoring_ml100k.json")
     args = parse_args(ap, argv)  # -v: library output, quiet otherwise
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = script_command("benchmarks/scoring.py", argv)
 
     impls = [i for i in args.impls.split(",") if i]
     if args.threads:

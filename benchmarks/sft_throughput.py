@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     by = {r["variant"]: r for r in out_rows}
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
+        "command": script_command("benchmarks/sft_throughput.py", argv),
         "model": "smollm2", "dtype": str(dtype).replace("torch.", ""), "threads": args.threads,
         "lora": {"r": 16, "alpha": 32, "target_modules": "all linear"},
         "rows": out_rows,

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,12 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check-users", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default="results/summary_sampling.json")
+    from recalign.evaluation.records import script_command
     from recalign.logs import parse_args
 
     args = parse_args(ap, argv)
-    command = "python benchmarks/summary_sampling.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
+    command = script_command("benchmarks/summary_sampling.py", argv)
 
     import torch
 
