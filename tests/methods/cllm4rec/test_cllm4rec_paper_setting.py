@@ -33,6 +33,12 @@ def test_defaults_are_the_paper_setting():
     assert cfg.pretrain.content_ratio > 0 and cfg.finetune.content_ratio > 0  # content LM in both stages
     assert cfg.finetune.max_items == 0  # the whole history in the prompt
     assert cfg.finetune.patience > 0 and cfg.finetune.validate_every > 0 and cfg.data.valid_ratio > 0
+    # trained to convergence in pretraining too: early stopping on validation Recall@20 under an epoch cap
+    assert (
+        cfg.pretrain.patience > 0
+        and cfg.pretrain.validate_every > 0
+        and cfg.pretrain.epochs > cfg.pretrain.patience
+    )
     assert non_default_settings(cfg) == {}
     cfg.model.num_layers, cfg.threads, cfg.method = 4, 1, "x"  # execution fields are not settings
     assert non_default_settings(cfg) == {"model.num_layers": 4}

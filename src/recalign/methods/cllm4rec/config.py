@@ -65,7 +65,9 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     epochs: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        10, "passes over the collaborative documents (each covers every training interaction once)"
+        40,
+        "at most this many passes over the collaborative documents (each covers every training interaction "
+        "once); early stopping (patience) usually ends pretraining first",
     )
     collab_steps: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         0, "if > 0: exactly this many collaborative steps instead of 'epochs' (smoke runs, budgets)"
@@ -113,7 +115,7 @@ class PretrainConfig:
         1, "validation Recall@20 (the curve) every N epochs, through the recommendation prompt (0 = never)"
     )
     patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        0, "stop after N validations without a better Recall@20 and keep the best tables (0 = all epochs)"
+        4, "stop after N validations without a better Recall@20 and keep the best tables (0 = all epochs)"
     )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
