@@ -13,13 +13,11 @@ back, not retrained.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
 from recalign.config import load_config
-from recalign.evaluation.records import read_records, write_records
+from recalign.evaluation.records import read_records, script_command, write_records
 from recalign.logs import parse_args
 from recalign.methods import load_data, sample_examples
 from recalign.methods.align import AlignConfig, run_align
@@ -43,7 +41,7 @@ def main() -> None:
     ap.add_argument("--output", default="results/alignment_ml100k.json")
     ap.add_argument("overrides", nargs="*", help="AlignConfig overrides applied to every method")
     args = parse_args(ap)  # -v: library output, quiet otherwise
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = script_command("benchmarks/alignment.py")
 
     base_cfg = load_config(AlignConfig, args.config, [f"model={args.sft}", *args.overrides])
     data = load_data(base_cfg.data)

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from recalign.config import load_config
-from recalign.evaluation.records import ResultRecord, read_records, write_records
+from recalign.evaluation.records import ResultRecord, read_records, script_command, write_records
 from recalign.logs import parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every CLLM4Rec variant")
     args = parse_args(ap, argv)  # -v: library output, quiet otherwise
-    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    command = script_command("benchmarks/cllm4rec.py", argv)
     torch.set_num_threads(1)
     only = [m for m in args.only.split(",") if m]
     splits = [s for s in args.splits.split(",") if s]

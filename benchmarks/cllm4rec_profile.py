@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from recalign.config import load_config
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.documents import (
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--estimate", action="store_true", help="recompute benchmark_estimate only")
     ap.add_argument("--eager-only", action="store_true", help="measure and merge only the bf16-eager steps")
     args = parse_args(ap, argv)  # -v: library output, quiet otherwise
-    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    command = script_command("benchmarks/cllm4rec_profile.py", argv)
     if args.estimate:
         report = json.loads(Path(args.output).read_text())
         report["benchmark_estimate"] = benchmark_estimate(report, load_config(CLLM4RecConfig, CONFIG))

@@ -14,12 +14,10 @@ keeps what it finished, and a rerun continues from the finished stages (``resume
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 from recalign.config import load_config
-from recalign.evaluation.records import write_records
+from recalign.evaluation.records import script_command, write_records
 from recalign.logs import parse_args
 from recalign.methods.dmpo_fewshot import DMPOFewShotConfig, run_dmpo_fewshot
 
@@ -32,7 +30,7 @@ def main() -> None:
     ap.add_argument("--output", default="results/dmpo_ml100k.json")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (e.g. eval.n_test=100), recorded")
     args = parse_args(ap)  # -v: library output, quiet otherwise
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = script_command("benchmarks/dmpo.py")
     records = []
     for prompt in [p.strip() for p in args.prompts.split(",") if p.strip()]:
         cfg = load_config(DMPOFewShotConfig, args.config, [*args.overrides, f"prompt={prompt}"])

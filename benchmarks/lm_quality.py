@@ -58,11 +58,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
+from recalign.evaluation.records import script_command
 from recalign.logs import parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,10 +99,6 @@ SDPO_OVERRIDES = {
                  "save_steps": 20, "logging_steps": 5, "seed": 0},
     "eval": {"n_test": 0, "protocols": ["candidates"], "batch_size": 8},
 }  # fmt: skip
-
-
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 def load(seed: int):
@@ -590,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    command = command_line()
+    command = script_command("benchmarks/lm_quality.py", argv)
     fns = {"refs": stage_refs, "sft-sequence": stage_sft, "curve": stage_curve, "zeroshot": stage_zeroshot,
            "sft-hybrid": stage_hybrid, "sft-hybrid-sequence": stage_hybrid_sequence,
            "sft-item-head": stage_item_head, "item-head-full": stage_item_head_full,
