@@ -115,7 +115,9 @@ class PretrainConfig:
         1, "validation Recall@20 (the curve) every N epochs, through the recommendation prompt (0 = never)"
     )
     patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        4, "stop after N validations without a better Recall@20 and keep the best tables (0 = all epochs)"
+        4,
+        "stop after N validations without a better Recall@20 and keep the best tables (0, or a split "
+        "without a validation stage, e.g. data.valid_ratio=0: all epochs)",
     )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
@@ -155,7 +157,9 @@ class FinetuneConfig:
         1, "validation Recall@20 every N epochs (0 = never: no early stopping)"
     )
     patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
-        3, "stop after N validations without a better Recall@20 and keep the best tables (0 = all epochs)"
+        3,
+        "stop after N validations without a better Recall@20 and keep the best tables (0, or a split "
+        "without a validation stage, e.g. data.valid_ratio=0: all epochs)",
     )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
