@@ -67,7 +67,7 @@ class PretrainConfig:
     epochs: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         40,
         "at most this many passes over the collaborative documents (each covers every training interaction "
-        "once); early stopping (patience) usually ends pretraining first",
+        "once); early stopping (patience) ends pretraining sooner once validation stops improving",
     )
     collab_steps: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         0, "if > 0: exactly this many collaborative steps instead of 'epochs' (smoke runs, budgets)"
