@@ -62,6 +62,13 @@ class ModelConfig:
     )
 
 
+# one meaning in both stages: early stopping needs the split's validation stage
+_PATIENCE_HELP = (
+    "stop after N validations without a better Recall@20 and keep the best tables (0, or a split "
+    "without a validation stage, e.g. data.valid_ratio=0: all epochs)"
+)
+
+
 @dataclass
 class PretrainConfig:
     epochs: Annotated[int, Ge(0, show_value=True)] = cfg_field(
@@ -116,8 +123,7 @@ class PretrainConfig:
     )
     patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         4,
-        "stop after N validations without a better Recall@20 and keep the best tables (0, or a split "
-        "without a validation stage, e.g. data.valid_ratio=0: all epochs)",
+        _PATIENCE_HELP,
     )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
@@ -158,8 +164,7 @@ class FinetuneConfig:
     )
     patience: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         3,
-        "stop after N validations without a better Recall@20 and keep the best tables (0, or a split "
-        "without a validation stage, e.g. data.valid_ratio=0: all epochs)",
+        _PATIENCE_HELP,
     )
     checkpoint_every: Annotated[int, Ge(0, show_value=True)] = cfg_field(
         20, "save ID tables + optimiser state every N steps (0 = only at validations and the end)"
