@@ -27,7 +27,7 @@ epochs that early stopping chose on ``loo``'s validation stage of the same datas
 Usage::
 
     python benchmarks/cllm4rec.py [--runs runs/cllm4rec] [--only cllm4rec,bprmf] [--splits holdout,loo]
-        [--seeds 0,1] [key=value ...]   # overrides applied to every CLLM4Rec variant
+        [--seeds 0,1] [--suffix=-p10] [key=value ...]   # overrides applied to every CLLM4Rec variant
 
 Results are merged into the JSON after every run, replacing records with the same
 (split, protocol, method, seed), so methods can be (re)run one at a time.
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--suffix",
         default="",
-        help="appended to variant method names and run dirs (e.g. -L30 with model.num_layers=null)",
+        help="appended to variant method names and run dirs; write it with '=' as it starts with a dash "
+        "(--suffix=-p10 with pretrain.epochs=10, the ablation budget)",
     )
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of every CLLM4Rec variant")
     ap.add_argument(
