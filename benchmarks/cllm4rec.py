@@ -27,7 +27,7 @@ epochs that early stopping chose on ``loo``'s validation stage of the same datas
 Usage::
 
     python benchmarks/cllm4rec.py [--runs runs/cllm4rec] [--only cllm4rec,bprmf] [--splits holdout,loo]
-        [--seeds 0,1] [--suffix=-p10] [key=value ...]   # overrides applied to every CLLM4Rec variant
+        [--seeds 0,1] [--suffix p10] [key=value ...]   # overrides applied to every CLLM4Rec variant
 
 Results are merged into the JSON after every run, replacing records with the same
 (split, protocol, method, seed), so methods can be (re)run one at a time.
@@ -138,6 +138,15 @@ def run_baseline(
     return pipeline.evaluate_recommender(rec, split, command=command, fit_seconds=fit, extra=extra)
 
 
+def variant_suffix(text: str) -> str:
+    """The suffix as it is appended: ``p10`` and ``-p10`` both give ``-p10`` (empty stays empty).
+
+    Taking it without the dash matters because argparse reads ``--suffix -p10`` as a new option; the
+    dashed form still works when written ``--suffix=-p10``, so earlier commands give the same names.
+    """
+    return "" if not text else text if text.startswith("-") else f"-{text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="runs/cllm4rec", help="directory of the CLLM4Rec run directories")
@@ -150,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--suffix",
         default="",
-        help="appended to variant method names and run dirs; write it with '=' as it starts with a dash "
-        "(--suffix=-p10 with pretrain.epochs=10, the ablation budget)",
+        type=variant_suffix,
+        help="appended after a dash to variant method names and run dirs (--suffix p10 -> "
+        "cllm4rec-p10; with pretrain.epochs=10 it is the ablation budget)",
     )
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of every CLLM4Rec variant")
     ap.add_argument(

@@ -64,3 +64,13 @@ def test_benchmark_is_quiet_unless_verbose(files, tmp_path):  # noqa: F811
     assert bench.main([*argv, "-v"]) == 0
     assert _library_warning_shown()
     configure(0)
+
+
+def test_suffix_is_taken_with_or_without_its_dash(monkeypatch):
+    """``--suffix p10`` names runs as ``--suffix=-p10`` does (argparse refuses ``--suffix -p10``)."""
+    bench = _benchmark()
+    seen = []
+    monkeypatch.setattr(bench, "_run", lambda *a, **k: seen.append(a[7]) or 0)
+    for argv in (["--suffix", "p10"], ["--suffix=-p10"], []):
+        assert bench.main(["--only", "cllm4rec", *argv]) == 0
+    assert seen == ["-p10", "-p10", ""]
