@@ -6,7 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from recalign.evaluation.metrics import multi_target_metrics, single_target_metrics, target_ranks
+from recalign.evaluation.metrics import (
+    multi_target_metrics,
+    multi_target_per_user,
+    single_target_metrics,
+    target_ranks,
+)
 
 
 def test_ranks_are_pessimistic_on_ties():
@@ -32,6 +37,32 @@ def test_multi_target_recall_is_truncated_and_ndcg_normalised():
     assert m["Recall@4"] == pytest.approx((1 / 2 + 2 / 4) / 2)
     idcg2 = 1 + 1 / math.log2(3)
     assert m["NDCG@2"] == pytest.approx(((1 / math.log2(3)) / idcg2 + 1 / idcg2) / 2)
+
+
+def test_multi_target_per_user_values_by_hand():
+    # the lists above, plus a user without targets (skipped: no value for them)
+    v = multi_target_per_user(
+        [[1, 2, 3, 4], [5, 6, 7, 8], [1, 7, 2, 8]], [[2, 9], [], [1, 2, 3, 4, 5]], ks=(1, 4)
+    )
+    assert v["Recall@1"].tolist() == [0.0, 1.0]  # rank-1 items: 1 (miss), 1 (hit)
+    assert v["Recall@4"].tolist() == [1 / 2, 2 / 4]
+    assert v["HR@4"].tolist() == [1.0, 1.0]
+    assert v["NDCG@1"].tolist() == [0.0, 1.0]
+    m = multi_target_metrics(
+        [[1, 2, 3, 4], [5, 6, 7, 8], [1, 7, 2, 8]], [[2, 9], [], [1, 2, 3, 4, 5]], ks=(1, 4)
+    )
+    assert m == {k: pytest.approx(x.mean()) for k, x in v.items()}  # the record's means are these means
+
+
+def test_paired_difference_takes_the_spread_between_users_out():
+    from recalign.evaluation.metrics import paired_difference
+
+    # per-user values 0.9, 0.1, 0.5 vs 0.8, 0.0, 0.4: every difference is 0.1, so its SE is 0,
+    # while the two means (0.5 vs 0.4) each have an SE of 0.23 (sd 0.4 / sqrt(3))
+    d = paired_difference([0.9, 0.1, 0.5], [0.8, 0.0, 0.4])
+    assert d["diff"] == pytest.approx(0.1) and d["se"] == pytest.approx(0.0, abs=1e-12) and d["n"] == 3
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([0.5, 0.2], [0.1])
 
 
 # ---------------------------------------------------------------------- numerical edge cases (issue #20)

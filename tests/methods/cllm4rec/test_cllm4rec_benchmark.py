@@ -74,3 +74,35 @@ def test_suffix_is_taken_with_or_without_its_dash(monkeypatch):
     for argv in (["--suffix", "p10"], ["--suffix=-p10"], []):
         assert bench.main(["--only", "cllm4rec", *argv]) == 0
     assert seen == ["-p10", "-p10", ""]
+
+
+def test_paired_comparison_reproduces_the_records_and_pairs_users(files, tmp_path):  # noqa: F811
+    """``benchmarks/cllm4rec_paired.py`` re-ranks finished runs and retrained baselines on the same users:
+    its means equal the benchmark's records (the same ranking, recomputed), and each paired difference is
+    the difference of the two means."""
+    bench = _benchmark()
+    spec = importlib.util.spec_from_file_location("cllm4rec_paired", SCRIPT.with_name("cllm4rec_paired.py"))
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    results, runs = tmp_path / "res.json", tmp_path / "runs"
+    argv = ["--config", str(files), "--results", str(results), "--runs", str(runs), "--splits", "holdout",
+            "--seeds", "0", "--only", "pop,bprmf,cllm4rec,cllm4rec-no-content",
+            "pretrain.collab_steps=1", "finetune.steps=0", "finetune.epochs=1"]  # fmt: skip
+    assert bench.main(argv) == 0
+    out = tmp_path / "paired.json"
+    dirs = [runs / "cllm4rec-s0-holdout", runs / "cllm4rec-no-content-s0-holdout"]
+    argv = ["--config", str(files), "--results", str(results), "--out", str(out),
+            "--runs", ",".join(map(str, dirs)), "--baselines", "pop,bprmf"]  # fmt: skip
+    assert paired.main(argv) == 0
+    doc = json.loads(out.read_text())
+    recs = {r["method"]: r for r in json.loads(results.read_text())["records"]}
+    assert doc["users"] == recs["pop"]["n_examples"]
+    for label, entry in doc["methods"].items():
+        method = label.removesuffix(" s0")
+        assert entry["matches_record"], label
+        for m, v in entry["metrics"].items():
+            assert abs(v - recs[method]["metrics"][m]) < 1e-9
+    a, b = doc["methods"]["cllm4rec s0"]["metrics"], doc["methods"]["bprmf s0"]["metrics"]
+    d = doc["paired"]["bprmf s0 - cllm4rec s0"]["Recall@20"]
+    assert abs(d["diff"] - (b["Recall@20"] - a["Recall@20"])) < 1e-12 and d["n"] == doc["users"]
+    assert len(doc["paired"]) == 6  # every pair of the four methods

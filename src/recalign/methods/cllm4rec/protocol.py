@@ -150,13 +150,19 @@ def top_k_excluding_seen(scores: np.ndarray, histories: Sequence[np.ndarray], k:
     return np.ascontiguousarray(order[:, :k])
 
 
+def rank_all(model, examples: pd.DataFrame, k: int = 100, batch_size: int = 256) -> list[np.ndarray]:
+    """Per example, the ``k`` best unseen items of ``model.score_all`` (best first), in example order."""
+    ranked: list[np.ndarray] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples.iloc[start : start + batch_size]
+        scores = np.asarray(model.score_all(chunk), dtype=np.float64)
+        ranked.extend(top_k_excluding_seen(scores, list(chunk["history"]), k))
+    return ranked
+
+
 def evaluate_multi_target(
     model, examples: pd.DataFrame, ks: Sequence[int] = (20, 40, 100), batch_size: int = 256
 ) -> dict[str, float]:
     """Recall@K / NDCG@K / HR@K of ``model.score_all`` against each example's ``targets`` set."""
-    ranked = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples.iloc[start : start + batch_size]
-        scores = np.asarray(model.score_all(chunk), dtype=np.float64)
-        ranked.extend(top_k_excluding_seen(scores, list(chunk["history"]), max(ks)))
+    ranked = rank_all(model, examples, max(ks), batch_size)
     return multi_target_metrics(ranked, list(examples["targets"]), ks)

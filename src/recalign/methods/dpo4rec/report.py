@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from recalign.evaluation.metrics import hit_values, ndcg_values, single_target_metrics
+from recalign.evaluation.metrics import hit_values, ndcg_values, paired_difference, single_target_metrics
 from recalign.evaluation.protocols import candidate_ranks
 from recalign.evaluation.records import ResultRecord, current_command
 from recalign.io import atomic_write_json
@@ -48,14 +48,6 @@ def per_example(ranks: np.ndarray, metric: str) -> np.ndarray:
     if values is None:
         raise ValueError(f"no per-example form for {metric!r}")
     return values(np.asarray(ranks), int(k))
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Mean of ``a - b`` over paired examples (the same users) with its standard error (sd / sqrt(n))."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.ndim != 1 or len(d) < 2:
-        raise ValueError("a paired difference needs two equally long 1-D arrays of at least 2 values")
-    return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": int(len(d))}
 
 
 def paired_metrics(ranks: np.ndarray, base_ranks: np.ndarray) -> dict[str, dict[str, float]]:

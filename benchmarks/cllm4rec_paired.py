@@ -1,0 +1,142 @@
+"""Paired comparison of CLLM4Rec runs and baselines on the same hold-out test users -> JSON.
+
+Two means over 943 users each carry a standard error of ~0.006 (Recall@20), so two rows of
+``results/cllm4rec_ml100k.json`` have to differ by ~0.017 before a difference is told from noise. Both
+rows rank the *same* users, though, and most of that spread is between users (some are easy, some hard
+for every model). Scoring every method on every test user and taking the mean and standard error of the
+per-user differences removes it: the comparison the ablation needs (``cllm4rec`` against
+``cllm4rec-no-content`` at the same budget, each against BPR-MF).
+
+Each CLLM4Rec method is a finished run directory (``config.yaml`` + ``model.safetensors``, as
+``benchmarks/cllm4rec.py`` leaves them); its tables are loaded and the test users ranked once more. The
+baselines are retrained on the same split (seeded, seconds each; SASRec for the epoch count that
+``loo``'s early stopping chose, read from the results file as ``benchmarks/cllm4rec.py`` does). Each
+method's means are checked against its record in the results file, where it has one: a rerun that does
+not reproduce its record is reported (``matches_record``), not hidden.
+
+Usage::
+
+    python benchmarks/cllm4rec_paired.py --runs runs/cllm4rec/cllm4rec-p10-s0-holdout,...
+        [--baselines pop,bprmf] [--results results/cllm4rec_ml100k.json] [--out results/cllm4rec_paired.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from recalign.baselines.common import torch_threads
+from recalign.config import load_config
+from recalign.evaluation.metrics import multi_target_per_user, paired_difference
+from recalign.evaluation.records import read_records, script_command
+from recalign.io import atomic_write_json
+from recalign.logs import parse_args
+from recalign.methods.cllm4rec import pipeline
+from recalign.methods.cllm4rec.config import CLLM4RecConfig
+from recalign.methods.cllm4rec.protocol import holdout_split, rank_all
+
+METRICS = ("Recall@20", "Recall@40", "NDCG@100")
+
+
+def holdout_test_examples(split):
+    """The hold-out test examples that have targets (the users every record is computed over)."""
+    examples = split.stage("test")
+    return examples[[len(x) > 0 for x in examples["targets"]]]
+
+
+def per_user(rec, examples) -> dict[str, np.ndarray]:
+    ranked = rank_all(rec, examples, k=100)
+    return multi_target_per_user(ranked, list(examples["targets"]), ks=(20, 40, 100))
+
+
+def score_run(run: Path) -> tuple[str, int, np.ndarray, dict[str, np.ndarray]]:
+    """(method, seed, test user ids, per-user metrics) of a finished CLLM4Rec run directory."""
+    cfg = load_config(CLLM4RecConfig, run / "config.yaml")
+    with torch_threads(cfg.threads):
+        dataset, split = pipeline.load_data(cfg)
+        rec = pipeline.load_recommender(cfg, run, dataset)
+        examples = holdout_test_examples(split)
+        return cfg.method, cfg.seed, examples["user"].to_numpy(), per_user(rec, examples)
+
+
+def score_baseline(name: str, config: str, results: Path):
+    """(method, seed, test user ids, per-user metrics) of a baseline retrained on ``config``'s split."""
+    from recalign.baselines import make_baseline
+
+    cfg = load_config(CLLM4RecConfig, config)
+    dataset, _ = pipeline.load_data(cfg)
+    d = cfg.data
+    split = holdout_split(dataset, d.holdout_ratio, seed=d.split_seed, valid_ratio=d.valid_ratio)
+    over: dict = {} if name == "pop" else {"threads": 1}
+    if name == "sasrec":
+        loo = [r for r in _records(results) if (r.method, r.split) == ("sasrec", "loo")]
+        if not loo or "best_epoch" not in loo[0].extra:
+            raise SystemExit(f"{results}: no sasrec loo record with best_epoch (run benchmarks/cllm4rec.py)")
+        over.update(epochs=int(loo[0].extra["best_epoch"]), early_stopping=False)
+    rec = make_baseline(name, progress=False, **over)
+    rec.fit(dataset, split)
+    examples = holdout_test_examples(split)
+    return name, 0, examples["user"].to_numpy(), per_user(rec, examples)
+
+
+def _records(results: Path):
+    return read_records(results) if results.is_file() else []
+
+
+def compare(scored: list, results: Path, command: str) -> dict:
+    """The JSON document: every method's means (with its record's, where there is one) and the paired
+    difference of every pair of methods on every metric; methods are labelled ``"<method> s<seed>"``."""
+    users = scored[0][2]
+    for name, _, u, _ in scored[1:]:
+        if not np.array_equal(u, users):
+            raise SystemExit(f"{name}: ranks other test users than {scored[0][0]} (a different split?)")
+    labels = [f"{name} s{seed}" for name, seed, _, _ in scored]
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"the same method and seed twice: {labels}")
+    recs = {(r.method, r.seed): r for r in _records(results) if r.split == "holdout" and r.protocol == "full"}
+    methods = {}
+    for label, (name, seed, _, values) in zip(labels, scored):
+        means = {m: float(values[m].mean()) for m in METRICS}
+        entry: dict = {"seed": seed, "metrics": means}
+        r = recs.get((name, seed))
+        if r is not None:
+            entry["record_metrics"] = {m: r.metrics[m] for m in METRICS}
+            entry["matches_record"] = all(abs(means[m] - r.metrics[m]) < 1e-9 for m in METRICS)
+        methods[label] = entry
+    paired = {}
+    for (a, (_, _, _, va)), (b, (_, _, _, vb)) in itertools.combinations(zip(labels, scored), 2):
+        paired[f"{a} - {b}"] = {m: paired_difference(va[m], vb[m]) for m in METRICS}
+    return {"command": command, "split": "holdout", "users": len(users), "methods": methods, "paired": paired}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default="", help="comma-separated finished CLLM4Rec run directories")
+    ap.add_argument("--baselines", default="pop,bprmf", help="comma-separated baselines retrained here")
+    ap.add_argument("--config", default="configs/cllm4rec_ml100k.yaml", help="config of the baselines' split")
+    ap.add_argument("--results", default="results/cllm4rec_ml100k.json", help="records to check against")
+    ap.add_argument("--out", default="results/cllm4rec_paired.json")
+    args = parse_args(ap, argv)
+    runs = [Path(p) for p in args.runs.split(",") if p]
+    for run in runs:
+        if not (run / "config.yaml").is_file() or not (run / "model.safetensors").is_file():
+            raise SystemExit(f"{run}: not a finished CLLM4Rec run (config.yaml and model.safetensors needed)")
+    results = Path(args.results)
+    scored = [score_baseline(b, args.config, results) for b in args.baselines.split(",") if b]
+    scored += [score_run(run) for run in runs]
+    if len(scored) < 2:
+        raise SystemExit("nothing to compare: name at least two methods (--runs, --baselines)")
+    doc = compare(scored, results, script_command("benchmarks/cllm4rec_paired.py", argv))
+    atomic_write_json(Path(args.out), doc)
+    for pair, diffs in doc["paired"].items():
+        d = diffs["Recall@20"]
+        print(f"{pair}: Recall@20 {d['diff']:+.4f} ± {d['se']:.4f} (SE, {d['n']} users)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
