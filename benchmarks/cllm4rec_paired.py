@@ -9,8 +9,7 @@ per-user differences removes it: the comparison the ablation needs (``cllm4rec``
 
 Each CLLM4Rec method is a finished run directory (``config.yaml`` + ``model.safetensors``, as
 ``benchmarks/cllm4rec.py`` leaves them); its tables are loaded and the test users ranked once more. The
-baselines are retrained on the same split (seeded, seconds each; SASRec for the epoch count that
-``loo``'s early stopping chose, read from the results file as ``benchmarks/cllm4rec.py`` does). Each
+baselines (``pop``, ``bprmf``: seeded, minutes at most) are retrained on the config's split. Each
 method's means are checked against its record in the results file, where it has one: a rerun that does
 not reproduce its record is reported (``matches_record``), not hidden.
 
@@ -37,15 +36,9 @@ from recalign.io import atomic_write_json
 from recalign.logs import parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
-from recalign.methods.cllm4rec.protocol import holdout_split, rank_all
+from recalign.methods.cllm4rec.protocol import rank_all, with_targets
 
 METRICS = ("Recall@20", "Recall@40", "NDCG@100")
-
-
-def holdout_test_examples(split):
-    """The hold-out test examples that have targets (the users every record is computed over)."""
-    examples = split.stage("test")
-    return examples[[len(x) > 0 for x in examples["targets"]]]
 
 
 def per_user(rec, examples) -> dict[str, np.ndarray]:
@@ -59,32 +52,19 @@ def score_run(run: Path) -> tuple[str, int, np.ndarray, dict[str, np.ndarray]]:
     with torch_threads(cfg.threads):
         dataset, split = pipeline.load_data(cfg)
         rec = pipeline.load_recommender(cfg, run, dataset)
-        examples = holdout_test_examples(split)
+        examples = with_targets(split.stage("test"))
         return cfg.method, cfg.seed, examples["user"].to_numpy(), per_user(rec, examples)
 
 
-def score_baseline(name: str, config: str, results: Path):
-    """(method, seed, test user ids, per-user metrics) of a baseline retrained on ``config``'s split."""
+def score_baseline(name: str, dataset, split):
+    """(method, seed, test user ids, per-user metrics) of a baseline retrained on ``split``, with the
+    settings ``benchmarks/cllm4rec.py`` gives it (seed 0, one thread)."""
     from recalign.baselines import make_baseline
 
-    cfg = load_config(CLLM4RecConfig, config)
-    dataset, _ = pipeline.load_data(cfg)
-    d = cfg.data
-    split = holdout_split(dataset, d.holdout_ratio, seed=d.split_seed, valid_ratio=d.valid_ratio)
-    over: dict = {} if name == "pop" else {"threads": 1}
-    if name == "sasrec":
-        loo = [r for r in _records(results) if (r.method, r.split) == ("sasrec", "loo")]
-        if not loo or "best_epoch" not in loo[0].extra:
-            raise SystemExit(f"{results}: no sasrec loo record with best_epoch (run benchmarks/cllm4rec.py)")
-        over.update(epochs=int(loo[0].extra["best_epoch"]), early_stopping=False)
-    rec = make_baseline(name, progress=False, **over)
+    rec = make_baseline(name, progress=False, **({} if name == "pop" else {"threads": 1}))
     rec.fit(dataset, split)
-    examples = holdout_test_examples(split)
+    examples = with_targets(split.stage("test"))
     return name, 0, examples["user"].to_numpy(), per_user(rec, examples)
-
-
-def _records(results: Path):
-    return read_records(results) if results.is_file() else []
 
 
 def compare(scored: list, results: Path, command: str) -> dict:
@@ -97,7 +77,8 @@ def compare(scored: list, results: Path, command: str) -> dict:
     labels = [f"{name} s{seed}" for name, seed, _, _ in scored]
     if len(set(labels)) < len(labels):
         raise SystemExit(f"the same method and seed twice: {labels}")
-    recs = {(r.method, r.seed): r for r in _records(results) if r.split == "holdout" and r.protocol == "full"}
+    old = read_records(results) if results.is_file() else []
+    recs = {(r.method, r.seed): r for r in old if r.split == "holdout" and r.protocol == "full"}
     methods = {}
     for label, (name, seed, _, values) in zip(labels, scored):
         means = {m: float(values[m].mean()) for m in METRICS}
@@ -116,7 +97,9 @@ def compare(scored: list, results: Path, command: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="", help="comma-separated finished CLLM4Rec run directories")
-    ap.add_argument("--baselines", default="pop,bprmf", help="comma-separated baselines retrained here")
+    ap.add_argument(
+        "--baselines", default="pop,bprmf", help="comma-separated baselines retrained here (pop, bprmf)"
+    )
     ap.add_argument("--config", default="configs/cllm4rec_ml100k.yaml", help="config of the baselines' split")
     ap.add_argument("--results", default="results/cllm4rec_ml100k.json", help="records to check against")
     ap.add_argument("--out", default="results/cllm4rec_paired.json")
@@ -125,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if not (run / "config.yaml").is_file() or not (run / "model.safetensors").is_file():
             raise SystemExit(f"{run}: not a finished CLLM4Rec run (config.yaml and model.safetensors needed)")
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = sorted(set(baselines) - {"pop", "bprmf"})
+    if unknown:
+        raise SystemExit(f"--baselines: only pop and bprmf are retrained here, not {unknown}")
+    scored = []
+    if baselines:
+        dataset, split = pipeline.load_data(load_config(CLLM4RecConfig, args.config))
+        scored = [score_baseline(b, dataset, split) for b in baselines]
     results = Path(args.results)
-    scored = [score_baseline(b, args.config, results) for b in args.baselines.split(",") if b]
     scored += [score_run(run) for run in runs]
     if len(scored) < 2:
         raise SystemExit("nothing to compare: name at least two methods (--runs, --baselines)")

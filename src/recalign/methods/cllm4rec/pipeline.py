@@ -41,7 +41,12 @@ from recalign.evaluation.records import ResultRecord, current_command, write_rec
 from recalign.io import atomic_write_json
 from recalign.methods.cllm4rec.config import CLLM4RecConfig, non_default_settings
 from recalign.methods.cllm4rec.model import CLLM4RecModel
-from recalign.methods.cllm4rec.protocol import HOLDOUT_SPLIT, evaluate_multi_target, holdout_split
+from recalign.methods.cllm4rec.protocol import (
+    HOLDOUT_SPLIT,
+    evaluate_multi_target,
+    holdout_split,
+    with_targets,
+)
 from recalign.methods.cllm4rec.recommender import (
     CLLM4RecRecommender,
     build_model,
@@ -231,7 +236,7 @@ def evaluate_recommender(
 
     t = time.time()
     if split.name == HOLDOUT_SPLIT:
-        examples = examples[[len(x) > 0 for x in examples["targets"]]]
+        examples = with_targets(examples)
         m = evaluate_multi_target(rec, examples, ks=(10, 20, 40, 100))
         more = {
             "targets": f"held-out set: {split.notes[0]}; seen items excluded",

@@ -150,6 +150,11 @@ def top_k_excluding_seen(scores: np.ndarray, histories: Sequence[np.ndarray], k:
     return np.ascontiguousarray(order[:, :k])
 
 
+def with_targets(examples: pd.DataFrame) -> pd.DataFrame:
+    """The hold-out examples that have targets: the users a multi-target metric is computed over."""
+    return examples[[len(x) > 0 for x in examples["targets"]]]
+
+
 def rank_all(model, examples: pd.DataFrame, k: int = 100, batch_size: int = 256) -> list[np.ndarray]:
     """Per example, the ``k`` best unseen items of ``model.score_all`` (best first), in example order."""
     ranked: list[np.ndarray] = []
