@@ -93,12 +93,17 @@ def run_variant(
     seed: int = 0,
     suffix: str = "",
     config: str = CONFIG,
+    pretrain_from: str = "",
 ) -> list[ResultRecord]:
     over = [*VARIANTS[name], f"method={name}{suffix}", f"data.split={split}", f"seed={seed}", *overrides]
     cfg = load_config(CLLM4RecConfig, config, over)
     out = runs / f"{name}{suffix}-s{seed}-{split}"
     cli = f"recalign cllm4rec run --config {config} --output {out} " + " ".join(shlex.quote(o) for o in over)
     print(f"== {name} seed {seed} on {split}: {cli}", flush=True)
+    if pretrain_from:  # same seed/data/model/pretrain settings: start from that run's pretrained tables
+        source = Path(pretrain_from.format(name=name, seed=seed, split=split))
+        print(f"   pretraining reused from {source}", flush=True)
+        pipeline.reuse_pretrain(cfg, source, out)
     pipeline.pretrain(cfg, out)
     pipeline.finetune(cfg, out)
     records = pipeline.evaluate(cfg, out)
@@ -163,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         help="appended after a dash to variant method names and run dirs (--suffix p10 -> "
         "cllm4rec-p10; with pretrain.epochs=10 it is the ablation budget)",
     )
+    ap.add_argument(
+        "--pretrain-from",
+        default="",
+        help="reuse the finished pretraining of another run directory (a pattern with {name}, {seed}, "
+        "{split}), e.g. runs/cllm4rec/{name}-p10-s{seed}-{split}: a fine-tuning ablation without "
+        "pretraining again; its pretraining settings must be the same",
+    )
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of every CLLM4Rec variant")
     ap.add_argument(
         "--config", default=CONFIG, help="CLLM4Rec config (its data section: every method's split)"
@@ -179,10 +191,34 @@ def main(argv: list[str] | None = None) -> int:
         plan[k] = v.split(",")
     results, runs = Path(args.results), Path(args.runs)
     seeds = [int(x) for x in args.seeds.split(",") if x]
-    return _run(only, splits, plan, results, runs, args.overrides, command, args.suffix, seeds, args.config)
+    return _run(
+        only,
+        splits,
+        plan,
+        results,
+        runs,
+        args.overrides,
+        command,
+        args.suffix,
+        seeds,
+        args.config,
+        args.pretrain_from,
+    )
 
 
-def _run(only, splits, plan, results, runs, overrides, command, suffix="", seeds=(0,), config=CONFIG) -> int:
+def _run(
+    only,
+    splits,
+    plan,
+    results,
+    runs,
+    overrides,
+    command,
+    suffix="",
+    seeds=(0,),
+    config=CONFIG,
+    pretrain_from="",
+) -> int:
     from recalign.data.splits import build_split
 
     cfg = load_config(CLLM4RecConfig, config, overrides)
@@ -207,7 +243,10 @@ def _run(only, splits, plan, results, runs, overrides, command, suffix="", seeds
             if split not in splits:
                 continue
             for seed in seeds if split == "holdout" else seeds[:1]:  # loo: the main variant, one seed
-                merge(results, run_variant(name, split, runs, overrides, command, seed, suffix, config))
+                merge(
+                    results,
+                    run_variant(name, split, runs, overrides, command, seed, suffix, config, pretrain_from),
+                )
     return 0
 
 

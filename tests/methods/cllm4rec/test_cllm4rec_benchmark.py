@@ -106,3 +106,37 @@ def test_paired_comparison_reproduces_the_records_and_pairs_users(files, tmp_pat
     d = doc["paired"]["bprmf s0 - cllm4rec s0"]["Recall@20"]
     assert abs(d["diff"] - (b["Recall@20"] - a["Recall@20"])) < 1e-12 and d["n"] == doc["users"]
     assert len(doc["paired"]) == 6  # every pair of the four methods
+
+
+def test_pretrain_from_reuses_a_finished_pretraining(files, tmp_path):  # noqa: F811
+    """``--pretrain-from`` starts a fine-tuning ablation from another run's pretrained tables: pretraining
+    does not run again, the tables are byte-equal, and the records say where they came from."""
+    import pytest
+
+    from recalign.errors import RecalignInputError
+
+    bench = _benchmark()
+    runs, results = tmp_path / "runs", tmp_path / "res.json"
+    base = ["--config", str(files), "--results", str(results), "--runs", str(runs), "--splits", "holdout",
+            "--seeds", "0", "--only", "cllm4rec"]  # fmt: skip
+    over = ["pretrain.collab_steps=2", "finetune.epochs=1"]
+    assert bench.main([*base, "--suffix", "a", *over]) == 0
+    source = runs / "cllm4rec-a-s0-holdout"
+    argv = [*base, "--suffix", "b", "--pretrain-from", str(runs / "{name}-a-s{seed}-{split}"),
+            *over, "finetune.patience=5"]  # fmt: skip
+    assert bench.main(argv) == 0
+    out = runs / "cllm4rec-b-s0-holdout"
+    assert (out / "pretrain.safetensors").read_bytes() == (source / "pretrain.safetensors").read_bytes()
+    assert (source / "checkpoints" / "pretrain").is_dir()
+    assert not (out / "checkpoints" / "pretrain").exists()  # only fine-tuning trained in the new directory
+    assert (out / "checkpoints" / "finetune").is_dir()
+    by = {r["method"]: r for r in json.loads(results.read_text())["records"]}
+    assert by["cllm4rec-b"]["extra"]["pretrain_from"] == str(source)
+    assert "pretrain_from" not in by["cllm4rec-a"]["extra"]
+    assert (
+        by["cllm4rec-b"]["extra"]["training"]["pretrain"] == by["cllm4rec-a"]["extra"]["training"]["pretrain"]
+    )
+    # a different pretraining setting cannot borrow those tables
+    with pytest.raises(RecalignInputError, match="'pretrain' differs"):
+        bench.main([*base, "--suffix", "c", "--pretrain-from", str(source), *over, "pretrain.lr=0.001"])
+    assert not (runs / "cllm4rec-c-s0-holdout" / "pretrain.safetensors").exists()

@@ -26,6 +26,7 @@ main process only (one forward pass per user: cheap next to training); the other
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -100,6 +101,46 @@ def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
                 )
     if distributed.is_main():
         save_config(cfg, saved_path)
+    return out
+
+
+@releasing
+def reuse_pretrain(cfg: CLLM4RecConfig, source: str | Path, output: str | Path) -> Path:
+    """Start ``output`` from the finished pretraining in ``source`` instead of pretraining again.
+
+    Why: an ablation over fine-tuning settings (patience, epochs, content ratio in fine-tuning) needs the
+    same pretrained tables, and pretraining is most of the cost (~70 min of SmolLM2 on a 2-core CPU).
+    Pretraining depends only on the ``seed``/``data``/``model``/``pretrain`` sections, so ``source``'s
+    saved config must equal ``cfg`` on those (else a one-line error names the section). Copied: the
+    tables, ``pretrain_log.json``, ``backbone.json`` and the pretraining curve; ``pretrain_source.json``
+    says where they came from, and evaluation puts that into the records. A directory that already has
+    ``pretrain.safetensors`` is left as it is (a resumed run).
+    """
+    src = Path(source)
+    tables, saved_path = src / "pretrain.safetensors", src / "config.yaml"
+    if not tables.is_file() or not saved_path.is_file():
+        raise RecalignInputError(
+            "no finished pretraining (pretrain.safetensors, config.yaml) here", source=src
+        )
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = config_to_dict(cfg)
+    for key in _STAGE_SECTIONS["pretrain"]:
+        if saved.get(key) != now[key]:
+            raise RecalignInputError(
+                f"'{key}' differs from this run's: its pretraining cannot be reused", source=saved_path
+            )
+    out = prepare_dir(cfg, output, "pretrain")
+    if (out / "pretrain.safetensors").is_file():
+        return out
+    for name in ("pretrain_log.json", "backbone.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    curves = json.loads((src / "curve.json").read_text()) if (src / "curve.json").is_file() else {}
+    if "pretrain" in curves:
+        atomic_write_json(out / "curve.json", {"pretrain": curves["pretrain"]})
+    atomic_write_json(out / "pretrain_source.json", {"source": str(src)})
+    shutil.copyfile(tables, out / "pretrain.safetensors.tmp")  # the tables last: they mark the stage done
+    (out / "pretrain.safetensors.tmp").replace(out / "pretrain.safetensors")
     return out
 
 
@@ -287,6 +328,8 @@ def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[
     backbone_info = (
         json.loads((out / "backbone.json").read_text()) if (out / "backbone.json").is_file() else {}
     )
+    reused = out / "pretrain_source.json"
+    source = {"pretrain_from": json.loads(reused.read_text())["source"]} if reused.is_file() else {}
     records = evaluate_recommender(
         rec,
         split,
@@ -302,6 +345,7 @@ def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[
             **{k: v for k, v in backbone_info.items() if k in ("untrained_content_loss", "uniform_bound")},
             "settings_differing_from_default": non_default_settings(cfg),
             "training": training,  # per stage: steps, seconds, batches per epoch, curve, best epoch
+            **source,  # the run whose pretraining this one started from (reuse_pretrain)
         },
         fit_seconds=train_seconds,
     )
@@ -326,4 +370,5 @@ __all__ = [
     "load_recommender",
     "pretrain",
     "prepare_dir",
+    "reuse_pretrain",
 ]
