@@ -50,7 +50,6 @@ from recalign.evaluation.records import ResultRecord, read_records, script_comma
 from recalign.logs import parse_args
 from recalign.methods.cllm4rec import pipeline
 from recalign.methods.cllm4rec.config import CLLM4RecConfig
-from recalign.methods.cllm4rec.protocol import holdout_split
 
 CONFIG = "configs/cllm4rec_ml100k.yaml"
 VARIANTS = {
@@ -221,13 +220,10 @@ def _run(
 ) -> int:
     from recalign.data.splits import build_split
 
-    cfg = load_config(CLLM4RecConfig, config, overrides)
-    dataset, _ = pipeline.load_data(cfg)
-    d = cfg.data  # the same split as the CLLM4Rec runs
-    split_objs = {
-        "holdout": holdout_split(dataset, d.holdout_ratio, seed=d.split_seed, valid_ratio=d.valid_ratio),
-        "loo": build_split(dataset, "loo", seed=d.split_seed),
-    }
+    # the baselines' hold-out split is the one the CLLM4Rec runs build (their data section, same code)
+    cfg = load_config(CLLM4RecConfig, config, [*overrides, "data.split=holdout"])
+    dataset, holdout = pipeline.load_data(cfg)
+    split_objs = {"holdout": holdout, "loo": build_split(dataset, "loo", seed=cfg.data.split_seed)}
     sasrec_epochs: dict = {}
     # baselines first on loo (SASRec's epoch count for holdout comes from loo's early stopping)
     for split in sorted(splits, key=lambda s: s != "loo"):
