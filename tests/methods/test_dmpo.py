@@ -529,3 +529,19 @@ def test_cli_dmpo_runs_the_recipe_from_a_config_file(env, tmp_path, capsys):
     assert "records ->" in capsys.readouterr().out
     # a bad override is a one-line input error (exit 2)
     assert main(["dmpo", "--output", str(tmp_path / "x"), "eval.n_tst=3"]) == 2
+
+
+def test_dmpo_paired_difference_is_the_shared_one_but_lenient_below_two_pairs():
+    """Correct-vs-correct of two models on 4 pairs: d = [1, 0, 0, -1] → mean 0, sd sqrt(2/3), se sd/2;
+    one pair gives its difference with a NaN se; no pair gives NaN (a tiny domain does not raise)."""
+    from recalign.methods.dmpo_metrics import paired_difference
+
+    got = paired_difference(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 1]))
+    assert got["diff"] == 0.0 and got["n"] == 4.0
+    assert math.isclose(got["se"], math.sqrt(2 / 3) / 2)
+    one = paired_difference(np.array([1.0]), np.array([0.0]))
+    assert one["diff"] == 1.0 and math.isnan(one["se"]) and one["n"] == 1.0
+    none = paired_difference(np.array([]), np.array([]))
+    assert math.isnan(none["diff"]) and none["n"] == 0.0
+    with pytest.raises(ValueError):
+        paired_difference(np.array([1.0, 0.0, 1.0]), np.array([1.0, 0.0]))
