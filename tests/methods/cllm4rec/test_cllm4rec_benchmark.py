@@ -140,3 +140,7 @@ def test_pretrain_from_reuses_a_finished_pretraining(files, tmp_path):  # noqa: 
     with pytest.raises(RecalignInputError, match="'pretrain' differs"):
         bench.main([*base, "--suffix", "c", "--pretrain-from", str(source), *over, "pretrain.lr=0.001"])
     assert not (runs / "cllm4rec-c-s0-holdout" / "pretrain.safetensors").exists()
+    # nor can a directory whose pretraining has not finished
+    (runs / "unfinished").mkdir()
+    with pytest.raises(RecalignInputError, match="no finished pretraining"):
+        bench.main([*base, "--suffix", "d", "--pretrain-from", str(runs / "unfinished"), *over])
