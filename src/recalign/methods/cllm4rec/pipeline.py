@@ -8,6 +8,7 @@ Run directory layout::
     pretrain.safetensors    ID tables after pretraining        (+ pretrain_log.json)
     model.safetensors       ID tables after fine-tuning (the best validation epoch) (+ finetune_log.json)
     backbone.json           the backbone's depth and its untrained content-LM loss vs ln(vocab)
+    pretrain_source.json    only when the pretraining was copied from another run (reuse_pretrain)
     curve.json              {stage: [{epoch, step, valid_recall@20, loss: {kind: mean}, reg}, ...]}
     progress.jsonl          one line per optimiser step, appended as training goes (tail -f friendly)
     metrics.json            {protocol: metrics} of the last evaluation
@@ -129,9 +130,16 @@ def reuse_pretrain(cfg: CLLM4RecConfig, source: str | Path, output: str | Path) 
             raise RecalignInputError(
                 f"'{key}' differs from this run's: its pretraining cannot be reused", source=saved_path
             )
+    from recalign.training import distributed
+
     out = prepare_dir(cfg, output, "pretrain")
-    if (out / "pretrain.safetensors").is_file():
-        return out
+    if not (out / "pretrain.safetensors").is_file() and distributed.is_main():
+        _copy_pretrain(src, out)
+    distributed.barrier()  # every process finds the tables before pretrain() looks for them
+    return out
+
+
+def _copy_pretrain(src: Path, out: Path) -> None:
     for name in ("pretrain_log.json", "backbone.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
@@ -139,9 +147,9 @@ def reuse_pretrain(cfg: CLLM4RecConfig, source: str | Path, output: str | Path) 
     if "pretrain" in curves:
         atomic_write_json(out / "curve.json", {"pretrain": curves["pretrain"]})
     atomic_write_json(out / "pretrain_source.json", {"source": str(src)})
-    shutil.copyfile(tables, out / "pretrain.safetensors.tmp")  # the tables last: they mark the stage done
-    (out / "pretrain.safetensors.tmp").replace(out / "pretrain.safetensors")
-    return out
+    tmp = out / "pretrain.safetensors.tmp"
+    shutil.copyfile(src / "pretrain.safetensors", tmp)  # the tables last: they mark the stage done
+    tmp.replace(out / "pretrain.safetensors")
 
 
 def _progress_logger(out: Path):
