@@ -140,6 +140,9 @@ def test_pretrain_from_reuses_a_finished_pretraining(files, tmp_path):  # noqa: 
     with pytest.raises(RecalignInputError, match="'pretrain' differs"):
         bench.main([*base, "--suffix", "c", "--pretrain-from", str(source), *over, "pretrain.lr=0.001"])
     assert not (runs / "cllm4rec-c-s0-holdout" / "pretrain.safetensors").exists()
+    # the same directory with another fine-tuning setting is refused too (the check reuse shares)
+    with pytest.raises(RecalignInputError, match="'finetune' differs from the run already in this directory"):
+        bench.main([*base, "--suffix", "a", *over, "finetune.lr=0.001"])
     # nor can a directory whose pretraining has not finished
     (runs / "unfinished").mkdir()
     with pytest.raises(RecalignInputError, match="no finished pretraining"):

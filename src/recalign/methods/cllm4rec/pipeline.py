@@ -83,6 +83,22 @@ def load_data(cfg: CLLM4RecConfig) -> tuple[RecDataset, Split]:
     return dataset, split
 
 
+_STAGE_TABLES = {"pretrain": "pretrain.safetensors", "finetune": "model.safetensors"}
+
+
+def _differing_section(
+    saved_path: Path, cfg: CLLM4RecConfig, stages: tuple[str, ...], missing_differs: bool
+) -> str | None:
+    """The first config section that the tables of ``stages`` depend on where the saved config differs
+    from ``cfg`` (None if none); a section missing from the saved file differs only if ``missing_differs``."""
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = config_to_dict(cfg)
+    for key in dict.fromkeys(k for st in stages for k in _STAGE_SECTIONS[st]):
+        if (key in saved or missing_differs) and saved.get(key) != now[key]:
+            return key
+    return None
+
+
 def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
     """Create ``output``, refuse it if it holds a run with different training settings, save the config
     (every process checks; the main process writes)."""
@@ -90,16 +106,19 @@ def prepare_dir(cfg: CLLM4RecConfig, output: str | Path, stage: str) -> Path:
 
     out = open_output_dir(output)  # not a file, writable, not held by another live run
     saved_path = out / "config.yaml"
-    if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        now = config_to_dict(cfg)
-        for key in _STAGE_SECTIONS[stage]:
-            if key in saved and saved[key] != now[key]:
-                raise RecalignInputError(
-                    f"'{key}' differs from the run already in this directory; use a new --output "
-                    "(or the same settings to resume)",
-                    source=saved_path,
-                )
+    # a stage that has begun here keeps its settings whichever stage runs now: rerunning a finished
+    # pretraining with other fine-tuning settings must not overwrite the saved ones unchecked
+    begun = [
+        st for st, f in _STAGE_TABLES.items() if (out / f).is_file() or (out / "checkpoints" / st).is_dir()
+    ]
+    stages = (stage, *begun)
+    key = _differing_section(saved_path, cfg, stages, missing_differs=False) if saved_path.is_file() else None
+    if key:
+        raise RecalignInputError(
+            f"'{key}' differs from the run already in this directory; use a new --output "
+            "(or the same settings to resume)",
+            source=saved_path,
+        )
     if distributed.is_main():
         save_config(cfg, saved_path)
     return out
@@ -123,13 +142,11 @@ def reuse_pretrain(cfg: CLLM4RecConfig, source: str | Path, output: str | Path) 
         raise RecalignInputError(
             "no finished pretraining (pretrain.safetensors, config.yaml) here", source=src
         )
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = config_to_dict(cfg)
-    for key in _STAGE_SECTIONS["pretrain"]:
-        if saved.get(key) != now[key]:
-            raise RecalignInputError(
-                f"'{key}' differs from this run's: its pretraining cannot be reused", source=saved_path
-            )
+    key = _differing_section(saved_path, cfg, ("pretrain",), missing_differs=True)
+    if key:
+        raise RecalignInputError(
+            f"'{key}' differs from this run's: its pretraining cannot be reused", source=saved_path
+        )
     from recalign.training import distributed
 
     out = prepare_dir(cfg, output, "pretrain")
