@@ -143,6 +143,14 @@ def test_pretrain_from_reuses_a_finished_pretraining(files, tmp_path):  # noqa: 
     # the same directory with another fine-tuning setting is refused too (the check reuse shares)
     with pytest.raises(RecalignInputError, match="'finetune' differs from the run already in this directory"):
         bench.main([*base, "--suffix", "a", *over, "finetune.lr=0.001"])
+    # nor tables pretrained in another compute dtype (``model.dtype: auto`` resolves per machine)
+    info = json.loads((source / "backbone.json").read_text())
+    assert info["dtype"] in ("float32", "bfloat16")
+    other = "float32" if info["dtype"] == "bfloat16" else "bfloat16"
+    (source / "backbone.json").write_text(json.dumps({**info, "dtype": other}))
+    with pytest.raises(RecalignInputError, match=f"pretrained in {other}, but this run computes in"):
+        bench.main([*base, "--suffix", "e", "--pretrain-from", str(source), *over])
+    assert not (runs / "cllm4rec-e-s0-holdout" / "pretrain.safetensors").exists()
     # nor can a directory whose pretraining has not finished
     (runs / "unfinished").mkdir()
     with pytest.raises(RecalignInputError, match="no finished pretraining"):

@@ -54,6 +54,7 @@ from recalign.methods.cllm4rec.recommender import (
     build_model,
     check_backbone_depth,
     make_validator,
+    resolve_dtype,
 )
 from recalign.methods.cllm4rec.training import StageResult, TrainingData, run_stage
 from recalign.methods.cllm4rec.vocab import IDTokenizer
@@ -147,6 +148,7 @@ def reuse_pretrain(cfg: CLLM4RecConfig, source: str | Path, output: str | Path) 
         raise RecalignInputError(
             f"'{key}' differs from this run's: its pretraining cannot be reused", source=saved_path
         )
+    _check_same_dtype(cfg, src)
     from recalign.training import distributed
 
     out = prepare_dir(cfg, output, "pretrain")
@@ -154,6 +156,24 @@ def reuse_pretrain(cfg: CLLM4RecConfig, source: str | Path, output: str | Path) 
         _copy_pretrain(src, out)
     distributed.barrier()  # every process finds the tables before pretrain() looks for them
     return out
+
+
+def _check_same_dtype(cfg: CLLM4RecConfig, src: Path) -> None:
+    """Refuse tables pretrained in another compute dtype than this machine resolves ``model.dtype`` to.
+
+    Why: ``model.dtype: auto`` is bfloat16 on a CPU with native bf16 units and float32 elsewhere, so two
+    machines with equal configs can pretrain differently; a fine-tuning ablation must not mix them. A
+    source from before the dtype was recorded in ``backbone.json`` cannot be checked and is accepted.
+    """
+    info_path = src / "backbone.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    ours = str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")
+    if "dtype" in info and info["dtype"] != ours:
+        raise RecalignInputError(
+            f"pretrained in {info['dtype']}, but this run computes in {ours} (model.dtype="
+            f"{cfg.model.dtype}): its pretraining cannot be reused",
+            source=info_path,
+        )
 
 
 def _copy_pretrain(src: Path, out: Path) -> None:
@@ -214,7 +234,8 @@ def _train(
     if stage == "pretrain":  # fresh tables: the untrained content loss of this backbone (refused if useless)
         info = check_backbone_depth(model, data, cfg)
         if distributed.is_main():
-            atomic_write_json(out / "backbone.json", {"backbone": cfg.model.backbone, **info})
+            dtype = str(model.compute_dtype).removeprefix("torch.")
+            atomic_write_json(out / "backbone.json", {"backbone": cfg.model.backbone, "dtype": dtype, **info})
     result = run_stage(
         model,
         data,
