@@ -13,10 +13,17 @@ baselines (``pop``, ``bprmf``: seeded, minutes at most) are retrained on the con
 method's means are checked against its record in the results file, where it has one: a rerun that does
 not reproduce its record is reported (``matches_record``), not hidden.
 
+Seeds: ``--arm NAME=MEMBER,MEMBER`` groups the runs of one setting trained with different seeds (members
+are run directories or baseline names). An arm's per-user value is the mean over its members, and
+``paired_arms`` holds the paired difference of every two arms: the seed-averaged comparison. Its standard
+error is over users only; with two seeds the seed-to-seed spread cannot be estimated, so read it next to
+the per-seed differences in ``paired`` (do both seeds agree?).
+
 Usage::
 
     python benchmarks/cllm4rec_paired.py --runs runs/cllm4rec/cllm4rec-p10-s0-holdout,...
-        [--baselines pop,bprmf] [--results results/cllm4rec_ml100k.json] [--out results/cllm4rec_paired.json]
+        [--baselines pop,bprmf] [--arm full=DIR_S0,DIR_S1 --arm bpr=bprmf]
+        [--results results/cllm4rec_ml100k.json] [--out results/cllm4rec_paired.json]
 """
 
 from __future__ import annotations
@@ -67,9 +74,11 @@ def score_baseline(name: str, dataset, split):
     return name, 0, examples["user"].to_numpy(), per_user(rec, examples)
 
 
-def compare(scored: list, results: Path, command: str) -> dict:
+def compare(scored: list, results: Path, command: str, arms: dict[str, list[int]] | None = None) -> dict:
     """The JSON document: every method's means (with its record's, where there is one) and the paired
-    difference of every pair of methods on every metric; methods are labelled ``"<method> s<seed>"``."""
+    difference of every pair of methods on every metric; methods are labelled ``"<method> s<seed>"``.
+    ``arms`` (name -> indices into ``scored``) adds each arm's seed-averaged means and the paired
+    differences of every two arms."""
     users = scored[0][2]
     for name, _, u, _ in scored[1:]:
         if not np.array_equal(u, users):
@@ -91,7 +100,44 @@ def compare(scored: list, results: Path, command: str) -> dict:
     paired = {}
     for (a, (_, _, _, va)), (b, (_, _, _, vb)) in itertools.combinations(zip(labels, scored), 2):
         paired[f"{a} - {b}"] = {m: paired_difference(va[m], vb[m]) for m in METRICS}
-    return {"command": command, "split": "holdout", "users": len(users), "methods": methods, "paired": paired}
+    doc = {"command": command, "split": "holdout", "users": len(users), "methods": methods, "paired": paired}
+    if arms:
+        doc["arms"], doc["paired_arms"] = _compare_arms(scored, labels, arms)
+    return doc
+
+
+def _compare_arms(scored: list, labels: list[str], arms: dict[str, list[int]]) -> tuple[dict, dict]:
+    values, entries = {}, {}
+    for name, idx in arms.items():
+        values[name] = {m: np.mean([scored[i][3][m] for i in idx], axis=0) for m in METRICS}
+        entries[name] = {
+            "members": [labels[i] for i in idx],
+            "metrics": {m: float(values[name][m].mean()) for m in METRICS},
+        }
+    paired = {
+        f"{a} - {b}": {m: paired_difference(values[a][m], values[b][m]) for m in METRICS}
+        for a, b in itertools.combinations(arms, 2)
+    }
+    return entries, paired
+
+
+def parse_arms(specs: list[str], baselines: list[str]) -> dict[str, list[str]]:
+    """``NAME=MEMBER,MEMBER`` -> {name: members}; a member is a baseline name or a run directory."""
+    arms: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, members = spec.partition("=")
+        items = [m for m in members.split(",") if m]
+        if not sep or not name or not items:
+            raise SystemExit(f"--arm {spec!r}: expected NAME=MEMBER[,MEMBER...]")
+        if name in arms:
+            raise SystemExit(f"--arm {name}: named twice")
+        if len(set(items)) < len(items):
+            raise SystemExit(f"--arm {name}: a member named twice")
+        for m in items:
+            if m in ("pop", "bprmf") and m not in baselines:
+                raise SystemExit(f"--arm {name}: baseline {m} is not in --baselines")
+        arms[name] = items
+    return arms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,12 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/cllm4rec_ml100k.yaml", help="config of the baselines' split")
     ap.add_argument("--results", default="results/cllm4rec_ml100k.json", help="records to check against")
     ap.add_argument("--out", default="results/cllm4rec_paired.json")
+    ap.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help="NAME=MEMBER,MEMBER: the seeds of one setting (run directories or baseline names), averaged "
+        "per user; repeatable",
+    )
     args = parse_args(ap, argv)
+    baselines = [b for b in args.baselines.split(",") if b]
+    arm_specs = parse_arms(args.arm, baselines)
     runs = [Path(p) for p in args.runs.split(",") if p]
+    for members in arm_specs.values():
+        runs += [Path(m) for m in members if m not in baselines and Path(m) not in runs]
     for run in runs:
         if not (run / "config.yaml").is_file() or not (run / "model.safetensors").is_file():
             raise SystemExit(f"{run}: not a finished CLLM4Rec run (config.yaml and model.safetensors needed)")
-    baselines = [b for b in args.baselines.split(",") if b]
     unknown = sorted(set(baselines) - {"pop", "bprmf"})
     if unknown:
         raise SystemExit(f"--baselines: only pop and bprmf are retrained here, not {unknown}")
@@ -120,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     scored += [score_run(run) for run in runs]
     if len(scored) < 2:
         raise SystemExit("nothing to compare: name at least two methods (--runs, --baselines)")
-    doc = compare(scored, results, script_command("benchmarks/cllm4rec_paired.py", argv))
+    keys = baselines + [str(r) for r in runs]  # the order of ``scored``
+    arms = {n: [keys.index(m if m in baselines else str(Path(m))) for m in ms] for n, ms in arm_specs.items()}
+    doc = compare(scored, results, script_command("benchmarks/cllm4rec_paired.py", argv), arms)
     atomic_write_json(Path(args.out), doc)
     for pair, diffs in doc["paired"].items():
         d = diffs["Recall@20"]
         print(f"{pair}: Recall@20 {d['diff']:+.4f} ± {d['se']:.4f} (SE, {d['n']} users)")
+    for pair, diffs in doc.get("paired_arms", {}).items():
+        d = diffs["Recall@20"]
+        print(f"arms {pair}: Recall@20 {d['diff']:+.4f} ± {d['se']:.4f} (SE over users, seed-averaged)")
     return 0
 
 

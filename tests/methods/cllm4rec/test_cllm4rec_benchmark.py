@@ -155,3 +155,45 @@ def test_pretrain_from_reuses_a_finished_pretraining(files, tmp_path):  # noqa: 
     (runs / "unfinished").mkdir()
     with pytest.raises(RecalignInputError, match="no finished pretraining"):
         bench.main([*base, "--suffix", "d", "--pretrain-from", str(runs / "unfinished"), *over])
+
+
+def _paired_script():
+    spec = importlib.util.spec_from_file_location("cllm4rec_paired", SCRIPT.with_name("cllm4rec_paired.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_arms_average_the_seeds_of_a_setting(files, tmp_path):  # noqa: F811
+    """``--arm NAME=...`` averages a setting's seeds per user: an arm's means are the mean of its members'
+    means (the same users), and each arm pair's difference is the difference of the arm means."""
+    import pytest
+
+    bench, paired = _benchmark(), _paired_script()
+    results, runs = tmp_path / "res.json", tmp_path / "runs"
+    argv = ["--config", str(files), "--results", str(results), "--runs", str(runs), "--splits", "holdout",
+            "--seeds", "0,1", "--only", "cllm4rec", "pretrain.collab_steps=1", "finetune.steps=0",
+            "finetune.epochs=1"]  # fmt: skip
+    assert bench.main(argv) == 0
+    s0, s1 = runs / "cllm4rec-s0-holdout", runs / "cllm4rec-s1-holdout"
+    out = tmp_path / "paired.json"
+    base = ["--config", str(files), "--results", str(results), "--out", str(out), "--baselines", "pop"]
+    assert paired.main([*base, "--arm", f"full={s0},{s1}", "--arm", "popularity=pop"]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["methods"]) == {"pop s0", "cllm4rec s0", "cllm4rec s1"}  # arm members are scored too
+    arm = doc["arms"]["full"]
+    assert arm["members"] == ["cllm4rec s0", "cllm4rec s1"]
+    m0, m1 = doc["methods"]["cllm4rec s0"]["metrics"], doc["methods"]["cllm4rec s1"]["metrics"]
+    assert m0 != m1  # the seeds differ, so the mean is a real average
+    for m, v in arm["metrics"].items():
+        assert abs(v - (m0[m] + m1[m]) / 2) < 1e-9
+    d = doc["paired_arms"]["full - popularity"]["Recall@20"]
+    pop = doc["methods"]["pop s0"]["metrics"]["Recall@20"]
+    assert abs(d["diff"] - (arm["metrics"]["Recall@20"] - pop)) < 1e-12 and d["n"] == doc["users"]
+    # malformed arms are refused before anything is scored
+    with pytest.raises(SystemExit, match="expected NAME=MEMBER"):
+        paired.main([*base, "--arm", "full"])
+    with pytest.raises(SystemExit, match="baseline bprmf is not in --baselines"):
+        paired.main([*base, "--arm", "b=bprmf"])
+    with pytest.raises(SystemExit, match="not a finished CLLM4Rec run"):
+        paired.main([*base, "--arm", f"x={tmp_path / 'nowhere'}"])
