@@ -146,6 +146,7 @@ def test_pretrain_from_reuses_a_finished_pretraining(files, tmp_path):  # noqa: 
     # nor tables pretrained in another compute dtype (``model.dtype: auto`` resolves per machine)
     info = json.loads((source / "backbone.json").read_text())
     assert info["dtype"] in ("float32", "bfloat16")
+    assert by["cllm4rec-b"]["extra"]["pretrain_dtype"] == info["dtype"] == by["cllm4rec-b"]["extra"]["dtype"]
     other = "float32" if info["dtype"] == "bfloat16" else "bfloat16"
     (source / "backbone.json").write_text(json.dumps({**info, "dtype": other}))
     with pytest.raises(RecalignInputError, match=f"pretrained in {other}, but this run computes in"):

@@ -164,6 +164,8 @@ def _check_same_dtype(cfg: CLLM4RecConfig, src: Path) -> None:
     Why: ``model.dtype: auto`` is bfloat16 on a CPU with native bf16 units and float32 elsewhere, so two
     machines with equal configs can pretrain differently; a fine-tuning ablation must not mix them. A
     source from before the dtype was recorded in ``backbone.json`` cannot be checked and is accepted.
+    Resuming a run's own stage on another machine is not refused (it would strand a multi-hour run);
+    records name pretraining's dtype (``extra.pretrain_dtype``) next to evaluation's (``extra.dtype``).
     """
     info_path = src / "backbone.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -389,6 +391,8 @@ def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[
             "backbone_full_layers": rec.model.full_depth,
             "dtype": str(rec.model.compute_dtype).removeprefix("torch."),
             **{k: v for k, v in backbone_info.items() if k in ("untrained_content_loss", "uniform_bound")},
+            # pretraining's own dtype: ``auto`` resolves per machine, and a stage resumed elsewhere may differ
+            **({"pretrain_dtype": backbone_info["dtype"]} if "dtype" in backbone_info else {}),
             "settings_differing_from_default": non_default_settings(cfg),
             "training": training,  # per stage: steps, seconds, batches per epoch, curve, best epoch
             **source,  # the run whose pretraining this one started from (reuse_pretrain)
