@@ -46,6 +46,7 @@ from recalign.methods.cllm4rec.config import CLLM4RecConfig
 from recalign.methods.cllm4rec.protocol import rank_all, with_targets
 
 METRICS = ("Recall@20", "Recall@40", "NDCG@100")
+BASELINES = ("pop", "bprmf")  # the baselines retrained here
 
 
 def per_user(rec, examples) -> dict[str, np.ndarray]:
@@ -134,7 +135,7 @@ def parse_arms(specs: list[str], baselines: list[str]) -> dict[str, list[str]]:
         if len(set(items)) < len(items):
             raise SystemExit(f"--arm {name}: a member named twice")
         for m in items:
-            if m in ("pop", "bprmf") and m not in baselines:
+            if m in BASELINES and m not in baselines:
                 raise SystemExit(f"--arm {name}: baseline {m} is not in --baselines")
         arms[name] = items
     return arms
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if not (run / "config.yaml").is_file() or not (run / "model.safetensors").is_file():
             raise SystemExit(f"{run}: not a finished CLLM4Rec run (config.yaml and model.safetensors needed)")
-    unknown = sorted(set(baselines) - {"pop", "bprmf"})
+    unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise SystemExit(f"--baselines: only pop and bprmf are retrained here, not {unknown}")
     scored = []
@@ -180,12 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     arms = {n: [keys.index(m if m in baselines else str(Path(m))) for m in ms] for n, ms in arm_specs.items()}
     doc = compare(scored, results, script_command("benchmarks/cllm4rec_paired.py", argv), arms)
     atomic_write_json(Path(args.out), doc)
-    for pair, diffs in doc["paired"].items():
-        d = diffs["Recall@20"]
-        print(f"{pair}: Recall@20 {d['diff']:+.4f} ± {d['se']:.4f} (SE, {d['n']} users)")
-    for pair, diffs in doc.get("paired_arms", {}).items():
-        d = diffs["Recall@20"]
-        print(f"arms {pair}: Recall@20 {d['diff']:+.4f} ± {d['se']:.4f} (SE over users, seed-averaged)")
+    for prefix, section in (("", "paired"), ("arms ", "paired_arms")):
+        for pair, diffs in doc.get(section, {}).items():
+            d = diffs["Recall@20"]
+            print(f"{prefix}{pair}: Recall@20 {d['diff']:+.4f} ± {d['se']:.4f} (SE over {d['n']} users)")
     return 0
 
 

@@ -169,13 +169,18 @@ def _check_same_dtype(cfg: CLLM4RecConfig, src: Path) -> None:
     """
     info_path = src / "backbone.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    ours = str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")
+    ours = _dtype_name(resolve_dtype(cfg.model.dtype))
     if "dtype" in info and info["dtype"] != ours:
         raise RecalignInputError(
             f"pretrained in {info['dtype']}, but this run computes in {ours} (model.dtype="
             f"{cfg.model.dtype}): its pretraining cannot be reused",
             source=info_path,
         )
+
+
+def _dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how run files and records name a compute dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _copy_pretrain(src: Path, out: Path) -> None:
@@ -218,7 +223,7 @@ def _train(
 
     distributed.init()
     out = prepare_dir(cfg, output, stage)
-    final = out / ("pretrain.safetensors" if stage == "pretrain" else "model.safetensors")
+    final = out / _STAGE_TABLES[stage]
     if final.is_file():  # the same answer on every process: only training writes it, and all take part
         if distributed.is_main():
             print(f"{stage}: already complete in {out} ({final.name}); nothing to do")
@@ -236,7 +241,7 @@ def _train(
     if stage == "pretrain":  # fresh tables: the untrained content loss of this backbone (refused if useless)
         info = check_backbone_depth(model, data, cfg)
         if distributed.is_main():
-            dtype = str(model.compute_dtype).removeprefix("torch.")
+            dtype = _dtype_name(model.compute_dtype)
             atomic_write_json(out / "backbone.json", {"backbone": cfg.model.backbone, "dtype": dtype, **info})
     result = run_stage(
         model,
@@ -389,7 +394,7 @@ def _evaluate(cfg: CLLM4RecConfig, out: Path, backbone, base_tokenizer) -> list[
             "backbone": cfg.model.backbone,
             "backbone_layers": rec.model.depth,
             "backbone_full_layers": rec.model.full_depth,
-            "dtype": str(rec.model.compute_dtype).removeprefix("torch."),
+            "dtype": _dtype_name(rec.model.compute_dtype),
             **{k: v for k, v in backbone_info.items() if k in ("untrained_content_loss", "uniform_bound")},
             # pretraining's own dtype: ``auto`` resolves per machine, and a stage resumed elsewhere may differ
             **({"pretrain_dtype": backbone_info["dtype"]} if "dtype" in backbone_info else {}),
